@@ -1,0 +1,26 @@
+# The two commands a user needs: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.sfm-hf-installed
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	# The CUDA build of torch runs on CPU too; pip takes both wheels from local disk here.
+	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(LAUNCH) recipes/distill.py
+
+test: install
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,268 @@
+"""Frozen vision encoders behind one small interface.
+
+This is the only module that knows model families. Everything else sees a
+:class:`FrozenBackbone`: images in [0, 1] go in, one feature vector per image comes out,
+and the preprocessing in between (resize + normalise with the backbone's own statistics)
+is made of differentiable torch ops, because Stage II back-propagates into the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+OPEN_CLIP_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+class BackboneError(UserError):
+    """A backbone id or folder that cannot be loaded as a vision encoder."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a run records about the encoder it used."""
+
+    name: str
+    family: str
+    feature: str
+    feature_dim: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class FrozenBackbone(nn.Module):
+    """A frozen encoder: ``forward(images)`` maps [B, 3, H, W] images in [0, 1] to [B, D] features."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        extract: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        *,
+        name: str,
+        family: str,
+        feature: str,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self._extract = extract
+        self.name = name
+        self.family = family
+        self.feature = feature
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        with torch.no_grad():
+            probe = torch.full((1, 3, self.image_size, self.image_size), 0.5)
+            self.feature_dim = int(self.forward(probe).shape[-1])
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        # Frozen means frozen: dropout and friends stay off even if a caller flips modes.
+        return super().train(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to the encoder's input size and normalise; differentiable w.r.t. ``images``."""
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            downsampling = min(images.shape[-2:]) > self.image_size
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                antialias=downsampling,
+            )
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._extract(self.model, self.preprocess(images)).float()
+
+    @property
+    def info(self) -> BackboneInfo:
+        return BackboneInfo(
+            name=self.name,
+            family=self.family,
+            feature=self.feature,
+            feature_dim=self.feature_dim,
+            image_size=self.image_size,
+            mean=tuple(self.mean.flatten().tolist()),
+            std=tuple(self.std.flatten().tolist()),
+        )
+
+    def describe(self) -> dict:
+        return asdict(self.info)
+
+
+def _pooler(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixels).pooler_output
+
+
+def _cls_token(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixels).last_hidden_state[:, 0]
+
+
+def _image_embeds(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixels).image_embeds
+
+
+def _open_clip_image(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return model.encode_image(pixels)
+
+
+def _is_local_model_folder(name: str) -> bool:
+    return Path(name).is_dir()
+
+
+def _processor_stats(name: str) -> tuple[tuple, tuple] | None:
+    """Mean/std from the checkpoint's own image processor config, when it ships one."""
+    if _is_local_model_folder(name):
+        path = Path(name) / "preprocessor_config.json"
+        if not path.is_file():
+            return None
+        values = json.loads(path.read_text())
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            values = json.loads(Path(hf_hub_download(name, "preprocessor_config.json")).read_text())
+        except Exception:  # noqa: BLE001 -- no processor config is normal for timm checkpoints
+            return None
+    if "image_mean" in values and "image_std" in values:
+        return tuple(values["image_mean"]), tuple(values["image_std"])
+    return None
+
+
+def _config_image_size(config) -> int | None:
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[-1]
+    return int(size) if size else None
+
+
+def _load_transformers(name: str, dtype: torch.dtype | None) -> FrozenBackbone:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        hint = (
+            "the folder has no usable config.json"
+            if _is_local_model_folder(name)
+            else "it is neither a local folder nor a reachable Hub model (offline? gated? typo?)"
+        )
+        raise BackboneError(f"Cannot load backbone {name!r}: {hint}. ({error.__class__.__name__}: {error})") from None
+    model_type = config.model_type
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    stats = None
+    if model_type == "clip":
+        from transformers import CLIPVisionModelWithProjection
+
+        model = CLIPVisionModelWithProjection.from_pretrained(name, **kwargs)
+        family, feature, extract = "clip", "image_embeds (projected CLS)", _image_embeds
+        default_stats = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    elif model_type == "siglip":
+        from transformers import SiglipVisionModel
+
+        model = SiglipVisionModel.from_pretrained(name, **kwargs)
+        family, feature, extract = model_type, "pooler_output (attention-pooled)", _pooler
+        default_stats = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    elif model_type in ("vit", "deit"):
+        model = AutoModel.from_pretrained(name, add_pooling_layer=False, **kwargs)
+        family, feature, extract = model_type, "CLS token after the final LayerNorm", _cls_token
+        default_stats = (IMAGENET_MEAN, IMAGENET_STD)
+    elif model_type == "timm_wrapper":
+        model = AutoModel.from_pretrained(name, **kwargs)
+        pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
+        family, feature, extract = "timm", "pooler_output (timm pre-logits)", _pooler
+        if "mean" in pretrained_cfg and "std" in pretrained_cfg:
+            stats = (tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"]))
+        default_stats = (IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        model = AutoModel.from_pretrained(name, **kwargs)
+        family = model_type
+        if "dinov2" in model_type or "dinov3" in model_type:
+            feature = "pooler_output (CLS after the final LayerNorm)"
+        else:
+            feature = "pooler_output"
+        extract = _pooler
+        default_stats = (IMAGENET_MEAN, IMAGENET_STD)
+    stats = _processor_stats(name) or stats or default_stats
+    image_size = _timm_image_size(config) if model_type == "timm_wrapper" else _config_image_size(config)
+    if image_size is None:
+        raise BackboneError(f"Backbone {name!r} ({model_type}) does not say its input image size.")
+    backbone = FrozenBackbone(
+        model, extract, name=name, family=family, feature=feature, image_size=image_size, mean=stats[0], std=stats[1]
+    )
+    return backbone
+
+
+def _timm_image_size(config) -> int | None:
+    model_args = getattr(config, "model_args", None) or {}
+    if "img_size" in model_args:
+        size = model_args["img_size"]
+        return int(size[-1] if isinstance(size, (list, tuple)) else size)
+    pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
+    if "input_size" in pretrained_cfg:
+        return int(pretrained_cfg["input_size"][-1])
+    return None
+
+
+def _load_open_clip(name: str, dtype: torch.dtype | None) -> FrozenBackbone:
+    try:
+        import open_clip
+    except ImportError:
+        raise BackboneError(
+            f"{name!r} is an open_clip model; install the extra: pip install 'sfm-hf[open_clip]'."
+        ) from None
+    try:
+        model = open_clip.create_model(name)
+    except (FileNotFoundError, RuntimeError, ValueError) as error:
+        raise BackboneError(f"Cannot load open_clip backbone {name!r}: {error}") from None
+    if dtype is not None:
+        model = model.to(dtype)
+    preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = preprocess.get("size", getattr(model.visual, "image_size", 224))
+    size = size[-1] if isinstance(size, (list, tuple)) else size
+    mean = tuple(preprocess.get("mean", OPENAI_CLIP_MEAN))
+    std = tuple(preprocess.get("std", OPENAI_CLIP_STD))
+    return FrozenBackbone(
+        model, _open_clip_image, name=name, family="open_clip", feature="encode_image (projected)",
+        image_size=int(size), mean=mean, std=std,
+    )
+
+
+def load_backbone(
+    name: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    imagenet_stats: bool = False,
+) -> FrozenBackbone:
+    """Load a frozen encoder by Hub id or local folder (transformers), or an open_clip id.
+
+    ``imagenet_stats`` replaces the backbone's own mean/std with ImageNet's, as the LGM code
+    did for every model; kept only to reproduce that setting.
+    """
+    if name.startswith(OPEN_CLIP_PREFIXES):
+        backbone = _load_open_clip(name, dtype)
+    else:
+        backbone = _load_transformers(name, dtype)
+    if imagenet_stats:
+        backbone.mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        backbone.std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    if device is not None:
+        backbone = backbone.to(device)
+    return backbone

@@ -1,0 +1,477 @@
+"""Stage II: optimise ``ipc`` synthetic images per class so that their flow matches the statistical flow.
+
+One loop serves SFM (and its TCDD/NCDD ablations) and the LGM baseline. Under Accelerate the
+classes are divided between processes: each process forwards only its own images, the
+per-class feature sums are all-reduced *with autograd*, every process computes the same
+global loss, and gradients reach only its own images. Every random number is a function of
+(seed, step, global image index), so 1 and N processes, or an interrupted and resumed run,
+produce the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .augment import AugmentConfig, augment
+from .backbones import FrozenBackbone, load_backbone
+from .config import Config
+from .data import BalancedRealStream, as_float
+from .errors import RunStopped, StageInputError, UserError
+from .objectives import flow_cosine, linear_head_gradient, random_linear_head, sfm_loss
+from .pyramid import build_images, growth_due
+from .statistics import STATISTICS_DIR, FEATURES_DIR, Statistics, load_feature_cache, open_config_split
+from .visualize import save_preview
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_DIR = "synthetic"
+CHECKPOINT_DIR = "checkpoints"
+# Offsets that keep the synthetic and the real augmentation streams apart.
+SYNTHETIC_STREAM, REAL_STREAM = 0, 1 << 20
+
+
+class NonFiniteLossError(RunStopped):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class ClassShare:
+    """The contiguous block of classes (and so of synthetic images) one process owns."""
+
+    first_class: int
+    stop_class: int
+    ipc: int
+
+    @property
+    def classes(self) -> list[int]:
+        return list(range(self.first_class, self.stop_class))
+
+    @property
+    def first_image(self) -> int:
+        return self.first_class * self.ipc
+
+    @property
+    def num_images(self) -> int:
+        return (self.stop_class - self.first_class) * self.ipc
+
+    def labels(self) -> torch.Tensor:
+        return torch.arange(self.first_class, self.stop_class).repeat_interleave(self.ipc)
+
+
+def class_share(num_classes: int, ipc: int, rank: int, world_size: int) -> ClassShare:
+    if world_size > num_classes:
+        raise UserError(f"{world_size} processes for {num_classes} classes: use at most one process per class.")
+    return ClassShare(num_classes * rank // world_size, num_classes * (rank + 1) // world_size, ipc)
+
+
+def _sum_across_processes(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Differentiable all-reduce; the backward pass sums the identical gradients of every process."""
+    if world_size == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _backbone_features(backbone, views: torch.Tensor, precision: str) -> torch.Tensor:
+    device_type = views.device.type
+    context = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with context:
+        return backbone(views).float()
+
+
+@dataclass
+class DistillContext:
+    """Everything a step needs that does not change between steps."""
+
+    config: Config
+    backbone: FrozenBackbone
+    statistics: Statistics
+    target_means: torch.Tensor
+    target_flow: torch.Tensor
+    share: ClassShare
+    augment_config: AugmentConfig
+    world_size: int
+    real_stream: BalancedRealStream | None = None
+    fixed_head: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def synthetic_class_sums(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
+    """Per-class sums [C, D] of this process's image features, averaged over augmentation rounds."""
+    options = context.config.distill
+    features = 0
+    for round_index in range(options.aug_rounds):
+        views = augment(
+            images, context.backbone.image_size, context.augment_config,
+            seed=context.config.seed + SYNTHETIC_STREAM, step=step * options.aug_rounds + round_index,
+            index_offset=context.share.first_image,
+        )
+        features = features + _backbone_features(context.backbone, views, options.mixed_precision)
+    features = features / options.aug_rounds
+    labels = context.share.labels().to(features.device)
+    sums = torch.zeros(context.statistics.num_classes, features.shape[1], device=features.device)
+    return sums.index_add(0, labels, features)
+
+
+def sfm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
+    """SFM / TCDD / NCDD (Eq. 9, Tab. 3) on the global synthetic class centres."""
+    sums = _sum_across_processes(synthetic_class_sums(context, images, step), context.world_size)
+    centres = sums / context.share.ipc
+    part = {"sfm": "flow", "tcdd": "target", "ncdd": "non_target"}[context.config.distill.method]
+    labels = torch.arange(len(centres), device=centres.device)
+    return sfm_loss(centres, labels, context.target_means, context.target_flow, part=part)
+
+
+def _lgm_head(context: DistillContext, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if context.fixed_head is not None:
+        return context.fixed_head
+    generator = torch.Generator().manual_seed(context.config.seed * 1_000_003 + step)
+    weight, bias = random_linear_head(context.statistics.num_classes, context.statistics.feature_dim, generator=generator)
+    return weight.to(device), bias.to(device)
+
+
+def _head_gradient_share(features, labels, weight, bias, analytic: bool, share: float) -> torch.Tensor:
+    grad_weight, grad_bias = linear_head_gradient(features, labels, weight, bias, analytic=analytic)
+    return torch.cat([grad_weight.flatten(), grad_bias]) * share
+
+
+def lgm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
+    """LGM: 1 - cos between the linear-head gradients of a real batch and of the synthetic images (Eq. 1-3).
+
+    Each process contributes the gradient share of its own classes (real and synthetic); the
+    shares are summed across processes, the real side without a graph.
+    """
+    options, share = context.config.distill, context.share
+    device = images.device
+    weight, bias = _lgm_head(context, step, device)
+    analytic = options.lgm_w_mode == "analytic"
+    num_classes = context.statistics.num_classes
+    syn_views, syn_labels = [], []
+    for round_index in range(options.aug_rounds):
+        syn_views.append(
+            augment(
+                images, context.backbone.image_size, context.augment_config,
+                seed=context.config.seed + SYNTHETIC_STREAM, step=step * options.aug_rounds + round_index,
+                index_offset=share.first_image,
+            )
+        )
+        syn_labels.append(share.labels())
+    syn_features = _backbone_features(context.backbone, torch.cat(syn_views), options.mixed_precision)
+    syn_labels = torch.cat(syn_labels).to(device)
+    total_syn = num_classes * share.ipc * options.aug_rounds
+    synthetic = _head_gradient_share(syn_features, syn_labels, weight, bias, analytic, len(syn_labels) / total_syn)
+    with torch.no_grad():
+        real_images, real_labels = context.real_stream.draw()
+        real_views = augment(
+            as_float(real_images.to(device)), context.backbone.image_size, context.augment_config,
+            seed=context.config.seed + REAL_STREAM, step=step,
+            index_offset=share.first_class * share.ipc * options.aug_rounds,
+        )
+        real_features = _backbone_features(context.backbone, real_views, options.mixed_precision)
+        real = _head_gradient_share(
+            real_features, real_labels.to(device), weight, bias, analytic, len(real_labels) / total_syn
+        )
+        real = _sum_across_processes(real, context.world_size)
+    synthetic = _sum_across_processes(synthetic, context.world_size)
+    return 1 - flow_cosine(real, synthetic)
+
+
+def compute_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
+    if context.config.distill.method == "lgm":
+        return lgm_step_loss(context, images, step)
+    return sfm_step_loss(context, images, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: pyramid levels, optimiser state, step, RNG states; one file per process.
+
+
+def _checkpoint_path(output_dir: Path, rank: int) -> Path:
+    return output_dir / CHECKPOINT_DIR / f"rank{rank:02d}.pt"
+
+
+def _fingerprint(config: Config, world_size: int) -> dict:
+    """The settings a checkpoint is only valid for (iterations may grow; logging may change)."""
+    options = {f"distill.{key}": value for key, value in asdict(config.distill).items()}
+    for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "compile"):
+        options.pop(f"distill.{free}")
+    return {**options, "ipc": config.ipc, "seed": config.seed, "backbone": config.backbone,
+            "statistics.non_target": config.statistics.non_target, "world_size": world_size}
+
+
+def save_checkpoint(path: Path, images, optimizer, step: int, fingerprint: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "levels": [level.detach().cpu() for level in images.levels],
+        "optimizer": optimizer.state_dict(),
+        "fingerprint": fingerprint,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
+def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        changed = sorted(
+            key for key in set(state["fingerprint"]) | set(fingerprint)
+            if state["fingerprint"].get(key) != fingerprint.get(key)
+        )
+        raise UserError(
+            f"The checkpoint in {path.parent} belongs to a run with different settings ({', '.join(changed)}). "
+            "Use a new output_dir, or delete that folder to start over."
+        )
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_optimizer(images, lr: float, device) -> torch.optim.Adam:
+    fused = device.type == "cuda"
+    return torch.optim.Adam(images.parameters(), lr=lr, fused=fused)
+
+
+def _load_statistics(config: Config) -> Statistics:
+    directory = Path(config.output_dir) / STATISTICS_DIR
+    if not (directory / "statistics.safetensors").is_file():
+        raise StageInputError(
+            f"Stage 'distill' needs {directory}/statistics.safetensors: run the 'statistics' stage first "
+            "(add it to --stages)."
+        )
+    return Statistics.load(directory)
+
+
+def _gather_images(accelerator, local: torch.Tensor, shares: list[ClassShare]) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return local
+    padded = accelerator.pad_across_processes(local.contiguous(), dim=0)
+    gathered = accelerator.gather(padded)
+    rows = padded.shape[0]
+    return torch.cat([gathered[rank * rows : rank * rows + share.num_images] for rank, share in enumerate(shares)])
+
+
+@torch.no_grad()
+def flow_agreement(backbone, images: torch.Tensor, labels: torch.Tensor, statistics: Statistics) -> float:
+    """cos(F*, flow of ``images``) without augmentation: how well a set of images carries the statistical flow."""
+    features = torch.cat([backbone(chunk) for chunk in images.split(256)]).cpu()
+    return 1.0 - float(
+        sfm_loss(features, labels.cpu(), statistics.class_means, statistics.flow(), part="flow")
+    )
+
+
+def _random_real_agreement(config: Config, statistics: Statistics) -> float | None:
+    """The same cosine for ``ipc`` random real train images per class, from the Stage I feature cache."""
+    cache = Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR
+    try:
+        features, labels, _ = load_feature_cache(cache, "train")
+    except StageInputError:
+        return None
+    generator = torch.Generator().manual_seed(config.seed)
+    chosen = []
+    for c in range(statistics.num_classes):
+        rows = torch.nonzero(labels == c).flatten()
+        chosen.append(rows[torch.randperm(len(rows), generator=generator)[: config.ipc]])
+    chosen = torch.cat(chosen)
+    loss = sfm_loss(features[chosen].float(), labels[chosen], statistics.class_means, statistics.flow(), part="flow")
+    return 1.0 - float(loss)
+
+
+def run_distill(config: Config, accelerator) -> Path:
+    """Stage II; writes ``<output_dir>/synthetic/`` and returns that folder."""
+    options = config.distill
+    output_dir = Path(config.output_dir)
+    statistics = _load_statistics(config)
+    backbone = load_backbone(config.backbone, device=accelerator.device)
+    if backbone.feature_dim != statistics.feature_dim:
+        raise UserError(
+            f"Backbone {config.backbone!r} gives {backbone.feature_dim}-d features but the statistics in "
+            f"{output_dir / STATISTICS_DIR} are {statistics.feature_dim}-d: they come from another backbone."
+        )
+    if options.compile:
+        backbone = torch.compile(backbone)
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    num_classes = statistics.num_classes
+    share = class_share(num_classes, config.ipc, rank, world_size)
+    shares = [class_share(num_classes, config.ipc, r, world_size) for r in range(world_size)]
+    context = DistillContext(
+        config=config,
+        backbone=backbone,
+        statistics=statistics,
+        target_means=statistics.class_means.to(device),
+        target_flow=statistics.flow(config.statistics.non_target).to(device),
+        share=share,
+        augment_config=AugmentConfig(noise_std=options.noise_std, noise_p=options.noise_p, noise_mean=options.noise_mean),
+        world_size=world_size,
+    )
+    if options.method == "lgm":
+        source = open_config_split(config, config.train_split)
+        context.real_stream = BalancedRealStream(
+            source, share.classes, config.ipc * options.aug_rounds, image_size=options.syn_res,
+            crop_ratio=config.data.crop_ratio, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
+            rank=rank, world_size=world_size, seed=config.seed,
+        )
+        if options.lgm_w_mode == "fixed":
+            generator = torch.Generator().manual_seed(config.seed)
+            weight, bias = random_linear_head(num_classes, statistics.feature_dim, generator=generator)
+            context.fixed_head = (weight.to(device), bias.to(device))
+
+    def fresh_images():
+        return build_images(
+            options.representation, share.num_images, options.syn_res, seed=config.seed,
+            decorrelate=options.decorrelate, index_offset=share.first_image,
+        ).to(device)
+
+    images = fresh_images()
+    optimizer = _make_optimizer(images, options.lr, device)
+    fingerprint = _fingerprint(config, world_size)
+    checkpoint_path = _checkpoint_path(output_dir, rank)
+    start_step = 0
+    state = load_checkpoint(checkpoint_path, fingerprint)
+    if state is not None:
+        images.load_levels([level.to(device) for level in state["levels"]])
+        optimizer = _make_optimizer(images, options.lr, device)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        if accelerator.is_main_process:
+            print(f"Stage II: resuming from step {start_step} ({checkpoint_path.parent}).")
+
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    last_loss = torch.full((), float("nan"), device=device)
+    progress = tqdm(
+        range(start_step, options.iterations), initial=start_step, total=options.iterations,
+        desc=f"Stage II: {options.method}", unit="step", disable=not accelerator.is_local_main_process,
+    )
+    start_time = time.perf_counter()
+
+    def check_finite(step: int) -> None:
+        bad = int(first_bad_step)
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"Stage II stopped: the {options.method} loss became non-finite at step {bad}. The last good "
+                f"checkpoint is kept in {checkpoint_path.parent}. Try a lower distill.lr or "
+                "distill.mixed_precision: no."
+            )
+
+    for step in progress:
+        if options.representation == "pyramid" and growth_due(step, options.pyramid_every) and images.can_grow():
+            images.grow()
+            previous = optimizer
+            optimizer = _make_optimizer(images, options.lr, device)
+            if not options.reset_optimizer_on_growth:
+                optimizer.state.update({p: previous.state[p] for p in images.parameters() if p in previous.state})
+        loss = compute_loss(context, images(), step)
+        # Every process computes the same loss; the all-reduce backward sums world_size identical
+        # gradients, so each process back-propagates its 1/world_size share.
+        (loss / world_size).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        detached = loss.detach()
+        first_bad_step = torch.where(
+            (first_bad_step < 0) & ~torch.isfinite(detached), torch.full_like(first_bad_step, step), first_bad_step
+        )
+        last_loss = detached
+        done = step + 1
+        if done % options.log_every == 0 or done == options.iterations:
+            check_finite(step)
+            value = float(last_loss)
+            progress.set_postfix(loss=f"{value:.4f}")
+            accelerator.log({"distill/loss": value}, step=done)
+        if options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.iterations:
+            check_finite(step)
+            save_checkpoint(checkpoint_path, images, optimizer, done, fingerprint)
+        if options.preview_every and done % options.preview_every == 0 and done < options.iterations:
+            local = images().detach()
+            gathered = _gather_images(accelerator, local, shares)
+            if accelerator.is_main_process:
+                save_preview(gathered.cpu(), _all_labels(num_classes, config.ipc), statistics.class_names,
+                             output_dir / SYNTHETIC_DIR / "preview.png")
+    progress.close()
+    if options.iterations > start_step:
+        check_finite(options.iterations - 1)
+    seconds = time.perf_counter() - start_time
+    with torch.no_grad():
+        final_local = images().detach()
+    final = _gather_images(accelerator, final_local, shares).cpu()
+    if options.checkpoint_every:
+        save_checkpoint(checkpoint_path, images, optimizer, max(start_step, options.iterations), fingerprint)
+    folder = output_dir / SYNTHETIC_DIR
+    if accelerator.is_main_process:
+        labels = _all_labels(num_classes, config.ipc)
+        with torch.no_grad():
+            initial = build_images(
+                options.representation, num_classes * config.ipc, options.syn_res, seed=config.seed,
+                decorrelate=options.decorrelate,
+            )().to(device)
+        unwrapped = backbone._orig_mod if hasattr(backbone, "_orig_mod") else backbone
+        agreement = {
+            "final_images": flow_agreement(unwrapped, final.to(device), labels, statistics),
+            "initial_images": flow_agreement(unwrapped, initial, labels, statistics),
+            "random_real_images": _random_real_agreement(config, statistics),
+        }
+        write_synthetic(folder, final, labels, statistics, config, seconds, float(last_loss), agreement)
+        real = agreement["random_real_images"]
+        print(
+            f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px) by {options.method} in "
+            f"{seconds:.1f} s over {options.iterations - start_step} steps; final loss {float(last_loss):.4f}. "
+            f"cos(F*, flow): final {agreement['final_images']:.3f}, initial {agreement['initial_images']:.3f}, "
+            f"random real {'n/a' if real is None else f'{real:.3f}'}. -> {folder}"
+        )
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _all_labels(num_classes: int, ipc: int) -> torch.Tensor:
+    return torch.arange(num_classes).repeat_interleave(ipc)
+
+
+def write_synthetic(folder: Path, images, labels, statistics: Statistics, config: Config, seconds: float,
+                    final_loss: float, agreement: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / "images.safetensors.tmp"
+    save_file({"images": images.float().contiguous(), "labels": labels.contiguous()}, str(temporary))
+    temporary.replace(folder / "images.safetensors")
+    metadata = {
+        "class_names": statistics.class_names,
+        "ipc": config.ipc,
+        "method": config.distill.method,
+        "iterations": config.distill.iterations,
+        "seed": config.seed,
+        "backbone": config.backbone,
+        "dataset": config.dataset,
+        "resolution": config.distill.syn_res,
+        "distill": asdict(config.distill),
+        "seconds": round(seconds, 3),
+        "final_loss": None if not math.isfinite(final_loss) else final_loss,
+        "flow_cosine": agreement,
+    }
+    (folder / "synthetic.json").write_text(json.dumps(metadata, indent=2))
+    save_preview(images, labels, statistics.class_names, folder / "preview.png")

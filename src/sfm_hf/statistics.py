@@ -1,0 +1,358 @@
+"""Stage I: one streamed pass of the real data -> class statistics, a feature cache, the golden classifier.
+
+Outputs in ``<output_dir>/statistics/``:
+- ``statistics.safetensors``: ``class_means`` [C, D] float32, ``class_counts`` [C] int64, ``class_sums`` float64;
+- ``statistics.json``: class names, backbone, dataset, images seen/skipped, world size, timing;
+- ``features/{train,eval}-rankRR-KKKKK.safetensors``: float16 features, labels, row indices;
+- ``golden_classifier.safetensors`` (``weight`` [C, D], ``bias`` [C]) and ``golden_classifier.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .backbones import FrozenBackbone, load_backbone
+from .config import Config, DataOptions
+from .errors import StageInputError
+from .data import DatasetError, SplitSource, as_float, image_batches, open_split
+from .objectives import statistical_flow
+from .probe import accuracy, train_linear_head
+
+logger = logging.getLogger(__name__)
+
+STATISTICS_DIR = "statistics"
+FEATURES_DIR = "features"
+ROWS_PER_SHARD = 16384
+
+
+@dataclass
+class Statistics:
+    """Per-class feature centres of the real train split through the distillation backbone."""
+
+    class_means: torch.Tensor
+    class_counts: torch.Tensor
+    class_names: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.class_means.shape[1]
+
+    def flow(self, non_target: str | None = None) -> torch.Tensor:
+        """The statistical flow F* (Eq. 8), [C, D]."""
+        mode = non_target or self.metadata.get("non_target", "class_mean")
+        return statistical_flow(self.class_means, self.class_counts, mode)
+
+    def save(self, directory: Path, class_sums: torch.Tensor | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"class_means": self.class_means.float().contiguous(), "class_counts": self.class_counts}
+        if class_sums is not None:
+            tensors["class_sums"] = class_sums
+        _atomic_save(tensors, directory / "statistics.safetensors")
+        payload = {"class_names": self.class_names, **self.metadata}
+        _atomic_write_text(directory / "statistics.json", json.dumps(payload, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Statistics":
+        directory = Path(directory)
+        tensor_path = directory / "statistics.safetensors"
+        if not tensor_path.is_file():
+            raise StageInputError(
+                f"No statistics in {directory}: run the 'statistics' stage first (or point at a statistics folder)."
+            )
+        tensors = load_file(tensor_path)
+        metadata = json.loads((directory / "statistics.json").read_text())
+        class_names = metadata.pop("class_names")
+        return cls(tensors["class_means"], tensors["class_counts"], class_names, metadata)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary))
+    temporary.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+@dataclass
+class FeaturePass:
+    """What one pass of a split through a backbone produced, summed over all processes."""
+
+    class_sums: torch.Tensor  # float64 [C, D]
+    class_counts: torch.Tensor  # int64 [C]
+    seen: int
+    skipped: int
+    skipped_examples: list[str]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.seen / max(self.seconds, 1e-9)
+
+
+def _shard_path(cache_dir: Path, prefix: str, rank: int, number: int) -> Path:
+    return cache_dir / f"{prefix}-rank{rank:02d}-{number:05d}.safetensors"
+
+
+def stream_features(
+    backbone: FrozenBackbone,
+    source: SplitSource,
+    data: DataOptions,
+    accelerator,
+    *,
+    cache_dir: Path | None = None,
+    prefix: str = "train",
+    description: str = "features",
+) -> FeaturePass:
+    """Stream this process's share of ``source`` through ``backbone``; sums/counts are reduced over processes.
+
+    With ``cache_dir`` the features are also written as float16 shards (never all in RAM).
+    """
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    num_classes, dim = source.num_classes, backbone.feature_dim
+    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    seen = skipped = 0
+    skipped_examples: list[str] = []
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in cache_dir.glob(f"{prefix}-rank{rank:02d}-*.safetensors"):
+            stale.unlink()
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    pending_rows = shard_number = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_rows, shard_number
+        if not pending:
+            return
+        features, labels, indices = (torch.cat(parts) for parts in zip(*pending))
+        _atomic_save(
+            {"features": features.contiguous(), "labels": labels, "indices": indices},
+            _shard_path(cache_dir, prefix, rank, shard_number),
+        )
+        pending, pending_rows, shard_number = [], 0, shard_number + 1
+
+    total = None
+    if source.num_rows is not None:
+        rows = source.num_rows if data.max_samples_per_split is None else min(source.num_rows, data.max_samples_per_split)
+        total = rows * (rank + 1) // world_size - rows * rank // world_size
+    start = time.perf_counter()
+    progress = tqdm(total=total, unit="img", desc=description, disable=not accelerator.is_local_main_process)
+    batches = image_batches(
+        source,
+        image_size=backbone.image_size,
+        batch_size=data.batch_size,
+        crop_ratio=data.crop_ratio,
+        num_workers=data.num_workers,
+        rank=rank,
+        world_size=world_size,
+        max_samples=data.max_samples_per_split,
+    )
+    with torch.inference_mode():
+        for batch in batches:
+            skipped += batch.skipped
+            skipped_examples.extend(batch.skipped_examples[: max(0, 5 - len(skipped_examples))])
+            if len(batch.labels):
+                labels = batch.labels.to(device)
+                features = backbone(as_float(batch.images.to(device, non_blocking=True)))
+                sums.index_add_(0, labels, features.double())
+                counts += torch.bincount(labels, minlength=num_classes)
+                seen += len(labels)
+                if cache_dir is not None:
+                    pending.append((features.half().cpu(), batch.labels, batch.indices))
+                    pending_rows += len(labels)
+                    if pending_rows >= ROWS_PER_SHARD:
+                        flush()
+            progress.update(len(batch.labels) + batch.skipped)
+    if cache_dir is not None:
+        flush()
+    progress.close()
+    tallies = torch.tensor([seen, skipped], dtype=torch.int64, device=device)
+    sums = accelerator.reduce(sums, reduction="sum")
+    counts = accelerator.reduce(counts, reduction="sum")
+    tallies = accelerator.reduce(tallies, reduction="sum")
+    examples = [example for per_rank in _gather_objects(accelerator, skipped_examples) for example in per_rank][:5]
+    return FeaturePass(
+        class_sums=sums.cpu(),
+        class_counts=counts.cpu(),
+        seen=int(tallies[0]),
+        skipped=int(tallies[1]),
+        skipped_examples=examples,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _gather_objects(accelerator, value: Any) -> list[Any]:
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def load_feature_cache(cache_dir: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All cached (features fp16, labels, indices) of a split, in row order when rows are known.
+
+    Row order makes everything trained on the cache independent of how many processes wrote it.
+    """
+    shards = sorted(cache_dir.glob(f"{prefix}-rank*-*.safetensors"))
+    if not shards:
+        raise StageInputError(f"No cached {prefix} features in {cache_dir}: run the 'statistics' stage first.")
+    parts = [load_file(shard) for shard in shards]
+    features = torch.cat([part["features"] for part in parts])
+    labels = torch.cat([part["labels"] for part in parts])
+    indices = torch.cat([part["indices"] for part in parts])
+    if bool((indices >= 0).all()):
+        order = torch.argsort(indices)
+        features, labels, indices = features[order], labels[order], indices[order]
+    return features, labels, indices
+
+
+def _check_classes(feature_pass: FeaturePass, source: SplitSource) -> None:
+    if feature_pass.seen == 0:
+        raise DatasetError(
+            f"No usable image in split {source.split!r} of {source.name!r} "
+            f"({feature_pass.skipped} skipped, e.g. {feature_pass.skipped_examples})."
+        )
+    empty = [name for name, count in zip(source.class_names, feature_pass.class_counts.tolist()) if count == 0]
+    if empty:
+        raise DatasetError(
+            f"{len(empty)} class(es) have no image in split {source.split!r} of {source.name!r}: {empty[:20]}. "
+            "Every class needs real images for its centre."
+        )
+
+
+def _report_skipped(feature_pass: FeaturePass, split: str) -> None:
+    if feature_pass.skipped:
+        logger.warning(
+            "Skipped %d undecodable or unlabelled image(s) in split %r, e.g. %s",
+            feature_pass.skipped, split, "; ".join(feature_pass.skipped_examples),
+        )
+
+
+def open_config_split(config: Config, split: str) -> SplitSource:
+    return open_split(
+        config.dataset,
+        split,
+        config_name=config.dataset_config,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        streaming=config.data.streaming,
+    )
+
+
+def run_statistics(config: Config, accelerator) -> Statistics:
+    """Stage I. Every process reads a disjoint share; the results do not depend on how many there are."""
+    output = Path(config.output_dir) / STATISTICS_DIR
+    cache_dir = output / FEATURES_DIR
+    backbone = load_backbone(config.backbone, device=accelerator.device)
+    train = open_config_split(config, config.train_split)
+    evaluation = open_config_split(config, config.eval_split)
+    if evaluation.class_names != train.class_names:
+        raise DatasetError(
+            f"Splits {config.train_split!r} and {config.eval_split!r} have different classes: "
+            f"{train.num_classes} vs {evaluation.num_classes}."
+        )
+    train_pass = stream_features(
+        backbone, train, config.data, accelerator, cache_dir=cache_dir, prefix="train", description="Stage I: train"
+    )
+    _report_skipped(train_pass, config.train_split)
+    _check_classes(train_pass, train)
+    eval_pass = stream_features(
+        backbone, evaluation, config.data, accelerator, cache_dir=cache_dir, prefix="eval", description="Stage I: eval"
+    )
+    _report_skipped(eval_pass, config.eval_split)
+    class_means = (train_pass.class_sums / train_pass.class_counts.unsqueeze(1).double()).float()
+    statistics = Statistics(
+        class_means=class_means,
+        class_counts=train_pass.class_counts,
+        class_names=train.class_names,
+        metadata={
+            "backbone": backbone.describe(),
+            "dataset": config.dataset,
+            "dataset_config": config.dataset_config,
+            "split": config.train_split,
+            "non_target": config.statistics.non_target,
+            "images_seen": train_pass.seen,
+            "images_skipped": train_pass.skipped,
+            "skipped_examples": train_pass.skipped_examples,
+            "world_size": accelerator.num_processes,
+            "seconds": round(train_pass.seconds, 3),
+            "images_per_second": round(train_pass.images_per_second, 1),
+            "preprocessing": (
+                f"shorter side -> {backbone.image_size}/{config.data.crop_ratio}, centre crop {backbone.image_size}, "
+                f"normalise mean={list(backbone.info.mean)} std={list(backbone.info.std)}, float32, no augmentation"
+            ),
+        },
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        statistics.save(output, class_sums=train_pass.class_sums)
+        golden = train_golden_classifier(config, cache_dir, statistics.num_classes)
+        _atomic_save(
+            {"weight": golden.weight.detach().contiguous(), "bias": golden.bias.detach().contiguous()},
+            output / "golden_classifier.safetensors",
+        )
+        eval_features, eval_labels, _ = load_feature_cache(cache_dir, "eval")
+        golden_report = {
+            "eval_split": config.eval_split,
+            "eval_images": len(eval_labels),
+            "eval_accuracy": accuracy(golden, eval_features, eval_labels),
+            "trained_on": f"cached centre-crop features of all {train_pass.seen} {config.train_split!r} images",
+            "epochs": config.golden.epochs,
+            "lr": config.golden.lr,
+            "batch_size": config.golden.batch_size,
+            "weight_decay": config.golden.weight_decay,
+            "seed": config.seed,
+        }
+        _atomic_write_text(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
+        statistics.metadata["golden"] = golden_report
+        print(
+            f"Stage I: {train_pass.seen} images of {statistics.num_classes} classes "
+            f"({train_pass.skipped} skipped) through {backbone.family} (D={backbone.feature_dim}) on "
+            f"{accelerator.num_processes} process(es) in {train_pass.seconds:.1f} s "
+            f"({train_pass.images_per_second:.0f} img/s). Golden classifier accuracy on {config.eval_split!r}: "
+            f"{golden_report['eval_accuracy']:.2%} ({len(eval_labels)} images). -> {output}"
+        )
+    accelerator.wait_for_everyone()
+    return statistics
+
+
+def train_golden_classifier(config: Config, cache_dir: Path, num_classes: int) -> torch.nn.Linear:
+    """The golden classifier f: a linear head on the cached phi_d features of the full train split."""
+    features, labels, _ = load_feature_cache(cache_dir, "train")
+    return train_linear_head(
+        features,
+        labels,
+        num_classes,
+        epochs=config.golden.epochs,
+        lr=config.golden.lr,
+        batch_size=config.golden.batch_size,
+        weight_decay=config.golden.weight_decay,
+        seed=config.seed,
+    )
+
+
+def load_golden_classifier(directory: str | Path) -> torch.nn.Linear:
+    tensors = load_file(Path(directory) / "golden_classifier.safetensors")
+    head = torch.nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0])
+    head.load_state_dict(tensors)
+    return head.eval()

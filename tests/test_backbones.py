@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from conftest import FAMILIES, FEATURE_DIMS
+from sfm_hf.backbones import IMAGENET_MEAN, OPENAI_CLIP_MEAN, BackboneError, load_backbone
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_loads_from_local_folder_with_documented_feature(tiny_backbone, family):
+    backbone = load_backbone(tiny_backbone(family))
+    assert backbone.feature_dim == FEATURE_DIMS[family]
+    assert backbone.image_size == 28
+    assert not any(p.requires_grad for p in backbone.parameters())
+    backbone.train()
+    assert not backbone.model.training
+
+    pixels = torch.rand(3, 3, 40, 36, requires_grad=True)
+    features = backbone(pixels)
+    assert features.shape == (3, FEATURE_DIMS[family])
+    features.square().sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
+def test_feature_is_the_documented_output(tiny_backbone):
+    from transformers import CLIPVisionModelWithProjection, Dinov2Model
+
+    pixels = torch.rand(2, 3, 28, 28)
+    dinov2 = load_backbone(tiny_backbone("dinov2"))
+    reference = Dinov2Model.from_pretrained(tiny_backbone("dinov2")).eval()
+    expected = reference(pixel_values=dinov2.preprocess(pixels)).pooler_output
+    torch.testing.assert_close(dinov2(pixels), expected)
+
+    clip = load_backbone(tiny_backbone("clip"))
+    reference = CLIPVisionModelWithProjection.from_pretrained(tiny_backbone("clip")).eval()
+    torch.testing.assert_close(clip(pixels), reference(pixel_values=clip.preprocess(pixels)).image_embeds)
+
+
+def test_own_normalisation_statistics(tiny_backbone):
+    assert load_backbone(tiny_backbone("clip")).info.mean == pytest.approx(OPENAI_CLIP_MEAN)
+    assert load_backbone(tiny_backbone("dinov2")).info.mean == pytest.approx(IMAGENET_MEAN)
+    assert load_backbone(tiny_backbone("siglip")).info.mean == pytest.approx((0.5, 0.5, 0.5))
+    forced = load_backbone(tiny_backbone("clip"), imagenet_stats=True)
+    assert forced.info.mean == pytest.approx(IMAGENET_MEAN)
+
+
+def test_unloadable_backbones_are_clear(tmp_path):
+    with pytest.raises(BackboneError, match="no usable config.json"):
+        load_backbone(str(tmp_path))
+    with pytest.raises(BackboneError, match="neither a local folder nor a reachable Hub model"):
+        load_backbone("nobody/not-a-model-xyz")
+    with pytest.raises(BackboneError, match="open_clip"):
+        load_backbone(f"local-dir:{tmp_path / 'missing'}")

@@ -1,0 +1,168 @@
+"""Objectives (Eq. 1-9 of the SFM paper) against closed-form identities and autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sfm_hf.objectives import (
+    class_centres,
+    flow_cosine,
+    lgm_loss,
+    linear_head_gradient,
+    non_target_centres,
+    random_linear_head,
+    sfm_loss,
+    statistical_flow,
+)
+
+C, D = 5, 7
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _real_statistics(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    means = torch.randn(C, D, generator=_generator(seed))
+    return means, statistical_flow(means, torch.full((C,), 10))
+
+
+def _images_around(means: torch.Tensor, ipc: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """ipc features per class, spread around the class mean with zero per-class offset."""
+    offsets = torch.randn(len(means), ipc, means.shape[1], generator=_generator(seed))
+    offsets = offsets - offsets.mean(1, keepdim=True)
+    features = (means.unsqueeze(1) + offsets).reshape(-1, means.shape[1])
+    return features, torch.arange(len(means)).repeat_interleave(ipc)
+
+
+def test_analytic_gradient_is_the_flow_eq7():
+    a = 4
+    features = torch.randn(a * C, D, generator=_generator(), dtype=torch.float64)
+    labels = torch.arange(C).repeat(a)
+    weight, bias = random_linear_head(C, D, generator=_generator(1), dtype=torch.float64)
+    grad_weight, grad_bias = linear_head_gradient(features, labels, weight, bias, analytic=True)
+    assert grad_weight.dtype == torch.float64
+    for c in range(C):
+        expected = (C - 1) / C**2 * (features[labels != c].mean(0) - features[labels == c].mean(0))
+        torch.testing.assert_close(grad_weight[c], expected, rtol=1e-6, atol=1e-12)
+    # Balanced: every class gets (1/C - 1/C) in the bias gradient.
+    torch.testing.assert_close(grad_bias, torch.zeros(C, dtype=torch.float64))
+
+
+def test_linear_head_gradient_matches_cross_entropy_autograd():
+    features = torch.randn(12, D, generator=_generator(), dtype=torch.float64)
+    labels = torch.randint(0, C, (12,), generator=_generator(1))
+    weight = torch.randn(C, D, generator=_generator(2), dtype=torch.float64).requires_grad_()
+    bias = torch.randn(C, generator=_generator(3), dtype=torch.float64).requires_grad_()
+    F.cross_entropy(features @ weight.T + bias, labels).backward()
+    grad_weight, grad_bias = linear_head_gradient(features, labels, weight.detach(), bias.detach())
+    torch.testing.assert_close(grad_weight, weight.grad)
+    torch.testing.assert_close(grad_bias, bias.grad)
+
+
+def test_lgm_feature_gradient_matches_double_backward():
+    real = torch.randn(20, D, generator=_generator(), dtype=torch.float64)
+    real_labels = torch.arange(C).repeat(4)
+    syn_labels = torch.arange(C).repeat(2)
+    weight = torch.randn(C, D, generator=_generator(2), dtype=torch.float64) * 0.5
+    bias = torch.randn(C, generator=_generator(3), dtype=torch.float64) * 0.5
+    syn = torch.randn(10, D, generator=_generator(4), dtype=torch.float64).requires_grad_()
+
+    lgm_loss(syn, syn_labels, real, real_labels, weight, bias).backward()
+
+    head = [weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    real_grads = torch.autograd.grad(F.cross_entropy(real @ head[0].T + head[1], real_labels), head)
+    syn_ref = syn.detach().clone().requires_grad_()
+    syn_grads = torch.autograd.grad(F.cross_entropy(syn_ref @ head[0].T + head[1], syn_labels), head,
+                                    create_graph=True)
+    reference = 1 - F.cosine_similarity(torch.cat([g.flatten() for g in real_grads]),
+                                        torch.cat([g.flatten() for g in syn_grads]), dim=0)
+    reference.backward()
+    torch.testing.assert_close(syn.grad, syn_ref.grad)
+
+
+@pytest.mark.parametrize("ipc", [1, 3])
+@pytest.mark.parametrize("part", ["flow", "target", "non_target"])
+def test_sfm_loss_zero_at_match(ipc, part):
+    means, flow = _real_statistics()
+    features, labels = _images_around(means, ipc)
+    assert float(sfm_loss(features, labels, means, flow, part=part)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sfm_loss_scale_invariance_and_sign():
+    means, flow = _real_statistics()
+    features = torch.randn(3 * C, D, generator=_generator(5))
+    labels = torch.arange(C).repeat(3)
+    loss = sfm_loss(features, labels, means, flow)
+    assert float(sfm_loss(features * 7.3, labels, means, flow)) == pytest.approx(float(loss), abs=1e-6)
+    matched, matched_labels = _images_around(means, 3)
+    assert float(sfm_loss(-matched, matched_labels, means, flow)) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_sfm_loss_bf16_features_and_gradient():
+    means, flow = _real_statistics()
+    features = torch.randn(2 * C, D, generator=_generator(6)).bfloat16().requires_grad_()
+    loss = sfm_loss(features, torch.arange(C).repeat(2), means, flow)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert features.grad is not None and bool(features.grad.abs().sum() > 0)
+
+
+def test_flow_cosine_is_one_flattened_cosine():
+    a = torch.tensor([[1.0, 0.0], [0.0, 10.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, -10.0]])
+    # Per-row cosines would average to 0; the flattened cosine is dominated by the long row.
+    assert float(flow_cosine(a, b)) == pytest.approx(-99 / 101, abs=1e-6)
+
+
+def test_non_target_centres_modes():
+    means = torch.randn(C, D, generator=_generator(), dtype=torch.float64)
+    balanced = torch.full((C,), 8)
+    torch.testing.assert_close(non_target_centres(means, balanced, "class_mean"),
+                               non_target_centres(means, balanced, "sample"))
+    unbalanced = torch.tensor([1, 2, 30, 4, 50])
+    assert not torch.allclose(non_target_centres(means, unbalanced, "class_mean"),
+                              non_target_centres(means, unbalanced, "sample"))
+
+
+def test_non_target_centres_sample_mode_matches_raw_samples():
+    labels = torch.arange(C).repeat_interleave(torch.tensor([1, 2, 30, 4, 50]))
+    samples = torch.randn(len(labels), D, generator=_generator(), dtype=torch.float64)
+    means = class_centres(samples, labels, C)
+    counts = torch.bincount(labels, minlength=C)
+    brute = torch.stack([samples[labels != c].mean(0) for c in range(C)])
+    torch.testing.assert_close(non_target_centres(means, counts, "sample"), brute)
+    torch.testing.assert_close(statistical_flow(means, counts, "sample"), (brute - means).float())
+
+
+def test_class_centres_names_missing_class():
+    features = torch.randn(4, D)
+    with pytest.raises(ValueError, match=r"\b2\b"):
+        class_centres(features, torch.tensor([0, 1, 3, 3]), 4)
+
+
+def test_lgm_loss_gradient_reaches_synthetic_only():
+    weight, bias = random_linear_head(C, D, generator=_generator())
+    syn = torch.randn(C, D, generator=_generator(1)).requires_grad_()
+    real = torch.randn(4 * C, D, generator=_generator(2)).requires_grad_()
+    loss = lgm_loss(syn, torch.arange(C), real, torch.arange(C).repeat(4), weight, bias)
+    loss.backward()
+    assert syn.grad is not None and bool(syn.grad.abs().sum() > 0)
+    assert real.grad is None
+
+
+@pytest.mark.parametrize("analytic", [False, True])
+def test_lgm_loss_zero_for_identical_batches(analytic):
+    weight, bias = random_linear_head(C, D, generator=_generator())
+    features = torch.randn(3 * C, D, generator=_generator(1))
+    labels = torch.arange(C).repeat(3)
+    loss = lgm_loss(features.clone(), labels, features, labels, weight, bias, analytic=analytic)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_random_linear_head_is_seeded_gaussian():
+    weight, bias = random_linear_head(100, 200, generator=_generator(7))
+    again, _ = random_linear_head(100, 200, generator=_generator(7))
+    torch.testing.assert_close(weight, again)
+    assert weight.shape == (100, 200) and bool((bias == 0).all())
+    assert float(weight.std()) == pytest.approx(0.01, rel=0.05)
