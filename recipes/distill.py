@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 
 from sfm_hf.config import help_text, parse_config, parse_overrides
 from sfm_hf.demo import demo_config
@@ -24,16 +25,20 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     quiet_libraries()
-    accelerator = Accelerator()
+    # The first state fixes the backend for the Accelerator made later: without cpu=True two CPU ranks
+    # (ACCELERATE_USE_CPU=1 ... --multi_gpu) would each run alone, as a world of one.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    accelerator = None
     try:
         recipe, _ = parse_overrides(argv)
         default = None
         if recipe is None:
-            with accelerator.main_process_first():
+            with state.main_process_first():
                 default = demo_config()
-            if accelerator.is_main_process:
+            if state.is_main_process:
                 print("No --config given: running the embedded demo recipe (scikit-learn digits, tiny ViT).")
         config = parse_config(argv, default)
+        accelerator = Accelerator(log_with=config.trackers or None, project_dir=config.output_dir)
         run_stages(config, accelerator)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {error}", file=sys.stderr)
         return 3
     finally:
-        accelerator.end_training()
+        if accelerator is not None:
+            accelerator.end_training()
     return 0
 
 

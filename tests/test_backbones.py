@@ -50,3 +50,15 @@ def test_unloadable_backbones_are_clear(tmp_path):
         load_backbone("nobody/not-a-model-xyz")
     with pytest.raises(BackboneError, match="open_clip"):
         load_backbone(f"local-dir:{tmp_path / 'missing'}")
+
+
+def test_processor_crop_size_wins_over_the_position_embedding_grid(tmp_path):
+    """DINOv2 checkpoints say image_size 518 (the grid they interpolate from) but are fed 224 crops."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=56, patch_size=14)).save_pretrained(tmp_path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(tmp_path)
+    backbone = load_backbone(str(tmp_path))
+    assert backbone.image_size == 28
+    assert backbone(torch.rand(2, 3, 40, 40)).shape == (2, 32)

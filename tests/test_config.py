@@ -66,3 +66,9 @@ def test_saved_config_loads_back_identically(tmp_path):
     config.save(tmp_path / "resolved.yaml")
     again = load_recipe(tmp_path / "resolved.yaml")
     assert dataclasses.asdict(again) == dataclasses.asdict(config)
+
+
+def test_suite_runs_offline():
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE

@@ -121,3 +121,12 @@ def test_class_shares_cover_every_class_once():
         assert sum(share.num_images for share in shares) == 2 * classes
     with pytest.raises(UserError, match="at most one process per class"):
         distill.class_share(3, 1, 0, 4)
+
+
+def test_loss_reaches_the_accelerate_trackers(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator,
+                                              monkeypatch):
+    logged = []
+    monkeypatch.setattr(accelerator, "log", lambda values, step=None: logged.append((step, values)))
+    distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator, iterations=20, log_every=10)
+    assert [step for step, _ in logged] == [10, 20]
+    assert all(set(values) == {"distill/loss"} for _, values in logged)

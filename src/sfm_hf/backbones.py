@@ -125,23 +125,36 @@ def _is_local_model_folder(name: str) -> bool:
     return Path(name).is_dir()
 
 
-def _processor_stats(name: str) -> tuple[tuple, tuple] | None:
-    """Mean/std from the checkpoint's own image processor config, when it ships one."""
+def _processor_config(name: str) -> dict:
+    """The checkpoint's own image processor config, or {} when it ships none (normal for timm)."""
     if _is_local_model_folder(name):
         path = Path(name) / "preprocessor_config.json"
-        if not path.is_file():
-            return None
-        values = json.loads(path.read_text())
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
+        return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
 
-            values = json.loads(Path(hf_hub_download(name, "preprocessor_config.json")).read_text())
-        except Exception:  # noqa: BLE001 -- no processor config is normal for timm checkpoints
-            return None
-    if "image_mean" in values and "image_std" in values:
-        return tuple(values["image_mean"]), tuple(values["image_std"])
+        return json.loads(Path(hf_hub_download(name, "preprocessor_config.json")).read_text())
+    except Exception:  # noqa: BLE001 -- a missing processor config is not an error
+        return {}
+
+
+def _processor_stats(processor: dict) -> tuple[tuple, tuple] | None:
+    if "image_mean" in processor and "image_std" in processor:
+        return tuple(processor["image_mean"]), tuple(processor["image_std"])
     return None
+
+
+def _processor_image_size(processor: dict) -> int | None:
+    """The side the processor hands the model: its centre crop, else its resize target.
+
+    It wins over the model config, whose ``image_size`` can be the position-embedding grid the
+    model interpolates from (DINOv2 checkpoints say 518 but are used at 224).
+    """
+    size = processor.get("crop_size") if processor.get("do_center_crop", "crop_size" in processor) else None
+    size = size or processor.get("size")
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    return int(size) if isinstance(size, (int, float)) and size else None
 
 
 def _config_image_size(config) -> int | None:
@@ -152,7 +165,7 @@ def _config_image_size(config) -> int | None:
     return int(size) if size else None
 
 
-def _load_transformers(name: str, dtype: torch.dtype | None) -> FrozenBackbone:
+def _load_transformers(name: str, dtype: torch.dtype | None, attn_implementation: str | None) -> FrozenBackbone:
     from transformers import AutoConfig, AutoModel
 
     try:
@@ -166,6 +179,8 @@ def _load_transformers(name: str, dtype: torch.dtype | None) -> FrozenBackbone:
         raise BackboneError(f"Cannot load backbone {name!r}: {hint}. ({error.__class__.__name__}: {error})") from None
     model_type = config.model_type
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     stats = None
     if model_type == "clip":
         from transformers import CLIPVisionModelWithProjection
@@ -199,8 +214,11 @@ def _load_transformers(name: str, dtype: torch.dtype | None) -> FrozenBackbone:
             feature = "pooler_output"
         extract = _pooler
         default_stats = (IMAGENET_MEAN, IMAGENET_STD)
-    stats = _processor_stats(name) or stats or default_stats
-    image_size = _timm_image_size(config) if model_type == "timm_wrapper" else _config_image_size(config)
+    processor = _processor_config(name)
+    stats = _processor_stats(processor) or stats or default_stats
+    image_size = _processor_image_size(processor) or (
+        _timm_image_size(config) if model_type == "timm_wrapper" else _config_image_size(config)
+    )
     if image_size is None:
         raise BackboneError(f"Backbone {name!r} ({model_type}) does not say its input image size.")
     backbone = FrozenBackbone(
@@ -250,16 +268,19 @@ def load_backbone(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     imagenet_stats: bool = False,
+    attn_implementation: str | None = None,
 ) -> FrozenBackbone:
     """Load a frozen encoder by Hub id or local folder (transformers), or an open_clip id.
 
     ``imagenet_stats`` replaces the backbone's own mean/std with ImageNet's, as the LGM code
-    did for every model; kept only to reproduce that setting.
+    did for every model; kept only to reproduce that setting. ``attn_implementation`` is passed
+    to transformers (None keeps its default, SDPA wherever the family supports it); timm and
+    open_clip models pick their own attention (PyTorch's fused kernel where available).
     """
     if name.startswith(OPEN_CLIP_PREFIXES):
         backbone = _load_open_clip(name, dtype)
     else:
-        backbone = _load_transformers(name, dtype)
+        backbone = _load_transformers(name, dtype, attn_implementation)
     if imagenet_stats:
         backbone.mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         backbone.std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

@@ -87,9 +87,149 @@ class DistillOptions:
     )
     mixed_precision: str = option("no", "Autocast for the backbone forward: no or bf16 (no loss scaling needed).")
     compile: bool = option(False, "torch.compile the backbone forward.")
+    checkpoint_chunk: int = option(
+        0,
+        "Activation checkpointing of the backbone in chunks of this many synthetic views: the backward pass re-runs "
+        "one chunk's forward at a time, so peak memory holds one chunk's activations instead of all views' for about "
+        "one extra forward pass; 0 keeps all activations (fastest).",
+    )
     checkpoint_every: int = option(500, "Write a resumable checkpoint every this many steps (0 disables).")
     preview_every: int = option(0, "Write preview.png of the current images every this many steps (0: only at the end).")
     log_every: int = option(50, "Report the loss to the progress bar and trackers every this many steps.")
+
+
+EVALUATE_MODES = ("vanilla", "ci", "kd", "jt", "jt_ip", "st", "st_ip")
+BASELINE_TRAIN_SETS = ("random", "centroids", "neighbors")
+SYNTHETIC_TRAIN_SETS = ("sfm", "tcdd", "ncdd", "lgm")
+
+
+@dataclass
+class EvaluateOptions:
+    modes: list[str] = option(
+        help="Ways to train on each synthetic set: vanilla (linear head), ci (classifier inheritance, Eq. 10-11), "
+        "kd (soft labels of the golden classifier, one run per kd_alphas value), jt / jt_ip (projector and head "
+        "trained jointly, head random / inherited from the golden classifier), st / st_ip (projector first, then "
+        "head). Tab. 5 and Fig. 3.",
+        factory=lambda: ["vanilla", "ci"],
+    )
+    train_sets: list[str] = option(
+        help="Train sets: random, centroids, neighbors (real images; neighbors of every evaluated synthetic set) and "
+        "synthetic sets named by their distillation method (sfm, lgm, tcdd, ncdd): this run's synthetic/ folder, or "
+        "one from extra_synthetic. The full-dataset probe and the golden classifier are always reported as "
+        "reference rows.",
+        factory=lambda: ["random", "centroids", "sfm"],
+    )
+    baseline_modes: list[str] = option(
+        help="Modes for the real-image baselines (the paper reports them with vanilla only).",
+        factory=lambda: ["vanilla"],
+    )
+    extra_synthetic: list[str] = option(
+        help="Synthetic sets of other runs to evaluate beside this run's (their output_dir or synthetic/ folder), "
+        "e.g. an LGM run for the Tab. 2 comparison; each is named by its method.",
+        factory=list,
+    )
+    trials: int = option(5, "Trials per result (seeds seed_base + k); mean and population std are reported.")
+    seed_base: int = option(3407, "Seed of trial 0 (LGM/SFM evaluation code: 3407).")
+    iterations: int = option(1000, "Optimisation steps of every head / projector (each phase of st, st_ip).")
+    batch_size: int = option(100, "Train images per step (at most the set's size); each step augments them anew.")
+    lr: float = option(
+        0.001, "Adam learning rate of linear heads at a batch of 256; scaled by batch/256 (LGM). Cosine, no decay."
+    )
+    projector_lr: float = option(0.01, "Adam learning rate of the CI projector (Eq. 10); not scaled. Cosine schedule.")
+    kd_temperature: float = option(4.0, "Temperature of the golden classifier's soft labels for kd (authors: 4).")
+    kd_alphas: list[float] = option(
+        help="Weights alpha of the KL term in alpha*KL + (1-alpha)*CE; kd runs once per value (Fig. 3 left).",
+        factory=lambda: [0.5],
+    )
+    full_dataset: bool = option(
+        True,
+        "Train the full-dataset probe of every eval backbone (golden options, cached centre-crop features). An eval "
+        "backbone other than the distillation one then needs one pass over the train split.",
+    )
+    curve_points: int = option(
+        10,
+        "Points of the accuracy-vs-iteration curve kept for the plot (scored on the eval split for the plot only; "
+        "nothing is ever selected on it). 0: no curve.",
+    )
+
+
+HUB_FOLDERS = ("dataset", "model", "statistics")
+HUB_PLACEHOLDERS = ("org", "dataset", "backbone", "eval_backbone", "ipc", "method")
+
+
+@dataclass
+class HubOptions:
+    push: bool = option(
+        False,
+        "Upload the exported folders to the Hugging Face Hub (main process only). The token comes from the usual "
+        "huggingface_hub places (HF_TOKEN, `hf auth login`) and is never printed or written.",
+    )
+    org: str = option("", "User or organisation owning the repos ({org}); required when push is true.")
+    dataset_repo: str = option(
+        "{org}/sfm-{dataset}-ipc{ipc}",
+        "Dataset repo of the synthetic images: one per (source dataset, ipc), each distillation backbone a named "
+        "config. Placeholders: {org} {dataset} {backbone} {eval_backbone} {ipc} {method}.",
+    )
+    dataset_config_name: str = option(
+        "{backbone}",
+        "This run's config name in the dataset repo (same placeholders), e.g. '{backbone}-ipc{ipc}' to keep several "
+        "ipc in one repo.",
+    )
+    model_repo: str = option(
+        "{org}/sfm-{dataset}-{backbone}-ipc{ipc}",
+        "Model repo of the classifier bundle (same placeholders; add {eval_backbone} when bundles for several "
+        "evaluation backbones are pushed).",
+    )
+    statistics_repo: str = option(
+        "{org}/sfm-{dataset}-{backbone}-statistics",
+        "Model repo of the Stage I statistics and golden classifier (same placeholders).",
+    )
+    private: bool = option(False, "Create the repos as private.")
+    folders: list[str] = option(
+        help=f"Folders to export and push: {', '.join(HUB_FOLDERS)} (the synthetic dataset is always exported; "
+        "drop model for an open_clip evaluation backbone, statistics to keep them private).",
+        factory=lambda: list(HUB_FOLDERS),
+    )
+    dataset_name: str | None = option(
+        None, "Short name of the source dataset in repo names ({dataset}), e.g. in100; null: last part of `dataset`."
+    )
+    backbone_name: str | None = option(
+        None, "Short name of the distillation backbone ({backbone}), e.g. dinov2; null: last part of `backbone`."
+    )
+    eval_backbone: str | None = option(
+        None,
+        "Evaluation backbone held by the model bundle; null: the first of `eval_backbones` (the distillation "
+        "backbone when that list is empty).",
+    )
+    embed_backbone: bool = option(
+        True,
+        "Save the evaluation backbone's weights inside model/ (self-contained); false stores only its Hub id, and "
+        "from_pretrained loads the weights from there.",
+    )
+    license: str | None = option(
+        None, "License field of the dataset and model cards; null: the source dataset's license when known."
+    )
+    include_runs: list[str] = option(
+        help="output_dirs of other exported runs (another backbone or ipc) whose dataset configs are copied into "
+        "this run's synthetic/ as further named configs.",
+        factory=list,
+    )
+
+    def validate(self) -> None:
+        import string
+
+        for folder in self.folders:
+            _check_choice("hub.folders", folder, HUB_FOLDERS)
+        for key in ("dataset_repo", "dataset_config_name", "model_repo", "statistics_repo"):
+            try:
+                fields = [name for _, name, _, _ in string.Formatter().parse(getattr(self, key)) if name is not None]
+            except ValueError as error:
+                raise ConfigError(f"`hub.{key}` is not a valid template: {error}.") from None
+            unknown = [name for name in fields if name not in HUB_PLACEHOLDERS]
+            if unknown:
+                raise ConfigError(f"`hub.{key}` uses unknown placeholder(s) {unknown}; known: {list(HUB_PLACEHOLDERS)}.")
+        if self.push and not self.org:
+            raise ConfigError("`hub.push` is true but `hub.org` is empty: give your user or organisation name.")
 
 
 @dataclass
@@ -112,14 +252,36 @@ class Config:
     output_dir: str = option("outputs/run", "Folder for every output of the run; stages read earlier stages from here.")
     stages: list[str] = option(help=f"Stages to run, in this order: {', '.join(STAGES)}.", factory=lambda: list(STAGES[:2]))
     seed: int = option(0, "Seed for every random choice of the run.")
+    trackers: list[str] = option(
+        help="Accelerate experiment trackers (tensorboard, wandb, mlflow, ...); logs under <output_dir>. Empty: none.",
+        factory=list,
+    )
     data: DataOptions = option(help="Reading real images.", factory=DataOptions)
     statistics: StatisticsOptions = option(help="Stage I: class statistics.", factory=StatisticsOptions)
     golden: GoldenOptions = option(help="Stage I: the golden classifier.", factory=GoldenOptions)
     distill: DistillOptions = option(help="Stage II: distillation.", factory=DistillOptions)
+    evaluate: EvaluateOptions = option(help="Stage III: evaluation.", factory=EvaluateOptions)
+    statistics_from: str | None = option(
+        None,
+        "Hub repo id or local folder holding statistics.safetensors + statistics.json (+ golden_classifier.*) of "
+        "an earlier Stage I: distill (and export) read them instead of <output_dir>/statistics, so no real data "
+        "is needed.",
+    )
+    hub: HubOptions = option(help="Export and publishing to the Hugging Face Hub.", factory=HubOptions)
 
     def validate(self) -> None:
-        if not self.dataset:
-            raise ConfigError("`dataset` is empty: give a Hub id or a local folder.")
+        reads_real_data = bool({"statistics", "evaluate"} & set(self.stages)) or (
+            "distill" in self.stages and self.distill.method == "lgm"
+        )
+        if not self.dataset and (reads_real_data or not self.statistics_from):
+            raise ConfigError(
+                "`dataset` is empty: give a Hub id or a local folder (only SFM distillation and export from "
+                "`statistics_from` need no real data)."
+            )
+        if self.statistics_from and "statistics" in self.stages:
+            raise ConfigError(
+                "`statistics_from` replaces the 'statistics' stage; remove it from `stages` or unset `statistics_from`."
+            )
         if not self.backbone:
             raise ConfigError("`backbone` is empty: give a Hub id or a local model folder.")
         unknown = [s for s in self.stages if s not in STAGES]
@@ -148,6 +310,51 @@ class Config:
                 raise ConfigError(f"`{key}` must be >= 1, got {value}.")
         if not 0 < self.data.crop_ratio <= 1:
             raise ConfigError(f"`data.crop_ratio` must be in (0, 1], got {self.data.crop_ratio}.")
+        if self.distill.checkpoint_chunk < 0:
+            raise ConfigError(
+                f"`distill.checkpoint_chunk` must be >= 0 (0 disables), got {self.distill.checkpoint_chunk}."
+            )
+        self._validate_evaluate()
+        self.hub.validate()
+
+    def _validate_evaluate(self) -> None:
+        options = self.evaluate
+        for key, values, choices in (
+            ("evaluate.modes", options.modes, EVALUATE_MODES),
+            ("evaluate.baseline_modes", options.baseline_modes, EVALUATE_MODES),
+            ("evaluate.train_sets", options.train_sets, BASELINE_TRAIN_SETS + SYNTHETIC_TRAIN_SETS),
+        ):
+            for value in values:
+                _check_choice(key, value, choices)
+        for key, value in (
+            ("evaluate.trials", options.trials),
+            ("evaluate.iterations", options.iterations),
+            ("evaluate.batch_size", options.batch_size),
+        ):
+            if value < 1:
+                raise ConfigError(f"`{key}` must be >= 1, got {value}.")
+        for key, value in (("evaluate.lr", options.lr), ("evaluate.projector_lr", options.projector_lr),
+                           ("evaluate.kd_temperature", options.kd_temperature)):
+            if value <= 0:
+                raise ConfigError(f"`{key}` must be > 0, got {value}.")
+        if options.curve_points < 0:
+            raise ConfigError(f"`evaluate.curve_points` must be >= 0, got {options.curve_points}.")
+        if any(not 0 <= alpha <= 1 for alpha in options.kd_alphas):
+            raise ConfigError(f"`evaluate.kd_alphas` must lie in [0, 1], got {options.kd_alphas}.")
+        if "kd" in options.modes + options.baseline_modes and not options.kd_alphas:
+            raise ConfigError("Mode kd needs at least one value in `evaluate.kd_alphas`.")
+        wanted = [name for name in options.train_sets if name in SYNTHETIC_TRAIN_SETS]
+        if "neighbors" in options.train_sets and not wanted:
+            raise ConfigError("Train set `neighbors` needs a synthetic set in `evaluate.train_sets` (e.g. sfm).")
+        # Catch before an expensive distillation what would only fail once evaluation starts.
+        if "evaluate" in self.stages and "distill" in self.stages and not options.extra_synthetic:
+            missing = [name for name in wanted if name != self.distill.method]
+            if missing:
+                raise ConfigError(
+                    f"`evaluate.train_sets` asks for synthetic set(s) {missing}, but this run distils with "
+                    f"{self.distill.method!r} and `evaluate.extra_synthetic` is empty: add the folder of a run made "
+                    f"with {missing[0]!r} there, or remove it from the train sets."
+                )
 
     @property
     def evaluation_backbones(self) -> list[str]:

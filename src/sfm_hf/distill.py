@@ -16,21 +16,22 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, augment
 from .backbones import FrozenBackbone, load_backbone
-from .config import Config
+from .config import Config, DistillOptions
 from .data import BalancedRealStream, as_float
 from .errors import RunStopped, StageInputError, UserError
-from .objectives import flow_cosine, linear_head_gradient, random_linear_head, sfm_loss
+from .objectives import centre_flow_loss, flow_cosine, linear_head_gradient, random_linear_head, sfm_loss
 from .pyramid import build_images, growth_due
 from .statistics import STATISTICS_DIR, FEATURES_DIR, Statistics, load_feature_cache, open_config_split
 from .visualize import save_preview
@@ -86,11 +87,22 @@ def _sum_across_processes(tensor: torch.Tensor, world_size: int) -> torch.Tensor
     return all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def _backbone_features(backbone, views: torch.Tensor, precision: str) -> torch.Tensor:
-    device_type = views.device.type
-    context = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    with context:
-        return backbone(views).float()
+def _backbone_features(backbone, views: torch.Tensor, options: DistillOptions) -> torch.Tensor:
+    """Features [N, D] of ``views``; with ``checkpoint_chunk`` the graph keeps only each chunk's input.
+
+    Checkpointed chunks are forwarded without storing activations and re-run one at a time in the
+    backward pass, so the peak holds one chunk's activations for about one extra forward.
+    """
+    bf16 = options.mixed_precision == "bf16"
+    precision = torch.autocast(views.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    chunk = options.checkpoint_chunk
+    with precision:
+        if chunk <= 0 or not (torch.is_grad_enabled() and views.requires_grad):
+            return backbone(views).float()
+        return torch.cat([
+            torch.utils.checkpoint.checkpoint(backbone, part, use_reentrant=False).float()
+            for part in views.split(chunk)
+        ])
 
 
 @dataclass
@@ -107,6 +119,18 @@ class DistillContext:
     world_size: int
     real_stream: BalancedRealStream | None = None
     fixed_head: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Labels of this process's synthetic images, kept on the device: a copy per step would sync the host.
+    synthetic_labels: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.synthetic_labels = self.share.labels().to(self.target_means.device)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device copy that does not make the host wait for the queued GPU work (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def synthetic_class_sums(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -119,11 +143,10 @@ def synthetic_class_sums(context: DistillContext, images: torch.Tensor, step: in
             seed=context.config.seed + SYNTHETIC_STREAM, step=step * options.aug_rounds + round_index,
             index_offset=context.share.first_image,
         )
-        features = features + _backbone_features(context.backbone, views, options.mixed_precision)
+        features = features + _backbone_features(context.backbone, views, options)
     features = features / options.aug_rounds
-    labels = context.share.labels().to(features.device)
     sums = torch.zeros(context.statistics.num_classes, features.shape[1], device=features.device)
-    return sums.index_add(0, labels, features)
+    return sums.index_add(0, context.synthetic_labels, features)
 
 
 def sfm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -131,8 +154,7 @@ def sfm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> t
     sums = _sum_across_processes(synthetic_class_sums(context, images, step), context.world_size)
     centres = sums / context.share.ipc
     part = {"sfm": "flow", "tcdd": "target", "ncdd": "non_target"}[context.config.distill.method]
-    labels = torch.arange(len(centres), device=centres.device)
-    return sfm_loss(centres, labels, context.target_means, context.target_flow, part=part)
+    return centre_flow_loss(centres, context.target_means, context.target_flow, part=part)
 
 
 def _lgm_head(context: DistillContext, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +162,7 @@ def _lgm_head(context: DistillContext, step: int, device) -> tuple[torch.Tensor,
         return context.fixed_head
     generator = torch.Generator().manual_seed(context.config.seed * 1_000_003 + step)
     weight, bias = random_linear_head(context.statistics.num_classes, context.statistics.feature_dim, generator=generator)
-    return weight.to(device), bias.to(device)
+    return _to_device(weight, device), _to_device(bias, device)
 
 
 def _head_gradient_share(features, labels, weight, bias, analytic: bool, share: float) -> torch.Tensor:
@@ -159,30 +181,29 @@ def lgm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> t
     weight, bias = _lgm_head(context, step, device)
     analytic = options.lgm_w_mode == "analytic"
     num_classes = context.statistics.num_classes
-    syn_views, syn_labels = [], []
-    for round_index in range(options.aug_rounds):
-        syn_views.append(
-            augment(
-                images, context.backbone.image_size, context.augment_config,
-                seed=context.config.seed + SYNTHETIC_STREAM, step=step * options.aug_rounds + round_index,
-                index_offset=share.first_image,
-            )
+    syn_views = [
+        augment(
+            images, context.backbone.image_size, context.augment_config,
+            seed=context.config.seed + SYNTHETIC_STREAM, step=step * options.aug_rounds + round_index,
+            index_offset=share.first_image,
         )
-        syn_labels.append(share.labels())
-    syn_features = _backbone_features(context.backbone, torch.cat(syn_views), options.mixed_precision)
-    syn_labels = torch.cat(syn_labels).to(device)
+        for round_index in range(options.aug_rounds)
+    ]
+    syn_features = _backbone_features(context.backbone, torch.cat(syn_views), options)
+    syn_labels = context.synthetic_labels.repeat(options.aug_rounds)
     total_syn = num_classes * share.ipc * options.aug_rounds
     synthetic = _head_gradient_share(syn_features, syn_labels, weight, bias, analytic, len(syn_labels) / total_syn)
     with torch.no_grad():
+        # The synthetic forward above is only queued on a GPU; reading the real batch overlaps with it.
         real_images, real_labels = context.real_stream.draw()
         real_views = augment(
-            as_float(real_images.to(device)), context.backbone.image_size, context.augment_config,
+            as_float(_to_device(real_images, device)), context.backbone.image_size, context.augment_config,
             seed=context.config.seed + REAL_STREAM, step=step,
             index_offset=share.first_class * share.ipc * options.aug_rounds,
         )
-        real_features = _backbone_features(context.backbone, real_views, options.mixed_precision)
+        real_features = _backbone_features(context.backbone, real_views, options)
         real = _head_gradient_share(
-            real_features, real_labels.to(device), weight, bias, analytic, len(real_labels) / total_syn
+            real_features, _to_device(real_labels, device), weight, bias, analytic, len(real_labels) / total_syn
         )
         real = _sum_across_processes(real, context.world_size)
     synthetic = _sum_across_processes(synthetic, context.world_size)
@@ -206,7 +227,7 @@ def _checkpoint_path(output_dir: Path, rank: int) -> Path:
 def _fingerprint(config: Config, world_size: int) -> dict:
     """The settings a checkpoint is only valid for (iterations may grow; logging may change)."""
     options = {f"distill.{key}": value for key, value in asdict(config.distill).items()}
-    for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "compile"):
+    for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "compile", "checkpoint_chunk"):
         options.pop(f"distill.{free}")
     return {**options, "ipc": config.ipc, "seed": config.seed, "backbone": config.backbone,
             "statistics.non_target": config.statistics.non_target, "world_size": world_size}
@@ -255,13 +276,72 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_optimizer(images, lr: float, device) -> torch.optim.Adam:
-    fused = device.type == "cuda"
-    return torch.optim.Adam(images.parameters(), lr=lr, fused=fused)
+def make_optimizer(images, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam on the image parameters; the fused kernel on CUDA (one launch for all levels)."""
+    return torch.optim.Adam(images.parameters(), lr=lr, fused=device.type == "cuda")
+
+
+def build_context(
+    config: Config, backbone: FrozenBackbone, statistics: Statistics, *, rank: int, world_size: int,
+    device: torch.device,
+) -> DistillContext:
+    """What every step of this process needs; for LGM this opens the real-image stream of the train split."""
+    options = config.distill
+    num_classes = statistics.num_classes
+    share = class_share(num_classes, config.ipc, rank, world_size)
+    context = DistillContext(
+        config=config,
+        backbone=backbone,
+        statistics=statistics,
+        target_means=statistics.class_means.to(device),
+        target_flow=statistics.flow(config.statistics.non_target).to(device),
+        share=share,
+        augment_config=AugmentConfig(noise_std=options.noise_std, noise_p=options.noise_p, noise_mean=options.noise_mean),
+        world_size=world_size,
+    )
+    if options.method == "lgm":
+        source = open_config_split(config, config.train_split)
+        context.real_stream = BalancedRealStream(
+            source, share.classes, config.ipc * options.aug_rounds, image_size=options.syn_res,
+            crop_ratio=config.data.crop_ratio, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
+            rank=rank, world_size=world_size, seed=config.seed,
+        )
+        if options.lgm_w_mode == "fixed":
+            generator = torch.Generator().manual_seed(config.seed)
+            weight, bias = random_linear_head(num_classes, statistics.feature_dim, generator=generator)
+            context.fixed_head = (weight.to(device), bias.to(device))
+    return context
+
+
+def grow_if_due(images, optimizer: torch.optim.Adam, step: int, config: Config, device: torch.device):
+    """Add a pyramid level when ``step`` is a growth step; returns the optimiser to use from now on."""
+    options = config.distill
+    if not (options.representation == "pyramid" and growth_due(step, options.pyramid_every) and images.can_grow()):
+        return optimizer
+    images.grow()
+    previous = optimizer
+    optimizer = make_optimizer(images, options.lr, device)
+    if not options.reset_optimizer_on_growth:
+        optimizer.state.update({p: previous.state[p] for p in images.parameters() if p in previous.state})
+    return optimizer
+
+
+def train_step(context: DistillContext, images, optimizer: torch.optim.Adam, step: int) -> torch.Tensor:
+    """One update of the synthetic images; returns the loss detached and on the device (reading it syncs)."""
+    loss = compute_loss(context, images(), step)
+    # Every process computes the same loss; the all-reduce backward sums world_size identical
+    # gradients, so each process back-propagates its 1/world_size share.
+    (loss / context.world_size).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def _load_statistics(config: Config) -> Statistics:
-    directory = Path(config.output_dir) / STATISTICS_DIR
+    """Stage I's statistics: <output_dir>/statistics, or the folder / Hub repo named by ``statistics_from``."""
+    from .hub import statistics_dir
+
+    directory = statistics_dir(config)
     if not (directory / "statistics.safetensors").is_file():
         raise StageInputError(
             f"Stage 'distill' needs {directory}/statistics.safetensors: run the 'statistics' stage first "
@@ -320,29 +400,9 @@ def run_distill(config: Config, accelerator) -> Path:
         backbone = torch.compile(backbone)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     num_classes = statistics.num_classes
-    share = class_share(num_classes, config.ipc, rank, world_size)
+    context = build_context(config, backbone, statistics, rank=rank, world_size=world_size, device=device)
+    share = context.share
     shares = [class_share(num_classes, config.ipc, r, world_size) for r in range(world_size)]
-    context = DistillContext(
-        config=config,
-        backbone=backbone,
-        statistics=statistics,
-        target_means=statistics.class_means.to(device),
-        target_flow=statistics.flow(config.statistics.non_target).to(device),
-        share=share,
-        augment_config=AugmentConfig(noise_std=options.noise_std, noise_p=options.noise_p, noise_mean=options.noise_mean),
-        world_size=world_size,
-    )
-    if options.method == "lgm":
-        source = open_config_split(config, config.train_split)
-        context.real_stream = BalancedRealStream(
-            source, share.classes, config.ipc * options.aug_rounds, image_size=options.syn_res,
-            crop_ratio=config.data.crop_ratio, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
-            rank=rank, world_size=world_size, seed=config.seed,
-        )
-        if options.lgm_w_mode == "fixed":
-            generator = torch.Generator().manual_seed(config.seed)
-            weight, bias = random_linear_head(num_classes, statistics.feature_dim, generator=generator)
-            context.fixed_head = (weight.to(device), bias.to(device))
 
     def fresh_images():
         return build_images(
@@ -351,14 +411,14 @@ def run_distill(config: Config, accelerator) -> Path:
         ).to(device)
 
     images = fresh_images()
-    optimizer = _make_optimizer(images, options.lr, device)
+    optimizer = make_optimizer(images, options.lr, device)
     fingerprint = _fingerprint(config, world_size)
     checkpoint_path = _checkpoint_path(output_dir, rank)
     start_step = 0
     state = load_checkpoint(checkpoint_path, fingerprint)
     if state is not None:
         images.load_levels([level.to(device) for level in state["levels"]])
-        optimizer = _make_optimizer(images, options.lr, device)
+        optimizer = make_optimizer(images, options.lr, device)
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
         if accelerator.is_main_process:
@@ -382,19 +442,8 @@ def run_distill(config: Config, accelerator) -> Path:
             )
 
     for step in progress:
-        if options.representation == "pyramid" and growth_due(step, options.pyramid_every) and images.can_grow():
-            images.grow()
-            previous = optimizer
-            optimizer = _make_optimizer(images, options.lr, device)
-            if not options.reset_optimizer_on_growth:
-                optimizer.state.update({p: previous.state[p] for p in images.parameters() if p in previous.state})
-        loss = compute_loss(context, images(), step)
-        # Every process computes the same loss; the all-reduce backward sums world_size identical
-        # gradients, so each process back-propagates its 1/world_size share.
-        (loss / world_size).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        detached = loss.detach()
+        optimizer = grow_if_due(images, optimizer, step, config, device)
+        detached = train_step(context, images, optimizer, step)
         first_bad_step = torch.where(
             (first_bad_step < 0) & ~torch.isfinite(detached), torch.full_like(first_bad_step, step), first_bad_step
         )

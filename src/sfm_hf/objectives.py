@@ -94,6 +94,18 @@ def sfm_loss(features: torch.Tensor, labels: torch.Tensor, target_means: torch.T
     if num_classes < 2:
         raise ValueError("a flow needs at least two classes")
     centres = class_centres(features.to(_compute_dtype(features)), labels, num_classes)
+    return centre_flow_loss(centres, target_means, target_flow, part)
+
+
+def centre_flow_loss(centres: torch.Tensor, target_means: torch.Tensor, target_flow: torch.Tensor,
+                     part: FlowPart = "flow") -> torch.Tensor:
+    """:func:`sfm_loss` from the synthetic class centres [C, D] themselves.
+
+    No label checks, so no host-device synchronisation: the form for a training loop that
+    already holds one centre per class.
+    """
+    num_classes = target_flow.shape[0]
+    centres = centres.to(_compute_dtype(centres))
     synthetic_non_target = (centres.sum(0, keepdim=True) - centres) / (num_classes - 1)
     if part == "flow":
         return 1 - flow_cosine(target_flow, synthetic_non_target - centres)

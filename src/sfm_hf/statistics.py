@@ -133,9 +133,12 @@ def stream_features(
     seen = skipped = 0
     skipped_examples: list[str] = []
     if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in cache_dir.glob(f"{prefix}-rank{rank:02d}-*.safetensors"):
-            stale.unlink()
+        # Shards of an earlier run (perhaps with more processes) would silently join this one's.
+        if accelerator.is_main_process:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for stale in cache_dir.glob(f"{prefix}-rank*-*.safetensors"):
+                stale.unlink()
+        accelerator.wait_for_everyone()
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     pending_rows = shard_number = 0
 
@@ -324,7 +327,6 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             "seed": config.seed,
         }
         _atomic_write_text(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
-        statistics.metadata["golden"] = golden_report
         print(
             f"Stage I: {train_pass.seen} images of {statistics.num_classes} classes "
             f"({train_pass.skipped} skipped) through {backbone.family} (D={backbone.feature_dim}) on "

@@ -1,0 +1,894 @@
+"""Stage III: train linear heads (or CI projectors) on a train set and score them on the eval split.
+
+A train set is a synthetic set (``<output_dir>/synthetic/``, or another run's via
+``evaluate.extra_synthetic``) or a real-image baseline (:mod:`sfm_hf.baselines`). For every
+train set, evaluation backbone phi_e and mode, ``evaluate.trials`` trainings with seeds
+``seed_base + k`` give a mean and a population std of the final-iteration accuracy.
+
+Modes (paper section 3.3, Tab. 5, Fig. 3):
+- ``vanilla``: a linear head on phi_e features of freshly augmented images (flip +
+  random-resized-crop, every step), Adam, cosine schedule, no weight decay.
+- ``ci``: classifier inheritance. The golden classifier f stays frozen; only a linear
+  projector P: D_e -> D_d is trained, on MSE(P(phi_e(v)), phi_d(v)) for the same augmented
+  view v through both backbones (Eq. 10); predictions are f(P(phi_e(x))) (Eq. 11).
+- ``kd-<alpha>``: alpha * T^2 * KL(soft labels of f on phi_d(v) || head) + (1 - alpha) * CE.
+- ``jt`` / ``jt_ip``: projector and head trained together on MSE + CE; the head starts random
+  or from f's parameters (IP). ``st`` / ``st_ip``: the projector first (Eq. 10), then,
+  with it frozen, the head on CE.
+Reference rows: ``full_dataset`` / ``golden`` (f on phi_d, the eval features Stage I cached)
+and ``full_dataset`` / ``vanilla`` (the full-data linear probe of each phi_e on cached
+centre-crop train features, golden.* options).
+
+The eval split goes through each phi_e once: its features are cached (Stage I's cache for
+phi_d; ``evaluation/features/<slug>/`` otherwise), each process streaming a disjoint share
+and every process then reading all shards, so each model is scored on every eval image
+exactly once. Trainings are independent and deterministic for their seed, so they are
+divided between processes and their results gathered; nothing depends on how many there are.
+Accuracy is never used to pick anything: the curve points exist only for the plot.
+
+Outputs: ``results.json`` (one record per train set x distill backbone x eval backbone x
+mode), ``results.md``, ``evaluation/accuracy_curves.png``, ``evaluation/flow_pca.png`` and,
+for this run's own synthetic set, the trial-0 CI projector of each eval backbone in
+``evaluation/projectors/<slug>.safetensors`` (``weight`` [D_d, D_e], ``bias`` [D_d]).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import AugmentConfig, augment
+from .backbones import FrozenBackbone, load_backbone
+from .baselines import centroid_positions, fetch_rows, neighbor_positions, random_positions, require_row_indices
+from .config import SYNTHETIC_TRAIN_SETS, Config, EvaluateOptions
+from .data import DatasetError
+from . import hub
+from .errors import StageInputError, UserError
+from .probe import accuracy, train_linear_head
+from .report import short_name
+from .statistics import (
+    FEATURES_DIR,
+    STATISTICS_DIR,
+    Statistics,
+    load_feature_cache,
+    load_golden_classifier,
+    open_config_split,
+    stream_features,
+)
+
+EVALUATION_DIR = "evaluation"
+PROJECTORS_DIR = "projectors"
+RESULTS_FILE = "results.json"
+FULL_DATASET = "full_dataset"
+# LGM's evaluation views: flip + random-resized-crop, no noise.
+TRAIN_AUGMENTATION = AugmentConfig(noise_p=0.0)
+
+
+class EvaluationError(UserError):
+    """Evaluation inputs that do not fit together; the message says what was found."""
+
+
+class ProjectorMismatchError(EvaluationError):
+    """A saved projector whose shape does not fit the eval backbone or the golden classifier."""
+
+
+def backbone_slug(name: str) -> str:
+    """A file-name-safe id of a backbone: ``org--model`` for Hub ids, ``<folder>-<hash>`` otherwise."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+        return name.replace("/", "--")
+    stem = re.sub(r"[^\w.-]+", "-", Path(name.split(":", 1)[-1]).name).strip("-") or "backbone"
+    return f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached features of a whole split through one backbone.
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # float16 [N, D]
+    labels: torch.Tensor  # int64 [N]
+    indices: torch.Tensor  # int64 [N]; row numbers, -1 for a streamed split
+
+
+def _stage_one_cache_matches(config: Config, split: str, prefix: str) -> bool:
+    """Whether Stage I's cache of phi_d holds ``split`` of this dataset (the eval split may have changed since)."""
+    directory = Path(config.output_dir) / STATISTICS_DIR
+    try:
+        statistics = json.loads((directory / "statistics.json").read_text())
+        golden = json.loads((directory / "golden_classifier.json").read_text())
+    except FileNotFoundError:
+        return False
+    cached_split = statistics.get("split") if prefix == "train" else golden.get("eval_split")
+    return statistics.get("dataset") == config.dataset and cached_split == split
+
+
+def split_features(
+    config: Config, accelerator, backbone: FrozenBackbone, split: str, prefix: str, class_names: list[str]
+) -> FeatureSet:
+    """Features of ``split`` through ``backbone``, computed once and cached; call it on every process.
+
+    Every process streams a disjoint share and writes its own shards; all of them then read all
+    shards, so every image counts exactly once whatever the number of processes.
+    """
+    if backbone.name == config.backbone and _stage_one_cache_matches(config, split, prefix):
+        return FeatureSet(*load_feature_cache(Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR, prefix))
+    cache_dir = Path(config.output_dir) / EVALUATION_DIR / FEATURES_DIR / backbone_slug(backbone.name)
+    marker = cache_dir / f"{prefix}.json"
+    key = {
+        "backbone": backbone.name,
+        "dataset": config.dataset,
+        "dataset_config": config.dataset_config,
+        "split": split,
+        "max_samples_per_split": config.data.max_samples_per_split,
+        "crop_ratio": config.data.crop_ratio,
+    }
+    if marker.is_file():
+        stored = json.loads(marker.read_text())
+        if stored["key"] == key:
+            cached = FeatureSet(*load_feature_cache(cache_dir, prefix))
+            if len(cached.labels) == stored["images"]:
+                return cached
+    source = open_config_split(config, split)
+    if source.class_names != class_names:
+        raise DatasetError(
+            f"Split {split!r} has {source.num_classes} classes ({source.class_names[:5]}...), but the statistics "
+            f"have {len(class_names)} ({class_names[:5]}...): evaluate on a split of the same dataset."
+        )
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    feature_pass = stream_features(
+        backbone, source, config.data, accelerator, cache_dir=cache_dir, prefix=prefix,
+        description=f"Stage III: {split} through {short_name(backbone.name)}",
+    )
+    if feature_pass.seen == 0:
+        raise DatasetError(
+            f"No usable image in split {split!r} of {config.dataset!r} ({feature_pass.skipped} skipped, e.g. "
+            f"{feature_pass.skipped_examples})."
+        )
+    if accelerator.is_main_process:
+        marker.write_text(json.dumps({"key": key, "images": feature_pass.seen}, indent=2))
+    accelerator.wait_for_everyone()
+    cached = FeatureSet(*load_feature_cache(cache_dir, prefix))
+    if len(cached.labels) != feature_pass.seen:
+        raise RuntimeError(f"{cache_dir} holds {len(cached.labels)} {prefix} rows, {feature_pass.seen} were streamed.")
+    return cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Projectors.
+
+
+def save_projector(projector: nn.Linear, path: Path, *, eval_backbone: str, distill_backbone: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(
+        {"weight": projector.weight.detach().cpu().contiguous(), "bias": projector.bias.detach().cpu().contiguous()},
+        str(temporary),
+        metadata={"eval_backbone": eval_backbone, "distill_backbone": distill_backbone},
+    )
+    temporary.replace(path)
+
+
+def load_projector(path: str | Path, *, eval_dim: int, distill_dim: int) -> nn.Linear:
+    """A saved projector P: D_e -> D_d (``weight`` [D_d, D_e], ``bias`` [D_d]), checked against both dimensions."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"No projector at {path}.")
+    tensors = load_file(str(path))
+    weight, bias = tensors["weight"], tensors["bias"]
+    source = f"trained for {load_projector_metadata(path).get('eval_backbone', 'an unknown eval backbone')}"
+    if weight.shape[1] != eval_dim:
+        raise ProjectorMismatchError(
+            f"Projector {path} takes {weight.shape[1]}-d features ({source}), but the eval backbone gives "
+            f"{eval_dim}-d features: use the projector of this eval backbone."
+        )
+    if weight.shape[0] != distill_dim or bias.shape != (distill_dim,):
+        raise ProjectorMismatchError(
+            f"Projector {path} outputs {weight.shape[0]}-d features, but the golden classifier takes {distill_dim}-d "
+            "ones: it belongs to another distillation backbone."
+        )
+    projector = nn.Linear(eval_dim, distill_dim)
+    projector.load_state_dict(tensors)
+    return projector.eval()
+
+
+def load_projector_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def score_projector(config: Config, accelerator, projector_path: str | Path, eval_backbone: str) -> float:
+    """Accuracy of golden(P(phi_e(x))) on the eval split for a given projector; call it on every process."""
+    statistics_dir = hub.statistics_dir(config)
+    statistics = Statistics.load(statistics_dir)
+    golden = _load_golden(statistics_dir, statistics)
+    backbone = load_backbone(eval_backbone, device=accelerator.device)
+    projector = load_projector(projector_path, eval_dim=backbone.feature_dim, distill_dim=golden.in_features)
+    evaluation = split_features(config, accelerator, backbone, config.eval_split, "eval", statistics.class_names)
+    return accuracy(nn.Sequential(projector, golden), evaluation.features, evaluation.labels)
+
+
+def _load_golden(statistics_dir: Path, statistics: Statistics) -> nn.Linear:
+    if not (statistics_dir / "golden_classifier.safetensors").is_file():
+        raise StageInputError(f"No golden classifier in {statistics_dir}: run the 'statistics' stage first.")
+    golden = load_golden_classifier(statistics_dir)
+    if golden.in_features != statistics.feature_dim or golden.out_features != statistics.num_classes:
+        raise EvaluationError(
+            f"The golden classifier in {statistics_dir} is {golden.out_features}x{golden.in_features} but the "
+            f"statistics are {statistics.num_classes} classes x {statistics.feature_dim}-d: re-run 'statistics'."
+        )
+    return golden.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a set of images.
+
+
+@dataclass
+class TrialSetup:
+    """Everything one training needs; tensors on the training device."""
+
+    images: torch.Tensor  # float [N, 3, R, R] in [0, 1]
+    labels: torch.Tensor
+    eval_backbone: FrozenBackbone
+    distill_backbone: FrozenBackbone
+    golden: nn.Linear  # frozen
+    eval_features: torch.Tensor  # phi_e features of the eval split
+    eval_labels: torch.Tensor
+    options: EvaluateOptions
+    seed: int
+
+
+@dataclass
+class TrialOutcome:
+    accuracy: float
+    curve: list[tuple[int, float]]
+    seconds: float
+    predictor: nn.Module  # eval features -> logits
+    projector: nn.Linear | None = None
+
+
+def parse_mode(mode: str) -> tuple[str, float | None]:
+    """``kd-0.5`` -> (``kd``, 0.5); any other mode -> (mode, None)."""
+    if mode.startswith("kd-"):
+        return "kd", float(mode[3:])
+    return mode, None
+
+
+def mode_labels(modes: list[str], kd_alphas: list[float]) -> list[str]:
+    """The modes as recorded: kd once per alpha."""
+    labels: list[str] = []
+    for mode in modes:
+        labels.extend(f"kd-{alpha:g}" for alpha in kd_alphas) if mode == "kd" else labels.append(mode)
+    return labels
+
+
+def _linear(in_features: int, out_features: int, generator: torch.Generator, device) -> nn.Linear:
+    """Uniform(+-1/sqrt(in)) weights, zero bias, drawn from ``generator`` so a seed fixes the start."""
+    layer = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(in_features)
+        layer.weight.copy_(torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator))
+        layer.bias.zero_()
+    return layer.to(device)
+
+
+class _AugmentedFeatures:
+    """Features of a fresh augmented batch per step: phi_e, and phi_d of the very same views when asked."""
+
+    def __init__(self, setup: TrialSetup, need_distill: bool, step_offset: int = 0) -> None:
+        self.setup = setup
+        self.need_distill = need_distill
+        self.step_offset = step_offset
+        self.batch = min(setup.options.batch_size, len(setup.images))
+        self.generator = torch.Generator().manual_seed(setup.seed)
+        self.queue = torch.empty(0, dtype=torch.long)
+        sizes = [setup.eval_backbone.image_size] + ([setup.distill_backbone.image_size] if need_distill else [])
+        # Each backbone resizes the shared view to its own input; crop at the larger size so neither upsamples.
+        self.view_size = max(sizes)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        setup = self.setup
+        if len(self.queue) < self.batch:
+            self.queue = torch.cat([self.queue, torch.randperm(len(setup.images), generator=self.generator)])
+        chosen, self.queue = self.queue[: self.batch], self.queue[self.batch :]
+        chosen = chosen.to(setup.images.device)
+        with torch.no_grad():
+            views = augment(
+                setup.images[chosen], self.view_size, TRAIN_AUGMENTATION, seed=setup.seed, step=self.step_offset + step
+            )
+            eval_features = setup.eval_backbone(views)
+            distill_features = None
+            if self.need_distill:
+                same = setup.distill_backbone is setup.eval_backbone
+                distill_features = eval_features if same else setup.distill_backbone(views)
+        return eval_features, distill_features, setup.labels[chosen]
+
+
+def _curve_steps(iterations: int, points: int) -> set[int]:
+    return {round(iterations * k / points) for k in range(1, points + 1)} if points else set()
+
+
+def _optimise(
+    setup: TrialSetup,
+    groups: list[dict[str, Any]],
+    loss: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
+    predictor: nn.Module,
+    *,
+    need_distill: bool,
+    step_offset: int = 0,
+) -> list[tuple[int, float]]:
+    """Adam + cosine schedule for ``options.iterations`` steps; returns the curve points (plot only)."""
+    iterations = setup.options.iterations
+    batches = _AugmentedFeatures(setup, need_distill, step_offset)
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
+    checkpoints = _curve_steps(iterations, setup.options.curve_points)
+    curve = [(step_offset, accuracy(predictor, setup.eval_features, setup.eval_labels))] if checkpoints else []
+    for step in range(iterations):
+        value = loss(*batches(step))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        scheduler.step()
+        if step + 1 in checkpoints:
+            curve.append((step_offset + step + 1, accuracy(predictor, setup.eval_features, setup.eval_labels)))
+    return curve
+
+
+def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
+    """Train one model of ``mode`` on ``setup.images`` and score its final iteration on the eval split."""
+    start = time.perf_counter()
+    kind, alpha = parse_mode(mode)
+    options, device = setup.options, setup.images.device
+    generator = torch.Generator().manual_seed(setup.seed)
+    num_classes, eval_dim = setup.golden.out_features, setup.eval_backbone.feature_dim
+    distill_dim = setup.golden.in_features
+    head_lr = options.lr * min(options.batch_size, len(setup.images)) / 256
+    golden = setup.golden
+    projector = None
+
+    def classifier(in_features: int, inherit: bool) -> nn.Linear:
+        if inherit:
+            return copy.deepcopy(golden).requires_grad_(True)
+        return _linear(in_features, num_classes, generator, device)
+
+    def projection_loss(eval_features, distill_features, labels):
+        return F.mse_loss(projector(eval_features), distill_features)
+
+    if kind in ("vanilla", "kd"):
+        head = classifier(eval_dim, inherit=False)
+        predictor = head
+        weight = 0.0 if alpha is None else alpha
+        temperature = options.kd_temperature
+
+        def head_loss(eval_features, distill_features, labels):
+            logits = head(eval_features)
+            value = F.cross_entropy(logits, labels)
+            if kind == "vanilla":
+                return value
+            soft = F.softmax(golden(distill_features) / temperature, dim=1)
+            kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
+            return weight * temperature**2 * kl + (1 - weight) * value
+
+        curve = _optimise(setup, [{"params": head.parameters(), "lr": head_lr}], head_loss, predictor,
+                          need_distill=kind == "kd")
+    elif kind == "ci":
+        projector = _linear(eval_dim, distill_dim, generator, device)
+        predictor = nn.Sequential(projector, golden)
+        curve = _optimise(setup, [{"params": projector.parameters(), "lr": options.projector_lr}], projection_loss,
+                          predictor, need_distill=True)
+    elif kind in ("jt", "jt_ip"):
+        projector = _linear(eval_dim, distill_dim, generator, device)
+        head = classifier(distill_dim, inherit=kind == "jt_ip")
+        predictor = nn.Sequential(projector, head)
+
+        def joint_loss(eval_features, distill_features, labels):
+            projected = projector(eval_features)
+            return F.mse_loss(projected, distill_features) + F.cross_entropy(head(projected), labels)
+
+        groups = [{"params": projector.parameters(), "lr": options.projector_lr},
+                  {"params": head.parameters(), "lr": head_lr}]
+        curve = _optimise(setup, groups, joint_loss, predictor, need_distill=True)
+    elif kind in ("st", "st_ip"):
+        projector = _linear(eval_dim, distill_dim, generator, device)
+        _optimise(setup, [{"params": projector.parameters(), "lr": options.projector_lr}], projection_loss,
+                  nn.Sequential(projector, golden), need_distill=True)
+        projector.requires_grad_(False)
+        head = classifier(distill_dim, inherit=kind == "st_ip")
+        predictor = nn.Sequential(projector, head)
+
+        def sequential_loss(eval_features, distill_features, labels):
+            return F.cross_entropy(head(projector(eval_features)), labels)
+
+        curve = _optimise(setup, [{"params": head.parameters(), "lr": head_lr}], sequential_loss, predictor,
+                          need_distill=False, step_offset=options.iterations)
+    else:
+        raise ValueError(f"unknown evaluation mode {mode!r}")
+    final = accuracy(predictor, setup.eval_features, setup.eval_labels)
+    return TrialOutcome(final, curve, time.perf_counter() - start, predictor.eval(), projector)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train sets.
+
+
+@dataclass
+class SyntheticSet:
+    method: str
+    images: torch.Tensor  # float [N, 3, R, R]
+    labels: torch.Tensor
+    metadata: dict[str, Any]
+    folder: Path
+    own: bool = False  # this run's synthetic/ (its CI projectors are saved), not one of extra_synthetic
+
+
+def load_synthetic(folder: Path) -> SyntheticSet:
+    """A Stage II output folder (``images.safetensors`` + ``synthetic.json``)."""
+    tensors = load_file(str(folder / "images.safetensors"))
+    metadata = json.loads((folder / "synthetic.json").read_text())
+    return SyntheticSet(metadata["method"], tensors["images"].float(), tensors["labels"].long(), metadata, folder)
+
+
+def _synthetic_folder(path: Path) -> Path | None:
+    for folder in (path / "synthetic", path):
+        if (folder / "images.safetensors").is_file() and (folder / "synthetic.json").is_file():
+            return folder
+    return None
+
+
+def synthetic_sets(config: Config, class_names: list[str]) -> dict[str, SyntheticSet]:
+    """The synthetic sets ``evaluate.train_sets`` asks for, by method: this run's, then ``extra_synthetic``."""
+    wanted = [name for name in config.evaluate.train_sets if name in SYNTHETIC_TRAIN_SETS]
+    found: dict[str, SyntheticSet] = {}
+    own = _synthetic_folder(Path(config.output_dir))
+    candidates = ([own] if own is not None else []) + [Path(path) for path in config.evaluate.extra_synthetic]
+    for candidate in candidates:
+        folder = _synthetic_folder(candidate)
+        if folder is None:
+            raise EvaluationError(f"`evaluate.extra_synthetic`: {candidate} holds no synthetic/images.safetensors.")
+        synthetic = load_synthetic(folder)
+        synthetic.own = candidate == own
+        if synthetic.method in found:
+            raise EvaluationError(
+                f"Two synthetic sets made by {synthetic.method!r}: {found[synthetic.method].folder} and {folder}."
+            )
+        if synthetic.metadata["class_names"] != class_names:
+            raise EvaluationError(f"The synthetic set in {folder} has other classes than this run's statistics.")
+        if synthetic.metadata["backbone"] != config.backbone:
+            raise EvaluationError(
+                f"The synthetic set in {folder} was distilled with {synthetic.metadata['backbone']!r}, this run with "
+                f"{config.backbone!r}: its golden classifier and baselines belong to another backbone. Evaluate it "
+                "in its own run (same output_dir)."
+            )
+        found[synthetic.method] = synthetic
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        where = f"{config.output_dir}/synthetic" + (f" or {config.evaluate.extra_synthetic}" if candidates else "")
+        hint = "run the 'distill' stage first" if own is None else f"found only {sorted(found)}"
+        raise StageInputError(f"Train set(s) {missing} need synthetic images in {where}: {hint}.")
+    return {name: found[name] for name in wanted}
+
+
+@dataclass
+class TrainSet:
+    """Named images to train on; ``images_for(trial)`` differs between trials only for Random."""
+
+    name: str
+    modes: list[str]
+    ipc: int
+    images_for: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _share_from_main(accelerator, compute: Callable[[], Any]) -> Any:
+    """Compute on the main process and give every process the (picklable) result.
+
+    A user error on the main process is raised on every process, which would otherwise wait forever.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            payload = [compute()]
+        except UserError as error:
+            payload = [error]
+    broadcast_object_list(payload)
+    if isinstance(payload[0], UserError):
+        raise payload[0]
+    return payload[0]
+
+
+def build_train_sets(
+    config: Config,
+    accelerator,
+    statistics: Statistics,
+    distill_backbone: FrozenBackbone,
+    synthetic: dict[str, SyntheticSet],
+) -> list[TrainSet]:
+    """Real baselines (rows chosen on the main process in the Stage I cache) and the synthetic sets."""
+    options = config.evaluate
+    baseline_modes = mode_labels(options.baseline_modes, options.kd_alphas)
+    synthetic_modes = mode_labels(options.modes, options.kd_alphas)
+    resolution = next(iter(synthetic.values())).images.shape[-1] if synthetic else config.distill.syn_res
+    wanted_baselines = [name for name in options.train_sets if name not in SYNTHETIC_TRAIN_SETS]
+    rows: dict[str, Any] = {}
+    if wanted_baselines:
+        rows = _share_from_main(
+            accelerator, lambda: _baseline_rows(config, statistics, distill_backbone, synthetic, wanted_baselines)
+        )
+        source = open_config_split(config, config.train_split)
+
+    @functools.lru_cache(maxsize=None)
+    def fetch(row_tuple: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return fetch_rows(source, torch.tensor(row_tuple), resolution, batch_size=config.data.batch_size,
+                          num_workers=config.data.num_workers)
+
+    sets = []
+    for name in options.train_sets:
+        if name in synthetic:
+            chosen = synthetic[name]
+            sets.append(TrainSet(name, synthetic_modes, chosen.metadata["ipc"],
+                                 lambda trial, chosen=chosen: (chosen.images, chosen.labels),
+                                 {"synthetic_iterations": chosen.metadata["iterations"]}))
+        elif name == "random":
+            per_trial = rows["random"]
+            sets.append(TrainSet(name, baseline_modes, config.ipc,
+                                 lambda trial, per_trial=per_trial: fetch(tuple(per_trial[trial]))))
+        elif name == "centroids":
+            sets.append(TrainSet(name, baseline_modes, config.ipc, lambda trial: fetch(tuple(rows["centroids"])),
+                                 {"rows": rows["centroids"]}))
+        elif name == "neighbors":
+            for method in synthetic:
+                chosen_rows = rows[f"neighbors_{method}"]
+                sets.append(TrainSet(f"neighbors_{method}", baseline_modes, synthetic[method].metadata["ipc"],
+                                     lambda trial, chosen_rows=chosen_rows: fetch(tuple(chosen_rows)),
+                                     {"neighbors_of": method, "rows": chosen_rows}))
+    return sets
+
+
+def _baseline_rows(
+    config: Config,
+    statistics: Statistics,
+    distill_backbone: FrozenBackbone,
+    synthetic: dict[str, SyntheticSet],
+    wanted: list[str],
+) -> dict[str, Any]:
+    """Row numbers of the chosen real train images: per trial for random, once for the others."""
+    train = load_feature_cache(Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR, "train")
+    features, labels, indices = train
+    require_row_indices(indices, config.train_split)
+    options = config.evaluate
+    rows: dict[str, Any] = {}
+    if "random" in wanted:
+        rows["random"] = [
+            indices[random_positions(labels, statistics.num_classes, config.ipc, options.seed_base + trial)].tolist()
+            for trial in range(options.trials)
+        ]
+    if "centroids" in wanted:
+        rows["centroids"] = indices[centroid_positions(features, labels, statistics.class_means, config.ipc)].tolist()
+    if "neighbors" in wanted:
+        for method, chosen in synthetic.items():
+            synthetic_features = _features_of(distill_backbone, chosen.images)
+            positions = neighbor_positions(features, labels, synthetic_features, chosen.labels)
+            rows[f"neighbors_{method}"] = indices[positions].tolist()
+    return rows
+
+
+@torch.no_grad()
+def _features_of(backbone: FrozenBackbone, images: torch.Tensor) -> torch.Tensor:
+    """Un-augmented features of whole images (the backbone resizes them), on the CPU."""
+    device = next(backbone.buffers()).device
+    return torch.cat([backbone(chunk.to(device)).cpu() for chunk in images.split(256)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+@dataclass(frozen=True)
+class Job:
+    train_set: str
+    eval_backbone: str
+    mode: str
+    trial: int
+
+
+@dataclass
+class JobResult:
+    job: Job
+    accuracy: float
+    curve: list[tuple[int, float]]
+    seconds: float
+    images: int
+
+
+def _population_std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
+
+
+def _gather_results(accelerator, results: list[JobResult]) -> list[JobResult]:
+    from accelerate.utils import gather_object
+
+    return gather_object(results) if accelerator.num_processes > 1 else results
+
+
+@dataclass
+class EvalBackbone:
+    name: str
+    backbone: FrozenBackbone
+    evaluation: FeatureSet
+    train: FeatureSet | None  # for the full-dataset probe
+
+
+def _eval_backbones(
+    config: Config, accelerator, distill_backbone: FrozenBackbone, class_names: list[str]
+) -> dict[str, EvalBackbone]:
+    """Each eval backbone with its cached eval features (and train features for the full-dataset probe)."""
+    backbones = {}
+    for name in config.evaluation_backbones:
+        backbone = distill_backbone if name == config.backbone else load_backbone(name, device=accelerator.device)
+        evaluation = split_features(config, accelerator, backbone, config.eval_split, "eval", class_names)
+        train = None
+        if config.evaluate.full_dataset:
+            train = split_features(config, accelerator, backbone, config.train_split, "train", class_names)
+        backbones[name] = EvalBackbone(name, backbone, evaluation, train)
+    return backbones
+
+
+def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
+    """Stage III; writes ``results.json``, ``results.md``, plots and projectors; returns the records."""
+    options = config.evaluate
+    output_dir = Path(config.output_dir)
+    statistics_dir = hub.statistics_dir(config)
+    if config.eval_split == config.train_split:
+        raise EvaluationError(
+            f"eval_split and train_split are both {config.train_split!r}: accuracy on the images the golden "
+            "classifier and the baselines were drawn from says nothing. Give a held-out split as eval_split."
+        )
+    statistics = Statistics.load(statistics_dir)
+    golden = _load_golden(statistics_dir, statistics)
+    device = accelerator.device
+    distill_backbone = load_backbone(config.backbone, device=device)
+    if distill_backbone.feature_dim != statistics.feature_dim:
+        raise EvaluationError(
+            f"Backbone {config.backbone!r} gives {distill_backbone.feature_dim}-d features but the statistics in "
+            f"{statistics_dir} are {statistics.feature_dim}-d: they come from another backbone."
+        )
+    golden = golden.to(device)
+    synthetic = synthetic_sets(config, statistics.class_names)
+    train_sets = build_train_sets(config, accelerator, statistics, distill_backbone, synthetic)
+
+    backbones = _eval_backbones(config, accelerator, distill_backbone, statistics.class_names)
+    if config.backbone in backbones:
+        distill_evaluation = backbones[config.backbone].evaluation
+    else:
+        distill_evaluation = split_features(
+            config, accelerator, distill_backbone, config.eval_split, "eval", statistics.class_names
+        )
+
+    jobs = [
+        Job(train_set.name, name, mode, trial)
+        for train_set in train_sets
+        for name in backbones
+        for mode in train_set.modes
+        for trial in range(options.trials)
+    ]
+    if options.full_dataset:
+        jobs += [Job(FULL_DATASET, name, "vanilla", trial) for name in backbones for trial in range(options.trials)]
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    own_method = next((name for name, chosen in synthetic.items() if chosen.own), None)
+    sets_by_name = {train_set.name: train_set for train_set in train_sets}
+    start = time.perf_counter()
+    mine = []
+    eval_on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    progress = tqdm(jobs[rank::world_size], desc="Stage III", unit="model", disable=not accelerator.is_local_main_process)
+    for job in progress:
+        progress.set_postfix_str(f"{job.train_set} {job.mode} -> {short_name(job.eval_backbone)} #{job.trial}")
+        model = backbones[job.eval_backbone]
+        if job.eval_backbone not in eval_on_device:
+            eval_on_device[job.eval_backbone] = (model.evaluation.features.to(device).float(),
+                                                 model.evaluation.labels.to(device))
+        eval_features, eval_labels = eval_on_device[job.eval_backbone]
+        seed = options.seed_base + job.trial
+        if job.train_set == FULL_DATASET:
+            mine.append(_full_dataset_trial(config, job, model, statistics.num_classes, eval_features, eval_labels,
+                                            seed, device))
+            continue
+        images, labels = sets_by_name[job.train_set].images_for(job.trial)
+        setup = TrialSetup(images.to(device), labels.to(device), model.backbone, distill_backbone, golden,
+                           eval_features, eval_labels, options, seed)
+        outcome = train_trial(setup, job.mode)
+        if job.train_set == own_method and job.mode == "ci" and job.trial == 0:
+            save_projector(outcome.projector, output_dir / projector_path(job.eval_backbone),
+                           eval_backbone=job.eval_backbone, distill_backbone=config.backbone)
+        mine.append(JobResult(job, outcome.accuracy, outcome.curve, outcome.seconds, len(images)))
+    results = _gather_results(accelerator, mine)
+    seconds = time.perf_counter() - start
+    records: list[dict[str, Any]] = []
+    if accelerator.is_main_process:
+        records = _records(config, train_sets, backbones, golden, distill_evaluation, results,
+                           int(statistics.class_counts.sum()), own_method)
+        _write_outputs(config, records, statistics, distill_backbone, synthetic)
+        _print_summary(config, records, len(jobs), seconds, world_size)
+    accelerator.wait_for_everyone()
+    return records
+
+
+def projector_path(eval_backbone: str) -> str:
+    """Where the trial-0 CI projector of an eval backbone is saved, relative to output_dir."""
+    return f"{EVALUATION_DIR}/{PROJECTORS_DIR}/{backbone_slug(eval_backbone)}.safetensors"
+
+
+def _full_dataset_trial(config: Config, job: Job, model: EvalBackbone, num_classes: int, eval_features: torch.Tensor,
+                        eval_labels: torch.Tensor, seed: int, device) -> JobResult:
+    """The full-dataset probe of one eval backbone: the golden classifier's recipe on its cached train features."""
+    start = time.perf_counter()
+    train = model.train
+    head = train_linear_head(
+        train.features, train.labels, num_classes, epochs=config.golden.epochs, lr=config.golden.lr,
+        batch_size=config.golden.batch_size, weight_decay=config.golden.weight_decay, seed=seed, device=device,
+    )
+    score = accuracy(head.to(device), eval_features, eval_labels)
+    return JobResult(job, score, [], time.perf_counter() - start, len(train.labels))
+
+
+def _mean_curve(results: list[JobResult]) -> dict[str, list[float]] | None:
+    """Trial-mean accuracy at each recorded iteration (every trial records the same iterations)."""
+    if not results or not results[0].curve:
+        return None
+    iterations = [step for step, _ in results[0].curve]
+    means = [sum(result.curve[k][1] for result in results) / len(results) for k in range(len(iterations))]
+    return {"iterations": iterations, "mean": means}
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    return {"mean": sum(values) / len(values), "std": _population_std(values), "per_trial": values,
+            "trials": len(values)}
+
+
+def _records(
+    config: Config,
+    train_sets: list[TrainSet],
+    backbones: dict[str, EvalBackbone],
+    golden: nn.Linear,
+    distill_evaluation: FeatureSet,
+    results: list[JobResult],
+    golden_train_images: int,
+    own_method: str | None,
+) -> list[dict[str, Any]]:
+    """One record per (train set, distill backbone, eval backbone, mode), trials in seed order."""
+    options = config.evaluate
+    output_dir = Path(config.output_dir)
+    grouped: dict[tuple[str, str, str], list[JobResult]] = {}
+    for result in sorted(results, key=lambda result: result.job.trial):
+        job = result.job
+        grouped.setdefault((job.train_set, job.eval_backbone, job.mode), []).append(result)
+    device = golden.weight.device
+    train_images = int(golden_train_images)
+    records = []
+    for train_set in train_sets:
+        for name, model in backbones.items():
+            for mode in train_set.modes:
+                trials = grouped[(train_set.name, name, mode)]
+                kind, alpha = parse_mode(mode)
+                head_lr = options.lr * min(options.batch_size, trials[0].images) / 256
+                record = {
+                    "train_set": train_set.name,
+                    "distill_backbone": config.backbone,
+                    "eval_backbone": name,
+                    "mode": mode,
+                    **_summary([trial.accuracy for trial in trials]),
+                    "ipc": train_set.ipc,
+                    "iterations": options.iterations * (2 if kind in ("st", "st_ip") else 1),
+                    "seconds": round(sum(trial.seconds for trial in trials), 3),
+                    "images": trials[0].images,
+                    "seeds": [options.seed_base + trial.job.trial for trial in trials],
+                    "batch_size": min(options.batch_size, trials[0].images),
+                }
+                if kind != "ci":
+                    record["head_lr"] = head_lr
+                if kind not in ("vanilla", "kd"):
+                    record["projector_lr"] = options.projector_lr
+                if kind == "kd":
+                    record.update(alpha=alpha, temperature=options.kd_temperature)
+                record.update(train_set.details)
+                curve = _mean_curve(trials)
+                if curve is not None:
+                    record["curve"] = curve
+                if train_set.name == own_method and mode == "ci":
+                    relative = projector_path(name)
+                    projector = load_projector(output_dir / relative, eval_dim=model.backbone.feature_dim,
+                                               distill_dim=golden.in_features).to(device)
+                    record["projector"] = relative
+                    record["projector_accuracy"] = accuracy(
+                        nn.Sequential(projector, golden), model.evaluation.features.to(device),
+                        model.evaluation.labels.to(device),
+                    )
+                records.append(record)
+    start = time.perf_counter()
+    golden_accuracy = accuracy(golden, distill_evaluation.features.to(device), distill_evaluation.labels.to(device))
+    records.append({
+        "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": config.backbone,
+        "mode": "golden", **_summary([golden_accuracy]), "ipc": None,
+        "iterations": config.golden.epochs * math.ceil(train_images / config.golden.batch_size),
+        "seconds": round(time.perf_counter() - start, 3), "images": train_images, "epochs": config.golden.epochs,
+        "note": "the golden classifier of Stage I on phi_d features of the eval split",
+    })
+    if options.full_dataset:
+        for name, model in backbones.items():
+            trials = grouped[(FULL_DATASET, name, "vanilla")]
+            images = trials[0].images
+            records.append({
+                "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": name,
+                "mode": "vanilla", **_summary([trial.accuracy for trial in trials]), "ipc": None,
+                "iterations": config.golden.epochs * math.ceil(images / config.golden.batch_size),
+                "seconds": round(sum(trial.seconds for trial in trials), 3), "images": images,
+                "seeds": [options.seed_base + trial.job.trial for trial in trials], "epochs": config.golden.epochs,
+                "head_lr": config.golden.lr, "batch_size": config.golden.batch_size,
+                "note": "linear probe on cached centre-crop features of the whole train split (golden.* options)",
+            })
+    return records
+
+
+def _write_outputs(
+    config: Config,
+    records: list[dict[str, Any]],
+    statistics: Statistics,
+    distill_backbone: FrozenBackbone,
+    synthetic: dict[str, SyntheticSet],
+) -> None:
+    from .report import plot_accuracy_curves, plot_flow_pca, write_markdown
+
+    output_dir = Path(config.output_dir)
+    folder = output_dir / EVALUATION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / (RESULTS_FILE + ".tmp")
+    temporary.write_text(json.dumps(records, indent=2))
+    temporary.replace(output_dir / RESULTS_FILE)
+    for stale in ("accuracy_curves.png", "flow_pca.png"):
+        (folder / stale).unlink(missing_ok=True)
+    plot_accuracy_curves(records, folder / "accuracy_curves.png")
+    if synthetic:
+        flows = {method: (_features_of(distill_backbone, chosen.images), chosen.labels)
+                 for method, chosen in synthetic.items()}
+        plot_flow_pca(statistics.class_means, statistics.class_counts, flows, statistics.class_names,
+                      folder / "flow_pca.png", non_target=config.statistics.non_target)
+    write_markdown(records, output_dir / "results.md", title=f"Results: {Path(config.dataset).name}, ipc {config.ipc}")
+
+
+def _print_summary(config: Config, records: list[dict[str, Any]], trainings: int, seconds: float,
+                   world_size: int) -> None:
+    from .report import paper_tables
+
+    options = config.evaluate
+    reference = EvaluateOptions()
+    print(
+        f"Stage III: {trainings} trainings ({options.trials} trial(s) x {options.iterations} iterations each) on "
+        f"{world_size} process(es) in {seconds:.1f} s. -> {Path(config.output_dir) / RESULTS_FILE}"
+    )
+    if options.trials < reference.trials or options.iterations < reference.iterations:
+        print(
+            f"Note: fewer trials/iterations than the paper's protocol ({reference.trials} trials x "
+            f"{reference.iterations} iterations), so means and stds are rougher."
+        )
+    print(paper_tables(records))

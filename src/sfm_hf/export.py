@@ -1,0 +1,980 @@
+"""The export stage: three Hub-layout folders in ``<output_dir>``, and publishing them (``hub.push``).
+
+``synthetic/`` -- the dataset repo. Stage II's own files stay at its root for the local stages
+(``images.safetensors``, ``synthetic.json``, ``preview.png``; not uploaded). Export adds one
+folder per named config, ``data/<config>/``: ``train-00000-of-00001.parquet`` (``image``: PNG
+bytes of the 8-bit quantised images, lossless; ``label``: ClassLabel with the real class
+names), the exact float images (``images.safetensors``), ``synthetic.json``, ``results.json``
+(this variant's Stage III rows) and ``preview.png``; and the card ``README.md``, whose YAML
+lists every config (this run's is the default). Per-config folders let runs with other
+backbones or ipc push into one repo without overwriting each other.
+
+``model/`` -- :class:`~sfm_hf.modeling_sfm.SFMForImageClassification` saved with its remote
+code, the evaluation backbone's image processor and a card with model-index results.
+
+``statistics/`` -- Stage I's folder gains a card; its feature cache (``features/``) is never
+uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .backbones import OPEN_CLIP_PREFIXES, FrozenBackbone, load_backbone
+from .config import Config
+from .distill import SYNTHETIC_DIR
+from .errors import StageInputError, UserError
+from .hub import statistics_dir
+from .statistics import FEATURES_DIR
+
+MODEL_DIR = "model"
+RESULTS_FILE = "results.json"
+VARIANTS_DIR = "data"
+PARQUET_NAME = "train-00000-of-00001.parquet"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+# Stage II's working copies at the root of synthetic/: the Hub gets them per config under data/<config>/.
+SYNTHETIC_LOCAL_ONLY = ["images.safetensors", "synthetic.json", "preview.png", "*.tmp", "*.tmp.png"]
+STATISTICS_LOCAL_ONLY = [f"{FEATURES_DIR}/*", "*.tmp"]
+PAPER = "Statistical Flow Matching (SFM) with classifier inheritance (CI)"
+
+
+class ExportError(UserError):
+    """Something the export needs is missing or inconsistent; the message says what to run or change."""
+
+
+class PublishError(UserError):
+    """An upload failed; the local folders are intact and the message says what to re-run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def slug(name: str) -> str:
+    """A short repo-name-safe form of a Hub id or folder: its last part, lowercased, odd characters -> '-'."""
+    for prefix in OPEN_CLIP_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    last = name.rstrip("/").split("/")[-1]
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", last.lower())
+    cleaned = re.sub(r"[-.]{2,}", "-", cleaned).strip("-.")
+    return cleaned or "run"
+
+
+@dataclass
+class RepoNames:
+    """Hub repo ids (and the dataset config name) this run exports to."""
+
+    dataset: str
+    dataset_config: str
+    model: str
+    statistics: str
+
+
+def repo_names(config: Config, source_dataset: str) -> RepoNames:
+    """Fill the ``hub.*`` templates; without ``hub.org`` the ids carry a 'your-org' placeholder (local export only)."""
+    hub = config.hub
+    values = {
+        "org": hub.org or "your-org",
+        "dataset": hub.dataset_name or slug(source_dataset),
+        "backbone": hub.backbone_name or slug(config.backbone),
+        "eval_backbone": slug(bundle_backbone(config)),
+        "ipc": config.ipc,
+        "method": config.distill.method,
+    }
+    names = RepoNames(
+        dataset=hub.dataset_repo.format(**values),
+        dataset_config=hub.dataset_config_name.format(**values),
+        model=hub.model_repo.format(**values),
+        statistics=hub.statistics_repo.format(**values),
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    for key in ("dataset", "model", "statistics"):
+        repo_id = getattr(names, key)
+        try:
+            validate_repo_id(repo_id)
+        except ValueError as error:
+            raise ExportError(f"`hub.{key}_repo` gives {repo_id!r}, which is not a valid Hub repo id: {error}") from None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", names.dataset_config):
+        raise ExportError(
+            f"`hub.dataset_config_name` gives {names.dataset_config!r}: use letters, digits, '.', '_' and '-'."
+        )
+    return names
+
+
+def bundle_backbone(config: Config) -> str:
+    """The evaluation backbone held by the model bundle."""
+    return config.hub.eval_backbone or config.evaluation_backbones[0]
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repo id rather than a local folder (cards link and cite only Hub ids)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name or Path(name).exists() or name.startswith(OPEN_CLIP_PREFIXES):
+        return False
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return False
+    return "/" in name
+
+
+# ---------------------------------------------------------------------------------------------
+# What the earlier stages left
+
+
+@dataclass
+class RunFacts:
+    """Everything the export reads from the earlier stages' files."""
+
+    config: Config
+    output_dir: Path
+    statistics_dir: Path
+    statistics: dict[str, Any]
+    golden: dict[str, Any] | None
+    synthetic: dict[str, Any]
+    results: list[dict[str, Any]]
+
+    @property
+    def source_dataset(self) -> str:
+        return self.config.dataset or self.statistics.get("dataset") or ""
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.statistics["class_names"])
+
+    def variant_results(self) -> list[dict[str, Any]]:
+        """Stage III rows about this run's synthetic set or its real baselines at this ipc."""
+        return [
+            record for record in self.results
+            if record.get("distill_backbone") == self.config.backbone and record.get("ipc") in (None, self.config.ipc)
+        ]
+
+
+def read_results(output_dir: Path) -> list[dict[str, Any]]:
+    path = output_dir / RESULTS_FILE
+    if not path.is_file():
+        return []
+    records = json.loads(path.read_text())
+    if not isinstance(records, list):
+        raise ExportError(f"{path} should hold a JSON list of result records, got {type(records).__name__}.")
+    return records
+
+
+def gather_facts(config: Config) -> RunFacts:
+    output_dir = Path(config.output_dir)
+    synthetic_json = output_dir / SYNTHETIC_DIR / "synthetic.json"
+    if not synthetic_json.is_file() or not (output_dir / SYNTHETIC_DIR / "images.safetensors").is_file():
+        raise StageInputError(
+            f"Stage 'export' needs {output_dir / SYNTHETIC_DIR}/images.safetensors and synthetic.json: run the "
+            "'distill' stage first (add it to --stages)."
+        )
+    stats_dir = statistics_dir(config)
+    if not (stats_dir / "statistics.json").is_file():
+        raise StageInputError(f"Stage 'export' needs {stats_dir}/statistics.json: run the 'statistics' stage first.")
+    golden_json = stats_dir / "golden_classifier.json"
+    return RunFacts(
+        config=config,
+        output_dir=output_dir,
+        statistics_dir=stats_dir,
+        statistics=json.loads((stats_dir / "statistics.json").read_text()),
+        golden=json.loads(golden_json.read_text()) if golden_json.is_file() else None,
+        synthetic=json.loads(synthetic_json.read_text()),
+        results=read_results(output_dir),
+    )
+
+
+def source_license(dataset: str) -> str | None:
+    """The license field of the source dataset's card, when a local or cached card says it."""
+    from huggingface_hub import DatasetCard
+
+    if not dataset:
+        return None
+    card_path = Path(dataset) / "README.md"
+    if not card_path.is_file():
+        if not is_hub_id(dataset):
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            card_path = Path(hf_hub_download(dataset, "README.md", repo_type="dataset"))
+        except Exception:  # noqa: BLE001 -- no card (offline, none published) just means no license field
+            return None
+    try:
+        license_value = DatasetCard.load(card_path).data.get("license")
+    except Exception:  # noqa: BLE001 -- an unreadable card is treated like a missing one
+        return None
+    return license_value if isinstance(license_value, str) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Cards
+
+
+def render(template: str, **values: Any) -> str:
+    """Fill a card template of ``model_cards/`` (Jinja2; undefined names are errors)."""
+    import jinja2
+
+    if not TEMPLATES_DIR.is_dir():
+        raise ExportError(f"The card templates folder {TEMPLATES_DIR} is missing (sfm-hf must run from its checkout).")
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    environment.filters["percent"] = _percent
+    environment.filters["size"] = human_size
+    return environment.get_template(template).render(**values)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def human_size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return f"{num_bytes:.1f} GB"
+
+
+def size_category(count: int) -> str:
+    """The Hub's size_categories bucket of a dataset with ``count`` examples."""
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if count < limit:
+            return label
+    return "1M<n<10M"
+
+
+def _result_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "train_set": record.get("train_set"),
+            "eval_backbone": record.get("eval_backbone"),
+            "mode": record.get("mode"),
+            "mean": record.get("mean"),
+            "std": record.get("std"),
+            "trials": record.get("trials"),
+            "projector_accuracy": record.get("projector_accuracy"),
+        }
+        for record in records
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic/ -- the dataset
+
+
+@dataclass
+class DatasetVariant:
+    """One named config of the dataset folder, as read back from its files."""
+
+    name: str
+    info: Any  # datasets.DatasetInfo
+    parquet_bytes: int
+    float_bytes: int | None = None
+    synthetic: dict[str, Any] | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def num_examples(self) -> int:
+        return self.info.splits["train"].num_examples
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8 [N, H, W, 3] by round(255 x), the PNG content."""
+    return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def png_bytes(pixels: torch.Tensor) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy(), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (no second copy of the float images), else a copy."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def write_variant(folder: Path, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                  source: Path, results: list[dict[str, Any]]) -> Path:
+    """``folder`` = synthetic/data/<config>/: the parquet split and the exact float images beside it."""
+    import datasets
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
+    pixels = quantise(images)
+    rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in pixels], "label": labels.tolist()}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / PARQUET_NAME))
+    _link_or_copy(source / "images.safetensors", folder / "images.safetensors")
+    shutil.copy2(source / "synthetic.json", folder / "synthetic.json")
+    if (source / "preview.png").is_file():
+        shutil.copy2(source / "preview.png", folder / "preview.png")
+    (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    return folder
+
+
+def read_variant(folder: Path) -> DatasetVariant:
+    """Describe data/<config>/ from its files: features and split sizes as the Hub card needs them."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    parquet = folder / PARQUET_NAME
+    table = pq.read_table(parquet)
+    features = datasets.Features.from_arrow_schema(table.schema)
+    num_bytes = int(table.nbytes)
+    parquet_bytes = parquet.stat().st_size
+    info = datasets.DatasetInfo(
+        features=features,
+        splits=datasets.SplitDict({"train": datasets.SplitInfo(name="train", num_bytes=num_bytes,
+                                                                 num_examples=table.num_rows)}),
+        download_size=parquet_bytes,
+        dataset_size=num_bytes,
+        config_name=folder.name,
+    )
+    float_path = folder / "images.safetensors"
+    synthetic_path, results_path = folder / "synthetic.json", folder / RESULTS_FILE
+    return DatasetVariant(
+        name=folder.name,
+        info=info,
+        parquet_bytes=parquet_bytes,
+        float_bytes=float_path.stat().st_size if float_path.is_file() else None,
+        synthetic=json.loads(synthetic_path.read_text()) if synthetic_path.is_file() else None,
+        results=json.loads(results_path.read_text()) if results_path.is_file() else [],
+    )
+
+
+def _include_runs(config: Config, variants_root: Path, own: str) -> list[str]:
+    """Copy the exported configs of ``hub.include_runs`` into this dataset folder; returns their names."""
+    names = []
+    for run in config.hub.include_runs:
+        other_root = Path(run) / SYNTHETIC_DIR / VARIANTS_DIR
+        found = sorted(path for path in other_root.glob("*") if (path / PARQUET_NAME).is_file()) if other_root.is_dir() else []
+        if not found:
+            raise ExportError(
+                f"`hub.include_runs` names {run!r}, which has no exported dataset config in {other_root}: run its "
+                "'export' stage first."
+            )
+        for variant in found:
+            if variant.name == own or variant.name in names:
+                raise ExportError(
+                    f"Config name {variant.name!r} comes from two runs ({run!r} and this one or another included "
+                    "run): give them distinct names with `hub.dataset_config_name`, e.g. '{backbone}-ipc{ipc}'."
+                )
+            target = variants_root / variant.name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(variant, target)
+            names.append(variant.name)
+    return names
+
+
+def dataset_card(variants: list[DatasetVariant], facts: RunFacts, names: RepoNames, *,
+                 default: str, license_name: str | None, remote: list[dict[str, Any]] | None = None) -> str:
+    """The dataset card: YAML metadata (features, splits with sizes, configs) and the body from the template.
+
+    ``remote``: YAML config and dataset_info entries of configs that exist only on the Hub (kept on push).
+    """
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    total = sum(variant.num_examples for variant in variants)
+    source = facts.source_dataset
+    card_data = DatasetCardData(
+        license=license_name,
+        task_categories=["image-classification"],
+        size_categories=[size_category(total)],
+        source_datasets=[source] if is_hub_id(source) else None,
+        pretty_name=f"SFM synthetic {slug(source)} (ipc {facts.config.ipc})",
+        tags=["dataset-distillation", "synthetic", "sfm", "statistical-flow-matching"],
+    )
+    infos = DatasetInfosDict({variant.name: variant.info for variant in variants})
+    configs = {
+        variant.name: {
+            "data_files": [{"split": "train", "path": f"{VARIANTS_DIR}/{variant.name}/train-*.parquet"}],
+            **({"default": True} if variant.name == default else {}),
+        }
+        for variant in variants
+    }
+    remote = remote or []
+    for entry in remote:
+        configs[entry["config_name"]] = {key: value for key, value in entry.items() if key not in ("config_name", "info")}
+        if entry.get("info") is not None:
+            infos[entry["config_name"]] = entry["info"]
+    infos.to_dataset_card_data(card_data)
+    MetadataConfigs(configs).to_dataset_card_data(card_data)
+    own = next(variant for variant in variants if variant.name == names.dataset_config)
+    card_data["sfm"] = {
+        "source_dataset": source,
+        "backbone": facts.config.backbone,
+        "method": own.synthetic.get("method") if own.synthetic else facts.config.distill.method,
+        "ipc": facts.config.ipc,
+        "iterations": own.synthetic.get("iterations") if own.synthetic else None,
+        "seed": facts.config.seed,
+    }
+    return render(
+        "dataset_card.md.j2",
+        metadata=card_data.to_yaml(),
+        repo_id=names.dataset,
+        default=default,
+        variants=variants,
+        remote_only=[entry["config_name"] for entry in remote],
+        source_name=slug(source),
+        source_link=f"[{source}](https://huggingface.co/datasets/{source})" if is_hub_id(source) else f"`{source}`",
+        class_count=len(facts.class_names),
+        model_repo=names.model,
+        statistics_repo=names.statistics,
+        rows=_result_rows,
+    )
+
+
+def export_dataset(facts: RunFacts, names: RepoNames, license_name: str | None) -> Path:
+    """synthetic/: this run's config under data/<config>/, included runs' configs, and the card."""
+    folder = facts.output_dir / SYNTHETIC_DIR
+    tensors = load_file(folder / "images.safetensors")
+    images, labels = tensors["images"], tensors["labels"]
+    variants_root = folder / VARIANTS_DIR
+    write_variant(variants_root / names.dataset_config, images, labels, facts.class_names, folder,
+                  facts.variant_results())
+    included = _include_runs(facts.config, variants_root, names.dataset_config)
+    keep = {names.dataset_config, *included}
+    for stale in variants_root.iterdir():
+        if stale.name in keep:
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    variants = [read_variant(variants_root / name) for name in [names.dataset_config, *included]]
+    card = dataset_card(variants, facts, names, default=names.dataset_config, license_name=license_name)
+    (folder / "README.md").write_text(card)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# model/ -- the classifier bundle
+
+
+@dataclass
+class Projector:
+    """The projector the bundle holds, and the accuracy measured for exactly it with the golden classifier."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    kind: str  # "trained" (Stage III, Eq. 10) or "identity" (phi_e == phi_d, no Stage III)
+    accuracy: float | None
+    source: str
+
+
+def _ci_record(facts: RunFacts, eval_name: str) -> dict[str, Any] | None:
+    """The latest Stage III classifier-inheritance row of this run's synthetic set through ``eval_name``."""
+    matching = [
+        record for record in facts.results
+        if record.get("mode") == "ci" and record.get("train_set") == facts.config.distill.method
+        and record.get("eval_backbone") == eval_name and record.get("distill_backbone") == facts.config.backbone
+        and record.get("ipc") in (None, facts.config.ipc) and record.get("projector")
+    ]
+    return matching[-1] if matching else None
+
+
+def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Projector:
+    record = _ci_record(facts, eval_name)
+    if record is not None:
+        path = facts.output_dir / record["projector"]
+        if not path.is_file():
+            raise ExportError(f"results.json names the projector {path}, which does not exist: run 'evaluate' again.")
+        tensors = load_file(path)
+        return Projector(tensors["weight"], tensors["bias"], "trained", record.get("projector_accuracy"),
+                         f"Stage III trained this projector (mode ci, `{record['projector']}`) and scored it")
+    if eval_name == facts.config.backbone:
+        accuracy = facts.golden.get("eval_accuracy") if facts.golden else None
+        return Projector(torch.eye(distill_dim), torch.zeros(distill_dim), "identity", accuracy,
+                         "the projector is the identity (the encoder is the distillation backbone), so this is the "
+                         "golden classifier's own accuracy from Stage I")
+    raise ExportError(
+        f"The model bundle for evaluation backbone {eval_name!r} needs the projector that the 'evaluate' stage "
+        f"trains (mode ci on train set {facts.config.distill.method!r}), and {facts.output_dir / RESULTS_FILE} has "
+        "none: run the 'evaluate' stage with `evaluate.modes` including ci, or set `hub.eval_backbone` to the "
+        "distillation backbone."
+    )
+
+
+def _processor_json(name: str) -> Path | None:
+    """The backbone's own preprocessor_config.json (local folder or Hub cache), if it ships one."""
+    local = Path(name) / "preprocessor_config.json"
+    if local.is_file():
+        return local
+    if not is_hub_id(name):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(name, "preprocessor_config.json"))
+    except Exception:  # noqa: BLE001 -- timm checkpoints and many others ship none; we make one then
+        return None
+
+
+def stage_geometry(image_size: int, crop_ratio: float) -> dict[str, Any]:
+    """Resize/crop settings of Stage I's real-image pipeline (data.resize_center_crop), as processor keys."""
+    return {
+        "size": {"shortest_edge": max(image_size, round(image_size / crop_ratio))},
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+    }
+
+
+def describe_geometry(values: dict[str, Any]) -> str:
+    """'shorter side 256 px, centre crop 224x224' from an image processor's settings."""
+    size = values.get("size") or {}
+    if "shortest_edge" in size:
+        text = f"shorter side {size['shortest_edge']} px"
+    elif "height" in size and "width" in size:
+        text = f"{size['height']}x{size['width']} px"
+    else:
+        text = f"size {size}"
+    crop = values.get("crop_size") or {}
+    if values.get("do_center_crop") and "height" in crop:
+        text += f", centre crop {crop['height']}x{crop['width']}"
+    return text
+
+
+def save_image_processor(name: str, backbone: FrozenBackbone, crop_ratio: float, folder: Path) -> str:
+    """The eval backbone's image processor beside the bundle (pipeline needs it); returns where it came from.
+
+    Without one of its own, a processor is made from the backbone's input size and mean/std with
+    the geometry of Stage I (shorter side to size / crop_ratio, bicubic, centre crop).
+    """
+    own = _processor_json(name)
+    if own is not None:
+        shutil.copy2(own, folder / "preprocessor_config.json")
+        return f"the backbone's own (`{name}`)"
+    from transformers import BitImageProcessor
+
+    info = backbone.info
+    BitImageProcessor(
+        **stage_geometry(backbone.image_size, crop_ratio),
+        do_resize=True,
+        resample=3,  # PIL bicubic, as data.resize_center_crop
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(info.mean),
+        image_std=list(info.std),
+        do_convert_rgb=True,
+    ).save_pretrained(folder)
+    return "made from the backbone's input size and mean/std (the backbone ships none)"
+
+
+def build_bundle(facts: RunFacts, eval_name: str, backbone: FrozenBackbone, projector: Projector,
+                 golden: dict[str, torch.Tensor]):
+    """The in-memory SFMForImageClassification holding phi_e, P and the golden classifier."""
+    from .configuration_sfm import SFMConfig
+    from .modeling_sfm import SFMForImageClassification
+
+    vision_config = backbone.model.config
+    # The loader records where it read the backbone from (a local path, perhaps); the bundle says it in backbone_id.
+    vision_config.name_or_path = ""
+    class_names = facts.class_names
+    config = SFMConfig(
+        vision_config=vision_config,
+        feature_dim=backbone.feature_dim,
+        distill_feature_dim=golden["weight"].shape[1],
+        backbone_weights="embedded" if facts.config.hub.embed_backbone else "reference",
+        backbone_id=eval_name,
+        distill_backbone=facts.config.backbone,
+        id2label=dict(enumerate(class_names)),
+        label2id={name: index for index, name in enumerate(class_names)},
+    )
+    model = SFMForImageClassification(config)
+    # After post_init (inside the constructor), which would re-initialise anything loaded earlier.
+    model.vision_model.load_state_dict(backbone.model.state_dict())
+    model.projector.load_state_dict({"weight": projector.weight, "bias": projector.bias})
+    model.classifier.load_state_dict(golden)
+    return model.eval()
+
+
+def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, dataset_folder: Path) -> Path:
+    """model/: the bundle with remote code, its image processor and card."""
+    from .configuration_sfm import SFMConfig
+    from .modeling_sfm import SFMForImageClassification, feature_output
+
+    config = facts.config
+    eval_name = bundle_backbone(config)
+    if eval_name.startswith(OPEN_CLIP_PREFIXES):
+        raise ExportError(
+            f"The evaluation backbone {eval_name!r} is an open_clip model, which the transformers bundle cannot "
+            "hold: set `hub.eval_backbone` to a transformers backbone, or drop 'model' from `hub.folders`."
+        )
+    golden_path = facts.statistics_dir / "golden_classifier.safetensors"
+    if not golden_path.is_file():
+        raise StageInputError(f"The model bundle needs the golden classifier {golden_path}: run 'statistics' first.")
+    golden = load_file(golden_path)
+    distill_dim = golden["weight"].shape[1]
+    projector = choose_projector(facts, eval_name, distill_dim)
+    backbone = load_backbone(eval_name, device="cpu")
+    expected = (distill_dim, backbone.feature_dim)
+    if tuple(projector.weight.shape) != expected:
+        raise ExportError(
+            f"The projector is {tuple(projector.weight.shape)} but {eval_name!r} gives {backbone.feature_dim}-d "
+            f"features and the golden classifier reads {distill_dim}-d: results.json belongs to another run."
+        )
+    model = build_bundle(facts, eval_name, backbone, projector, golden)
+    folder = facts.output_dir / MODEL_DIR
+    if folder.exists():
+        shutil.rmtree(folder)
+    SFMConfig.register_for_auto_class()
+    SFMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    model.save_pretrained(folder)
+    processor_source = save_image_processor(eval_name, backbone, config.data.crop_ratio, folder)
+    processor_values = json.loads((folder / "preprocessor_config.json").read_text())
+
+    variant = read_variant(dataset_folder / VARIANTS_DIR / names.dataset_config)
+    head_parameters = sum(p.numel() for p in (*model.projector.parameters(), *model.classifier.parameters()))
+    encoder_parameters = sum(p.numel() for p in model.vision_model.parameters())
+    encoder_bytes = sum(t.numel() * t.element_size() for t in model.vision_model.state_dict().values())
+    eval_split = facts.golden.get("eval_split", config.eval_split) if facts.golden else config.eval_split
+    source = facts.source_dataset
+    (folder / "README.md").write_text(model_card(
+        facts, names, license_name,
+        eval_name=eval_name, backbone=backbone, projector=projector, eval_split=eval_split, source=source,
+        feature=feature_output(backbone.model.config.model_type), processor_source=processor_source,
+        processor_geometry=describe_geometry(processor_values),
+        measured_geometry=describe_geometry(stage_geometry(backbone.image_size, config.data.crop_ratio)),
+        variant=variant, head_parameters=head_parameters, encoder_parameters=encoder_parameters,
+        encoder_bytes=encoder_bytes,
+    ))
+    return folder
+
+
+def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, eval_name: str,
+               backbone: FrozenBackbone, projector: Projector, eval_split: str, source: str, feature: str,
+               processor_source: str, processor_geometry: str, measured_geometry: str, variant: DatasetVariant, head_parameters: int, encoder_parameters: int,
+               encoder_bytes: int) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    config = facts.config
+    eval_results = None
+    if projector.accuracy is not None:
+        eval_results = [EvalResult(
+            task_type="image-classification", task_name="Image Classification",
+            dataset_type=source if is_hub_id(source) else slug(source), dataset_name=slug(source),
+            dataset_split=eval_split, metric_type="accuracy", metric_name="Top-1 accuracy",
+            metric_value=round(float(projector.accuracy), 6),
+        )]
+    datasets = [name for name in (source, names.dataset) if is_hub_id(name) and "your-org/" not in name]
+    card_data = ModelCardData(
+        base_model=eval_name if is_hub_id(eval_name) else None,
+        datasets=datasets or None,
+        license=license_name,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["sfm", "dataset-distillation", "classifier-inheritance", "custom_code"],
+        model_name=names.model,
+        eval_results=eval_results,
+    )
+    return render(
+        "model_card.md.j2",
+        metadata=card_data.to_yaml(),
+        repo_id=names.model,
+        dataset_repo=names.dataset,
+        dataset_config=names.dataset_config,
+        statistics_repo=names.statistics,
+        source=source,
+        eval_name=eval_name,
+        distill_name=config.backbone,
+        same_backbone=eval_name == config.backbone,
+        family=backbone.family,
+        feature=feature,
+        feature_dim=backbone.feature_dim,
+        distill_dim=projector.weight.shape[0],
+        num_classes=len(facts.class_names),
+        projector=projector,
+        eval_split=eval_split,
+        embedded=config.hub.embed_backbone,
+        processor_source=processor_source,
+        processor_geometry=processor_geometry,
+        measured_geometry=measured_geometry,
+        variant=variant,
+        ipc=config.ipc,
+        resolution=facts.synthetic.get("resolution"),
+        head_parameters=head_parameters,
+        head_bytes=head_parameters * 4,
+        encoder_parameters=encoder_parameters,
+        encoder_bytes=encoder_bytes,
+        golden=facts.golden,
+        paper=PAPER,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics/ -- Stage I outputs
+
+
+def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | None) -> Path | None:
+    """Add a card to this run's statistics/ (not to a ``statistics_from`` source, which is someone else's)."""
+    from huggingface_hub import ModelCardData
+
+    if facts.config.statistics_from:
+        return None
+    folder = facts.statistics_dir
+    tensors = load_file(folder / "statistics.safetensors")
+    files = sorted(
+        (path.relative_to(folder).as_posix(), path.stat().st_size)
+        for path in folder.iterdir() if path.is_file() and not path.name.endswith(".tmp") and path.name != "README.md"
+    )
+    golden_path = folder / "golden_classifier.safetensors"
+    contents = {
+        "statistics.safetensors": _describe_tensors(tensors),
+        "statistics.json": "class names, backbone, dataset, image counts, preprocessing",
+        "golden_classifier.safetensors": _describe_tensors(load_file(golden_path)) if golden_path.is_file() else "",
+        "golden_classifier.json": "how the golden classifier was trained, its accuracy",
+    }
+    cache = folder / FEATURES_DIR
+    cache_bytes = sum(path.stat().st_size for path in cache.glob("*")) if cache.is_dir() else 0
+    backbone = facts.statistics.get("backbone") or {}
+    source = facts.source_dataset
+    card_data = ModelCardData(
+        base_model=facts.config.backbone if is_hub_id(facts.config.backbone) else None,
+        datasets=[source] if is_hub_id(source) else None,
+        license=license_name,
+        tags=["sfm", "dataset-distillation", "class-statistics", "golden-classifier"],
+    )
+    card = render(
+        "statistics_card.md.j2",
+        metadata=card_data.to_yaml(),
+        repo_id=names.statistics,
+        source=source,
+        backbone_name=facts.config.backbone,
+        backbone=backbone,
+        statistics=facts.statistics,
+        num_classes=int(tensors["class_means"].shape[0]),
+        feature_dim=int(tensors["class_means"].shape[1]),
+        golden=facts.golden,
+        files=files,
+        contents=contents,
+        cache_bytes=cache_bytes,
+        features_dir=FEATURES_DIR,
+        dataset_repo=names.dataset,
+        paper=PAPER,
+    )
+    (folder / "README.md").write_text(card)
+    return folder
+
+
+def _describe_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    return ", ".join(
+        f"`{name}` {list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}" for name, tensor in tensors.items()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+@dataclass
+class Upload:
+    """One folder to one Hub repo."""
+
+    what: str
+    repo_id: str
+    repo_type: str
+    folder: Path
+    ignore_patterns: list[str]
+
+
+def uploads(config: Config, names: RepoNames, folders: dict[str, Path | None]) -> list[Upload]:
+    plans = {
+        "dataset": (names.dataset, "dataset", SYNTHETIC_LOCAL_ONLY),
+        "model": (names.model, "model", ["*.tmp"]),
+        # A model repo: its safetensors + json files would make the dataset viewer mistake it for a dataset.
+        "statistics": (names.statistics, "model", STATISTICS_LOCAL_ONLY),
+    }
+    return [
+        Upload(what, *plans[what][:2], folders[what], list(plans[what][2]))
+        for what in config.hub.folders if folders.get(what) is not None
+    ]
+
+
+def _remote_dataset_configs(api, repo_id: str, own: str) -> tuple[list[dict[str, Any]], bool]:
+    """Configs of an existing dataset repo other than ``own`` (entries for the card), and whether one is default."""
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = api.hf_hub_download(repo_id=repo_id, filename="README.md", repo_type="dataset")
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return [], False
+    data = DatasetCard.load(path).data
+    configs = MetadataConfigs.from_dataset_card_data(data)
+    infos = DatasetInfosDict.from_dataset_card_data(data)
+    entries = [
+        {"config_name": name, **options, "info": infos.get(name)} for name, options in configs.items() if name != own
+    ]
+    return entries, any(entry.get("default") for entry in entries)
+
+
+def publish(config: Config, names: RepoNames, facts: RunFacts, folders: dict[str, Path | None],
+            license_name: str | None) -> list[str]:
+    """create_repo(exist_ok=True) + upload_folder per exported folder; returns the repo URLs.
+
+    The token is whatever huggingface_hub finds (HF_TOKEN, the login cache); it is never read
+    here. A failure leaves the local folders as they are and raises :class:`PublishError` naming
+    what to re-run.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+    api = HfApi()
+    done, failed = [], []
+    for upload in uploads(config, names, folders):
+        try:
+            api.create_repo(repo_id=upload.repo_id, repo_type=upload.repo_type, private=config.hub.private,
+                            exist_ok=True)
+            merged_card = None
+            if upload.what == "dataset":
+                remote, remote_default = _remote_dataset_configs(api, upload.repo_id, names.dataset_config)
+                if remote:
+                    variants_root = upload.folder / VARIANTS_DIR
+                    local = [read_variant(path) for path in sorted(variants_root.iterdir()) if path.is_dir()]
+                    local_names = {variant.name for variant in local}
+                    remote = [entry for entry in remote if entry["config_name"] not in local_names]
+                    local.sort(key=lambda variant: variant.name != names.dataset_config)
+                    merged_card = dataset_card(
+                        local, facts, names, default="" if remote_default else names.dataset_config,
+                        license_name=license_name, remote=remote,
+                    )
+            ignore = upload.ignore_patterns + (["README.md"] if merged_card else [])
+            api.upload_folder(
+                repo_id=upload.repo_id, folder_path=str(upload.folder), repo_type=upload.repo_type,
+                ignore_patterns=ignore, commit_message=f"sfm-hf export: {upload.what}",
+            )
+            if merged_card:
+                # The card listing the repo's other configs too; the local card keeps describing the local folder.
+                api.upload_file(
+                    path_or_fileobj=merged_card.encode(), path_in_repo="README.md", repo_id=upload.repo_id,
+                    repo_type=upload.repo_type, commit_message="sfm-hf export: dataset card with every config",
+                )
+            prefix = "datasets/" if upload.repo_type == "dataset" else ""
+            done.append(f"https://huggingface.co/{prefix}{upload.repo_id}")
+        except (HfHubHTTPError, HTTPError, OSError, ValueError) as error:
+            failed.append(f"{upload.what} -> {upload.repo_id}: {error.__class__.__name__}: {error}")
+    if failed:
+        raise PublishError(
+            "Upload failed for " + "; ".join(failed) + f". The local folders in {facts.output_dir} are intact; after "
+            "fixing the cause (login: `hf auth login`; network; permissions on the org) re-run only the upload with "
+            f"`accelerate launch recipes/distill.py --config <recipe> --output_dir {facts.output_dir} --stages export "
+            "--hub.push true`."
+            + (f" Already uploaded: {', '.join(done)}." if done else "")
+        )
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Exported:
+    """Where the export put things."""
+
+    names: RepoNames
+    folders: dict[str, Path | None]
+    urls: list[str]
+
+
+def snippets(folders: dict[str, Path | None]) -> dict[str, list[str]]:
+    """Two lines that load each exported folder (the same lines work with the Hub repo id)."""
+    lines = {}
+    if folders.get("dataset"):
+        lines["dataset"] = [
+            "from datasets import load_dataset",
+            f"synthetic = load_dataset({str(folders['dataset'])!r}, split='train')",
+        ]
+    if folders.get("model"):
+        lines["model"] = [
+            "from transformers import pipeline",
+            f"classify = pipeline('image-classification', model={str(folders['model'])!r}, trust_remote_code=True)",
+        ]
+    if folders.get("statistics"):
+        lines["statistics"] = [
+            "from safetensors.torch import load_file",
+            f"statistics = load_file({str(folders['statistics'] / 'statistics.safetensors')!r})",
+        ]
+    return lines
+
+
+def run_export(config: Config, accelerator) -> Exported | None:
+    """The export stage (main process only; the others wait). Returns what it wrote on the main process."""
+    exported = None
+    if accelerator.is_main_process:
+        exported = export_run(config)
+        print(summary(exported))
+    accelerator.wait_for_everyone()
+    return exported
+
+
+def export_run(config: Config) -> Exported:
+    facts = gather_facts(config)
+    names = repo_names(config, facts.source_dataset)
+    license_name = config.hub.license or source_license(facts.source_dataset)
+    wanted = set(config.hub.folders)
+    folders: dict[str, Path | None] = {"dataset": export_dataset(facts, names, license_name)}
+    folders["model"] = export_model(facts, names, license_name, folders["dataset"]) if "model" in wanted else None
+    folders["statistics"] = export_statistics(facts, names, license_name) if "statistics" in wanted else None
+    urls = publish(config, names, facts, folders, license_name) if config.hub.push else []
+    return Exported(names=names, folders=folders, urls=urls)
+
+
+def folder_bytes(folder: Path, ignore: list[str] | None = None) -> int:
+    """Bytes of the files under ``folder`` that an upload with ``ignore`` patterns would send."""
+    import fnmatch
+
+    total = 0
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and not any(fnmatch.fnmatch(relative, pattern) for pattern in ignore or []):
+            total += path.stat().st_size
+    return total
+
+
+def summary(exported: Exported) -> str:
+    ignores = {"dataset": SYNTHETIC_LOCAL_ONLY, "model": [], "statistics": STATISTICS_LOCAL_ONLY}
+    repos = {"dataset": exported.names.dataset, "model": exported.names.model, "statistics": exported.names.statistics}
+    lines = ["Export: Hub-layout folders (bytes that an upload sends; local-only files excluded)"]
+    code = snippets(exported.folders)
+    for what in ("dataset", "model", "statistics"):
+        folder = exported.folders.get(what)
+        if folder is None:
+            continue
+        size = folder_bytes(folder, ignores[what])
+        lines.append(f"  {what:<10} {folder}  ({human_size(size)}; repo {repos[what]})")
+        lines.extend(f"      {line}" for line in code[what])
+    if exported.urls:
+        lines.append("Pushed: " + ", ".join(exported.urls))
+    return "\n".join(lines)
+

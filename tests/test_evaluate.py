@@ -1,0 +1,323 @@
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_config
+from sfm_hf import evaluate
+from sfm_hf.backbones import load_backbone
+from sfm_hf.config import ConfigError, EvaluateOptions
+from sfm_hf.data import DatasetError, open_split
+from sfm_hf.evaluate import (
+    EvaluationError,
+    ProjectorMismatchError,
+    TrialSetup,
+    load_projector,
+    score_projector,
+    train_trial,
+)
+from sfm_hf.probe import accuracy
+from sfm_hf.runner import run_stages
+from sfm_hf.statistics import load_feature_cache, load_golden_classifier, stream_features
+
+CONTRACT_KEYS = {"train_set", "distill_backbone", "eval_backbone", "mode", "mean", "std", "per_trial", "trials", "ipc",
+                 "iterations", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def distilled_run(statistics_run, digits_dir, demo_backbone, tmp_path_factory):
+    """Stages I and II on the digits (a short SFM run); tests copy it before writing into it."""
+    from accelerate import Accelerator
+
+    output = tmp_path_factory.mktemp("evaluate") / "distilled"
+    shutil.copytree(statistics_run, output)
+    config = tiny_config(digits_dir, demo_backbone, output, iterations=120, pyramid_every=20, lr=0.02)
+    config.stages = ["distill"]
+    run_stages(config, Accelerator(cpu=True))
+    return output
+
+
+def evaluate_config(run, digits_dir, demo_backbone, tmp_path, name="run", **options):
+    output = tmp_path / name
+    if not output.exists():
+        shutil.copytree(run, output)
+    config = tiny_config(digits_dir, demo_backbone, output)
+    config.stages = ["evaluate"]
+    config.evaluate.trials = 2
+    config.evaluate.iterations = 100
+    config.evaluate.lr = 0.5
+    config.evaluate.projector_lr = 0.03
+    config.evaluate.curve_points = 3
+    for key, value in options.items():
+        setattr(config.evaluate, key, value)
+    config.validate()
+    return config
+
+
+def records_by_key(output):
+    records = json.loads((output / "results.json").read_text())
+    return {(r["train_set"], r["eval_backbone"], r["mode"]): r for r in records}
+
+
+def test_results_reference_rows_projector_and_report(distilled_run, digits_dir, demo_backbone, tmp_path, accelerator,
+                                                    capsys):
+    config = evaluate_config(distilled_run, digits_dir, demo_backbone, tmp_path)
+    run_stages(config, accelerator)
+    output = Path(config.output_dir)
+    records = records_by_key(output)
+    golden = records[("full_dataset", demo_backbone, "golden")]
+    stage_one = json.loads((output / "statistics" / "golden_classifier.json").read_text())
+    assert golden["mean"] == pytest.approx(stage_one["eval_accuracy"])
+    ci = records[("sfm", demo_backbone, "ci")]
+    vanilla = records[("sfm", demo_backbone, "vanilla")]
+    assert ci["mean"] > vanilla["mean"] + 0.1
+
+    for record in records.values():
+        assert CONTRACT_KEYS <= set(record)
+        assert record["distill_backbone"] == demo_backbone
+        assert len(record["per_trial"]) == record["trials"]
+        mean = sum(record["per_trial"]) / record["trials"]
+        assert record["mean"] == pytest.approx(mean)
+        assert record["std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in record["per_trial"]) / record["trials"]))
+    assert set(records) == {(name, demo_backbone, mode) for name, mode in [
+        ("random", "vanilla"), ("centroids", "vanilla"), ("sfm", "vanilla"), ("sfm", "ci"),
+        ("full_dataset", "vanilla"), ("full_dataset", "golden")]}
+    assert records[("random", demo_backbone, "vanilla")]["ipc"] == 1 and vanilla["iterations"] == 100
+
+    projector = load_file(output / ci["projector"])
+    assert ci["projector"] == evaluate.projector_path(demo_backbone)
+    assert projector["weight"].shape == (64, 64) and projector["bias"].shape == (64,)
+    assert ci["projector_accuracy"] == ci["per_trial"][0]
+    assert score_projector(config, accelerator, output / ci["projector"], demo_backbone) == pytest.approx(
+        ci["projector_accuracy"])
+    assert ci["curve"]["iterations"] == [0, 33, 67, 100]
+    assert ci["curve"]["mean"][-1] == pytest.approx(ci["mean"])
+
+    table = (output / "results.md").read_text()
+    for row in ("| Random |", "| Centroids |", "| SFM |", "| SFM+CI |", "| Full dataset |"):
+        assert row in table
+    assert "| SFM+CI |" in capsys.readouterr().out
+    for plot in ("accuracy_curves.png", "flow_pca.png"):
+        assert (output / "evaluation" / plot).stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def trial_parts(statistics_run, demo_backbone):
+    backbone = load_backbone(demo_backbone)
+    golden = load_golden_classifier(statistics_run / "statistics").requires_grad_(False)
+    features, labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "eval")
+    images = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return backbone, golden, features.float(), labels, images
+
+
+def make_setup(trial_parts, **options):
+    backbone, golden, features, labels, images = trial_parts
+    settings = EvaluateOptions(**{"iterations": 15, "curve_points": 0, "lr": 0.5, **options})
+    return TrialSetup(images, torch.arange(10), backbone, backbone, golden, features, labels, settings, seed=3407)
+
+
+def test_ci_on_the_distillation_backbone_comes_close_to_the_golden_classifier(distilled_run, trial_parts):
+    backbone, golden, features, labels, _ = trial_parts
+    synthetic = load_file(distilled_run / "synthetic" / "images.safetensors")
+    settings = EvaluateOptions(iterations=600, projector_lr=0.03, curve_points=0)
+    setup = TrialSetup(synthetic["images"], synthetic["labels"], backbone, backbone, golden, features, labels,
+                       settings, seed=3407)
+    ci = train_trial(setup, "ci").accuracy
+    golden_accuracy = accuracy(golden, features, labels)
+    print(f"CI {ci:.4f}, golden {golden_accuracy:.4f}")
+    assert abs(ci - golden_accuracy) < 0.04
+
+
+def test_kd_with_alpha_zero_is_plain_cross_entropy(trial_parts):
+    plain = train_trial(make_setup(trial_parts), "vanilla").predictor
+    kd_zero = train_trial(make_setup(trial_parts), "kd-0").predictor
+    kd_half = train_trial(make_setup(trial_parts), "kd-0.5").predictor
+    assert torch.equal(plain.weight, kd_zero.weight) and torch.equal(plain.bias, kd_zero.bias)
+    assert not torch.allclose(plain.weight, kd_half.weight)
+
+
+def test_sequential_training_starts_as_ci_and_inherits_the_golden_head(trial_parts):
+    ci = train_trial(make_setup(trial_parts), "ci")
+    # A vanishing head lr leaves ST (w/ IP) with CI's projector (same seed, same views) and the golden head.
+    st_ip = train_trial(make_setup(trial_parts, lr=1e-12), "st_ip")
+    torch.testing.assert_close(st_ip.projector.weight, ci.projector.weight)
+    assert st_ip.accuracy == pytest.approx(ci.accuracy)
+    for mode in ("jt", "jt_ip", "st"):
+        outcome = train_trial(make_setup(trial_parts), mode)
+        assert 0.0 <= outcome.accuracy <= 1.0 and outcome.projector.weight.shape == (64, 64)
+
+
+def test_a_bad_eval_split_is_a_clear_error(distilled_run, digits_dir, demo_backbone, tmp_path, accelerator):
+    config = evaluate_config(distilled_run, digits_dir, demo_backbone, tmp_path)
+    config.eval_split = "validation"
+    with pytest.raises(DatasetError, match=r"Split 'validation' does not exist.*available splits: \['train', 'test'\]"):
+        run_stages(config, accelerator)
+    config.eval_split = "train"
+    with pytest.raises(EvaluationError, match="eval_split and train_split are both 'train'"):
+        run_stages(config, accelerator)
+
+
+def test_a_projector_of_another_backbone_is_refused(statistics_run, digits_dir, demo_backbone, tiny_backbone, tmp_path,
+                                                     accelerator):
+    path = tmp_path / "projector.safetensors"
+    save_file({"weight": torch.zeros(64, 32), "bias": torch.zeros(64)}, str(path), metadata={"eval_backbone": "x/y"})
+    assert load_projector(path, eval_dim=32, distill_dim=64).weight.shape == (64, 32)
+    with pytest.raises(ProjectorMismatchError, match="takes 32-d features .trained for x/y.*gives 16-d"):
+        load_projector(path, eval_dim=16, distill_dim=64)
+    with pytest.raises(ProjectorMismatchError, match="outputs 64-d features.*takes 48-d"):
+        load_projector(path, eval_dim=32, distill_dim=48)
+    config = tiny_config(digits_dir, demo_backbone, statistics_run)
+    with pytest.raises(ProjectorMismatchError, match="gives 16-d features"):
+        score_projector(config, accelerator, path, tiny_backbone("clip"))
+
+
+@dataclass
+class FakeRank:
+    """An accelerator stand-in for one rank of a 2-process job, run one rank after the other."""
+
+    process_index: int
+    num_processes: int = 2
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    is_local_main_process = is_main_process
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+
+def test_two_ranks_stream_every_eval_image_exactly_once(digits_dir, demo_backbone, tmp_path):
+    from sfm_hf.config import DataOptions
+
+    backbone = load_backbone(demo_backbone)
+    source = open_split(str(digits_dir), "test")
+    cache = tmp_path / "cache"
+    seen = [stream_features(backbone, source, DataOptions(batch_size=100), FakeRank(rank), cache_dir=cache,
+                            prefix="eval").seen for rank in (0, 1)]
+    assert seen == [225, 225]
+    features, labels, indices = load_feature_cache(cache, "eval")
+    assert len(labels) == len(source.dataset) == 450
+    assert torch.equal(indices, torch.arange(450))
+    assert torch.equal(labels, torch.tensor(source.dataset["label"]))
+
+
+def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run, digits_dir, demo_backbone,
+                                                                  tiny_backbone, tmp_path, accelerator, monkeypatch):
+    lgm_run = tmp_path / "lgm-run"
+    shutil.copytree(distilled_run / "synthetic", lgm_run / "synthetic")
+    metadata = json.loads((lgm_run / "synthetic" / "synthetic.json").read_text())
+    (lgm_run / "synthetic" / "synthetic.json").write_text(json.dumps({**metadata, "method": "lgm"}))
+    other = tiny_backbone("dinov2")
+    config = evaluate_config(distilled_run, digits_dir, demo_backbone, tmp_path, trials=1, iterations=5,
+                             train_sets=["neighbors", "lgm", "sfm"], extra_synthetic=[str(lgm_run)])
+    config.eval_backbones = [demo_backbone, other]
+    run_stages(config, accelerator)
+    output = Path(config.output_dir)
+    records = records_by_key(output)
+    for name in ("neighbors_sfm", "neighbors_lgm", "lgm", "sfm"):
+        for backbone in (demo_backbone, other):
+            assert (name, backbone, "vanilla") in records
+    assert records[("neighbors_sfm", demo_backbone, "vanilla")]["neighbors_of"] == "sfm"
+    rows = records[("neighbors_sfm", demo_backbone, "vanilla")]["rows"]
+    train_labels = open_split(str(digits_dir), "train").dataset["label"]
+    assert [train_labels[row] for row in rows] == list(range(10))
+    projector = load_file(output / records[("sfm", other, "ci")]["projector"])
+    assert projector["weight"].shape == (64, 32)
+    cache = output / "evaluation" / "features" / evaluate.backbone_slug(other)
+    assert json.loads((cache / "eval.json").read_text())["images"] == 450
+    assert json.loads((cache / "train.json").read_text())["images"] == 1347
+    assert "Table 4 style" in (output / "results.md").read_text()
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the cached features should have been reused")
+
+    monkeypatch.setattr(evaluate, "stream_features", no_second_pass)
+    config.evaluate.train_sets = ["sfm"]
+    config.evaluate.modes = ["ci"]
+    run_stages(config, accelerator)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"modes": ["magic"]}, "`evaluate.modes` must be one of"),
+    ({"train_sets": ["neighbors", "random"]}, "`neighbors` needs a synthetic set"),
+    ({"kd_alphas": [1.5]}, "kd_alphas` must lie in"),
+    ({"trials": 0}, "`evaluate.trials` must be >= 1"),
+])
+def test_evaluate_options_are_checked(options, message, digits_dir, demo_backbone, tmp_path):
+    config = tiny_config(digits_dir, demo_backbone, tmp_path)
+    for key, value in options.items():
+        setattr(config.evaluate, key, value)
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_a_synthetic_set_the_run_will_not_make_is_caught_before_distilling(digits_dir, demo_backbone, tmp_path):
+    config = tiny_config(digits_dir, demo_backbone, tmp_path, method="lgm")
+    config.stages = ["statistics", "distill", "evaluate"]
+    with pytest.raises(ConfigError, match=r"asks for synthetic set\(s\) \['sfm'\].*distils with 'lgm'"):
+        config.validate()
+
+
+@pytest.mark.slow
+def test_two_processes_score_every_eval_image_once_and_agree_with_one(distilled_run, digits_dir, demo_backbone,
+                                                                    tiny_backbone, tmp_path, accelerator):
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import REPO, free_port
+
+    other = tiny_backbone("dinov2")
+    results = {}
+    for name in ("one", "two"):
+        config = evaluate_config(distilled_run, digits_dir, demo_backbone, tmp_path, name=name, trials=2,
+                                 iterations=20, train_sets=["sfm"], modes=["vanilla", "ci"], full_dataset=False)
+        config.eval_backbones = [demo_backbone, other]
+        if name == "one":
+            run_stages(config, accelerator)
+        else:
+            recipe = tmp_path / "recipe.yaml"
+            config.save(recipe)
+            command = [
+                str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(free_port()), str(REPO / "recipes" / "distill.py"), "--config", str(recipe),
+            ]
+            environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+            finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+            assert finished.returncode == 0, finished.stderr[-4000:]
+        results[name] = records_by_key(tmp_path / name)
+    cache = tmp_path / "two" / "evaluation" / "features" / evaluate.backbone_slug(other)
+    assert sorted(path.name for path in cache.glob("eval-rank*")) == ["eval-rank00-00000.safetensors",
+                                                                       "eval-rank01-00000.safetensors"]
+    features, labels, indices = load_feature_cache(cache, "eval")
+    assert torch.equal(indices, torch.arange(450)) and json.loads((cache / "eval.json").read_text())["images"] == 450
+    assert results["one"].keys() == results["two"].keys()
+    for key, record in results["one"].items():
+        # Same seeds, same views; the eval features may differ in the last bits with the batch split.
+        assert results["two"][key]["per_trial"] == pytest.approx(record["per_trial"], abs=2 / 450), key
+
+
+def test_real_baselines_of_a_streamed_split_ask_for_streaming_false(digits_dir, demo_backbone, tmp_path, accelerator):
+    from sfm_hf.baselines import BaselineError
+
+    config = tiny_config(digits_dir, demo_backbone, tmp_path / "streamed")
+    config.data.streaming = True
+    config.stages = ["statistics", "evaluate"]
+    config.evaluate.train_sets = ["random"]
+    config.evaluate.trials = 1
+    config.evaluate.iterations = 2
+    config.validate()
+    with pytest.raises(BaselineError, match="read it as a stream.*data.streaming: false"):
+        run_stages(config, accelerator)
