@@ -140,11 +140,11 @@ def demo_config(root: str | Path = "outputs/demo-assets", output_dir: str = "out
     config.golden.epochs = 50
     config.golden.lr = 3e-3
     # A 10-class, 64-d problem converges faster than ImageNet with ViT-B: fewer steps, a higher lr.
-    config.distill.iterations = 600
+    config.distill.iterations = 1500
     config.distill.lr = 0.01
     config.distill.syn_res = 32
-    config.distill.pyramid_every = 60
-    config.distill.checkpoint_every = 200
+    config.distill.pyramid_every = 150
+    config.distill.checkpoint_every = 500
     # Export ends the demo by printing the three Hub-layout folders and two lines that load each.
     config.stages = ["statistics", "distill", "evaluate", "export"]
     # Stage III, Table 2 style. Fewer trials and iterations than the paper's 5 x 1000 keep the demo short (the
