@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, augment
@@ -34,6 +33,7 @@ from .errors import RunStopped, StageInputError, UserError
 from .objectives import centre_flow_loss, flow_cosine, linear_head_gradient, random_linear_head, sfm_loss
 from .pyramid import build_images, growth_due
 from .statistics import STATISTICS_DIR, FEATURES_DIR, Statistics, load_feature_cache, open_config_split
+from .utils import save_tensors_atomically
 from .visualize import save_preview
 
 logger = logging.getLogger(__name__)
@@ -505,9 +505,9 @@ def _all_labels(num_classes: int, ipc: int) -> torch.Tensor:
 def write_synthetic(folder: Path, images, labels, statistics: Statistics, config: Config, seconds: float,
                     final_loss: float, agreement: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / "images.safetensors.tmp"
-    save_file({"images": images.float().contiguous(), "labels": labels.contiguous()}, str(temporary))
-    temporary.replace(folder / "images.safetensors")
+    save_tensors_atomically(
+        {"images": images.float().contiguous(), "labels": labels.contiguous()}, folder / "images.safetensors"
+    )
     metadata = {
         "class_names": statistics.class_names,
         "ipc": config.ipc,

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -60,6 +60,7 @@ from . import hub
 from .errors import StageInputError, UserError
 from .probe import accuracy, train_linear_head
 from .report import short_name
+from .utils import save_tensors_atomically, write_text_atomically
 from .statistics import (
     FEATURES_DIR,
     STATISTICS_DIR,
@@ -175,13 +176,11 @@ def split_features(
 
 def save_projector(projector: nn.Linear, path: Path, *, eval_backbone: str, distill_backbone: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(
+    save_tensors_atomically(
         {"weight": projector.weight.detach().cpu().contiguous(), "bias": projector.bias.detach().cpu().contiguous()},
-        str(temporary),
+        path,
         metadata={"eval_backbone": eval_backbone, "distill_backbone": distill_backbone},
     )
-    temporary.replace(path)
 
 
 def load_projector(path: str | Path, *, eval_dim: int, distill_dim: int) -> nn.Linear:
@@ -862,9 +861,7 @@ def _write_outputs(
     output_dir = Path(config.output_dir)
     folder = output_dir / EVALUATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = output_dir / (RESULTS_FILE + ".tmp")
-    temporary.write_text(json.dumps(records, indent=2))
-    temporary.replace(output_dir / RESULTS_FILE)
+    write_text_atomically(output_dir / RESULTS_FILE, json.dumps(records, indent=2))
     for stale in ("accuracy_curves.png", "flow_pca.png"):
         (folder / stale).unlink(missing_ok=True)
     plot_accuracy_curves(records, folder / "accuracy_curves.png")

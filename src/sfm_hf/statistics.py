@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .backbones import FrozenBackbone, load_backbone
@@ -26,6 +26,7 @@ from .errors import StageInputError
 from .data import DatasetError, SplitSource, as_float, image_batches, open_split
 from .objectives import statistical_flow
 from .probe import accuracy, train_linear_head
+from .utils import save_tensors_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ class Statistics:
         tensors = {"class_means": self.class_means.float().contiguous(), "class_counts": self.class_counts}
         if class_sums is not None:
             tensors["class_sums"] = class_sums
-        _atomic_save(tensors, directory / "statistics.safetensors")
+        save_tensors_atomically(tensors, directory / "statistics.safetensors")
         payload = {"class_names": self.class_names, **self.metadata}
-        _atomic_write_text(directory / "statistics.json", json.dumps(payload, indent=2))
+        write_text_atomically(directory / "statistics.json", json.dumps(payload, indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Statistics":
@@ -77,18 +78,6 @@ class Statistics:
         metadata = json.loads((directory / "statistics.json").read_text())
         class_names = metadata.pop("class_names")
         return cls(tensors["class_means"], tensors["class_counts"], class_names, metadata)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary))
-    temporary.replace(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 @dataclass
@@ -147,7 +136,7 @@ def stream_features(
         if not pending:
             return
         features, labels, indices = (torch.cat(parts) for parts in zip(*pending))
-        _atomic_save(
+        save_tensors_atomically(
             {"features": features.contiguous(), "labels": labels, "indices": indices},
             _shard_path(cache_dir, prefix, rank, shard_number),
         )
@@ -310,7 +299,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
     if accelerator.is_main_process:
         statistics.save(output, class_sums=train_pass.class_sums)
         golden = train_golden_classifier(config, cache_dir, statistics.num_classes)
-        _atomic_save(
+        save_tensors_atomically(
             {"weight": golden.weight.detach().contiguous(), "bias": golden.bias.detach().contiguous()},
             output / "golden_classifier.safetensors",
         )
@@ -326,7 +315,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             "weight_decay": config.golden.weight_decay,
             "seed": config.seed,
         }
-        _atomic_write_text(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
+        write_text_atomically(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
         print(
             f"Stage I: {train_pass.seen} images of {statistics.num_classes} classes "
             f"({train_pass.skipped} skipped) through {backbone.family} (D={backbone.feature_dim}) on "
