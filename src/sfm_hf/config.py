@@ -8,6 +8,7 @@ command line prints them all. Overrides use dotted paths: ``--ipc 2``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -289,6 +290,15 @@ class Config:
             raise ConfigError(f"Unknown stage(s) {unknown}; valid stages are {list(STAGES)}.")
         if not self.stages:
             raise ConfigError("`stages` is empty; nothing to run.")
+        # Each stage reads what the earlier ones wrote: run out of order, a stage would read the
+        # previous run's outputs and the two runs would mix. Refused rather than reordered, so that
+        # config.yaml never records an order that did not run.
+        in_order = sorted(dict.fromkeys(self.stages), key=STAGES.index)
+        if self.stages != in_order:
+            raise ConfigError(
+                f"`stages` {','.join(self.stages)} is out of order or repeats a stage: each stage reads the outputs of "
+                f"the ones before it, so they run in the order {','.join(STAGES)}; write --stages {','.join(in_order)}."
+            )
         if self.ipc < 1:
             raise ConfigError(f"`ipc` must be >= 1, got {self.ipc}.")
         _check_choice("statistics.non_target", self.statistics.non_target, ("class_mean", "sample"))
@@ -308,6 +318,9 @@ class Config:
         ):
             if value < 1:
                 raise ConfigError(f"`{key}` must be >= 1, got {value}.")
+        for key, value in (("distill.lr", self.distill.lr), ("golden.lr", self.golden.lr)):
+            if value <= 0:
+                raise ConfigError(f"`{key}` must be > 0, got {value}.")
         if not 0 < self.data.crop_ratio <= 1:
             raise ConfigError(f"`data.crop_ratio` must be in (0, 1], got {self.data.crop_ratio}.")
         if self.distill.checkpoint_chunk < 0:
@@ -364,7 +377,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .utils import write_text_atomically
+
+        write_text_atomically(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -372,8 +387,57 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"`{key}` must be one of {list(choices)}, got {value!r}.")
 
 
+class CommandLineText(str):
+    """A value typed on the command line: read by the field's declared type, never as YAML."""
+
+
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+NULL_WORDS = ("null", "none", "~")
+
+
+def _from_text(text: str, hint: Any, key: str) -> Any:
+    """Command-line text -> a value of ``hint``; strings stay exactly as typed."""
+    text = str(text)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        if text.strip().lower() in NULL_WORDS:
+            return None
+        (hint,) = options
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        inner = text.strip()
+        if inner.startswith("[") and inner.endswith("]"):
+            inner = inner[1:-1]
+        return [_from_text(part.strip(), item_hint, key) for part in inner.split(",") if part.strip()]
+    if hint is bool:
+        word = text.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ConfigError(f"`{key}` expects true or false, got {text!r}.")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"`{key}` expects an integer, got {text!r}.") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"`{key}` expects a finite number, got {text!r}.") from None
+    return text
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` (already YAML-parsed) against a field's type, converting the few safe cases."""
+    """Check ``value`` (YAML-parsed, or a command-line string) against a field's type, converting safe cases.
+
+    Command-line text goes through :func:`_from_text` first, so its strings stay verbatim
+    (``--dataset_config 1.10`` is '1.10', never the number 1.1).
+    """
+    if isinstance(value, CommandLineText):
+        value = _from_text(value, hint, key)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -404,9 +468,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"`{key}` expects an integer, got {value!r}.")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; it is a number to anyone writing a recipe.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ConfigError(f"`{key}` expects a number, got {value!r}.")
+        raise ConfigError(f"`{key}` expects a finite number, got {value!r}.")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -483,8 +553,25 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def option_type(key_path: str, cls: type = None) -> Any:
+    """The declared type of a dotted option, or None when no such leaf option exists."""
+    node = Config if cls is None else cls
+    *parents, leaf = key_path.split(".")
+    for part in parents:
+        hint = typing.get_type_hints(node).get(part)
+        if hint is None or not _is_section(hint):
+            return None
+        node = hint
+    return typing.get_type_hints(node).get(leaf)
+
+
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split ``--config PATH`` from ``--key value`` / ``--key=value`` overrides (values parsed as YAML)."""
+    """Split ``--config PATH`` from ``--key value`` / ``--key=value`` overrides.
+
+    Values stay text (:class:`CommandLineText`), read later by each field's declared type. A
+    boolean option given alone (``--hub.push``, followed by another option or nothing) means true,
+    as in the Hugging Face example scripts.
+    """
     recipe = None
     overrides: dict[str, Any] = {}
     position = 0
@@ -495,15 +582,20 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
         if "=" in token:
             key, raw = token[2:].split("=", 1)
             position += 1
-        else:
-            if position + 1 >= len(argv):
+        elif position + 1 >= len(argv) or argv[position + 1].startswith("--"):
+            key = token[2:]
+            if key == "config" or option_type(key) not in (bool, None):
                 raise ConfigError(f"Option {token} needs a value.")
+            # An unknown key gets its "Unknown key" message (with the known ones) when applied.
+            raw = "true"
+            position += 1
+        else:
             key, raw = token[2:], argv[position + 1]
             position += 2
         if key == "config":
             recipe = raw
         else:
-            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+            overrides[key] = CommandLineText(raw)
     return recipe, overrides
 
 
