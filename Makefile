@@ -2,7 +2,8 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.sfm-hf-installed
-LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# accelerate launch that passes on the run's own one-line error and exit status (see README).
+LAUNCH := $(PYTHON) -m sfm_hf.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: install demo test clean
 

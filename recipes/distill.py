@@ -1,4 +1,5 @@
-"""The one entry point for every stage: ``accelerate launch recipes/distill.py --config recipes/<name>.yaml``.
+"""The one entry point for every stage: ``python -m sfm_hf.launch recipes/distill.py --config recipes/<name>.yaml``
+(``accelerate launch`` options; failures end with one ``error:`` line and exit status 2).
 
 Without ``--config`` it runs the embedded default recipe: the offline digits demo.
 Any option can be overridden: ``--ipc 2 --distill.iterations 50 --stages statistics,distill``.
