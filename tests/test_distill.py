@@ -75,7 +75,7 @@ def test_interrupted_run_resumes_to_the_same_images(statistics_run, digits_dir, 
     monkeypatch.setattr(distill, "compute_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator, name="resumed", **options)
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "rank00.pt", weights_only=False)["step"] == 20
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "rank00.pt", weights_only=True)["step"] == 20
     monkeypatch.setattr(distill, "compute_loss", original)
     resumed, _, _ = synthetic(distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator,
                                           name="resumed", **options))
@@ -101,7 +101,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(statistics_run, di
     with pytest.raises(distill.NonFiniteLossError, match="non-finite at step 15"):
         distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator, iterations=40,
                     checkpoint_every=10, log_every=5)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "rank00.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "rank00.pt", weights_only=True)
     assert state["step"] == 10
     assert all(torch.isfinite(level).all() for level in state["levels"])
     assert not (tmp_path / "run" / "synthetic").exists()

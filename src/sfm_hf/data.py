@@ -81,9 +81,20 @@ def _load_dataset_dict(name: str, config_name: str | None, streaming: bool | Non
     path = Path(name)
     if path.is_dir():
         streaming = bool(streaming)
-        if _looks_like_image_folder(path):
-            return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming), streaming
-        return datasets.load_dataset(str(path), config_name, streaming=streaming), streaming
+        if not any(p.is_file() and not p.name.startswith(".") for p in path.rglob("*")):
+            raise DatasetError(
+                f"Dataset folder {name!r} holds no files: put split folders of class folders of images in it "
+                "(train/<class>/*.png, test/<class>/*.png) or parquet/arrow files."
+            )
+        try:
+            if _looks_like_image_folder(path):
+                return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming), streaming
+            return datasets.load_dataset(str(path), config_name, streaming=streaming), streaming
+        except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise DatasetError(
+                f"Cannot read the dataset folder {name!r} ({error.__class__.__name__}: {error}). It should hold "
+                "split folders of class folders of images, or parquet/arrow files."
+            ) from None
     if path.exists():
         raise DatasetError(f"Dataset {name!r} is a file; give a folder or a Hub dataset id.")
     streaming = True if streaming is None else streaming
@@ -120,7 +131,22 @@ def _detect_column(features: dict, wanted: str | None, kind: str, names: tuple[s
 
 def _class_names_from_values(values) -> tuple[list[str], dict[Any, int]]:
     distinct = sorted(set(values), key=lambda v: (str(type(v)), v))
-    return [str(v) for v in distinct], {value: index for index, value in enumerate(distinct)}
+    names = [str(v) for v in distinct]
+    _warn_case_variants(names)
+    return names, {value: index for index, value in enumerate(distinct)}
+
+
+def _warn_case_variants(class_names: list[str]) -> None:
+    """Labels such as 'Cat' and 'cat' are separate classes; usually that is a labelling slip."""
+    groups: dict[str, list[str]] = {}
+    for name in class_names:
+        groups.setdefault(name.casefold(), []).append(name)
+    variants = [names for names in groups.values() if len(names) > 1]
+    if variants:
+        logger.warning(
+            "Class names that differ only in case are kept as separate classes: %s. If they are one class, "
+            "make the labels identical.", "; ".join(" / ".join(repr(name) for name in names) for names in variants[:10]),
+        )
 
 
 def open_split(
@@ -145,19 +171,30 @@ def open_split(
     image_column = _detect_column(
         features, image_column, "image", IMAGE_COLUMN_NAMES, lambda f: isinstance(f, datasets.Image)
     )
-    label_column = _detect_column(
-        features, label_column, "label", LABEL_COLUMN_NAMES, lambda f: isinstance(f, datasets.ClassLabel)
-    )
+    try:
+        label_column = _detect_column(
+            features, label_column, "label", LABEL_COLUMN_NAMES, lambda f: isinstance(f, datasets.ClassLabel)
+        )
+    except DatasetError:
+        # The imagefolder loader drops the label column when a split has a single class folder.
+        if Path(name).is_dir():
+            _check_class_folders(Path(name), split)
+        raise
+    _check_column_kinds(features, image_column, label_column)
     label_feature = features[label_column]
     label_to_id = None
     if isinstance(label_feature, datasets.ClassLabel):
         class_names = list(label_feature.names)
+        _warn_case_variants(class_names)
     else:
         # Without a ClassLabel the classes must be read off the data; only the label column is read.
         values = [row[label_column] for row in dataset.select_columns([label_column])]
         class_names, label_to_id = _class_names_from_values(values)
-    if not class_names:
-        raise DatasetError(f"Split {split!r} of {name!r} has no classes.")
+    if len(class_names) < 2:
+        raise DatasetError(
+            f"Split {split!r} of {name!r} has {len(class_names)} class(es) {class_names} in column {label_column!r}: "
+            "the statistical flow needs at least two classes."
+        )
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return SplitSource(
         dataset=dataset,
@@ -171,6 +208,63 @@ def open_split(
     )
 
 
+def _check_class_folders(root: Path, split: str) -> None:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        return
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DatasetError(
+            f"Split folder {str(split_dir)!r} has {len(classes)} class folder(s) {classes}: the statistical flow needs "
+            "at least two classes (one sub-folder of images per class)."
+        )
+
+
+def _check_column_kinds(features: dict, image_column: str, label_column: str) -> None:
+    """Catch swapped or mistyped columns now, not as a TypeError deep inside the first batch."""
+    import datasets
+
+    if image_column == label_column:
+        raise DatasetError(f"`image_column` and `label_column` are both {image_column!r}; they must differ.")
+    image_feature, label_feature = features[image_column], features[label_column]
+    if isinstance(label_feature, datasets.Image):
+        raise DatasetError(
+            f"The label column {label_column!r} holds images. Are `image_column` and `label_column` swapped? "
+            f"Columns: {list(features)}."
+        )
+    if not isinstance(image_feature, datasets.Image) and not (
+        isinstance(image_feature, datasets.Value) and image_feature.dtype in ("binary", "large_binary", "string")
+    ):
+        raise DatasetError(
+            f"The image column {image_column!r} holds {image_feature}, not images. Are `image_column` and "
+            f"`label_column` swapped? Columns: {list(features)}."
+        )
+    if not isinstance(label_feature, (datasets.ClassLabel, datasets.Value)):
+        raise DatasetError(
+            f"The label column {label_column!r} holds {type(label_feature).__name__} values, not one label per "
+            f"image; set `label_column` to one of {list(features)}."
+        )
+
+
+# High-bit-depth greyscale modes; PIL's convert("RGB") clips their values at 255 instead of scaling.
+WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+def _to_eight_bits(image: PILImage.Image) -> PILImage.Image:
+    """A 16-bit, 32-bit integer or float greyscale image scaled to 8 bits ("L").
+
+    16-bit modes span 0..65535. For "I" and "F" the range is read off the values: floats in
+    [0, 1] are scaled by 255, values up to 255 are kept, larger ones are taken as 16-bit.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or top > 255:
+        values = values / 257.0
+    elif image.mode == "F" and top <= 1.0:
+        values = values * 255.0
+    return PILImage.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_rgb(value: Any) -> PILImage.Image:
     """Decode a datasets Image value ({'bytes', 'path'}) or a PIL image into RGB."""
     if isinstance(value, PILImage.Image):
@@ -181,6 +275,8 @@ def load_rgb(value: Any) -> PILImage.Image:
         image = PILImage.open(value["path"])
     else:
         raise ValueError("empty image value")
+    if image.mode in WIDE_MODES:
+        image = _to_eight_bits(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "RGBA":

@@ -33,7 +33,7 @@ from .errors import RunStopped, StageInputError, UserError
 from .objectives import centre_flow_loss, flow_cosine, linear_head_gradient, random_linear_head, sfm_loss
 from .pyramid import build_images, growth_due
 from .statistics import STATISTICS_DIR, FEATURES_DIR, Statistics, load_feature_cache, open_config_split
-from .utils import save_tensors_atomically
+from .utils import atomic_path, save_tensors_atomically, write_text_atomically
 from .visualize import save_preview
 
 logger = logging.getLogger(__name__)
@@ -224,52 +224,104 @@ def _checkpoint_path(output_dir: Path, rank: int) -> Path:
     return output_dir / CHECKPOINT_DIR / f"rank{rank:02d}.pt"
 
 
-def _fingerprint(config: Config, world_size: int) -> dict:
-    """The settings a checkpoint is only valid for (iterations may grow; logging may change)."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, or that was made from other inputs or settings than this run's."""
+
+
+def _fingerprint(config: Config, statistics: Statistics, world_size: int) -> dict:
+    """The inputs and settings a checkpoint is only valid for (iterations may grow; logging may change)."""
     options = {f"distill.{key}": value for key, value in asdict(config.distill).items()}
     for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "compile", "checkpoint_chunk"):
         options.pop(f"distill.{free}")
     return {**options, "ipc": config.ipc, "seed": config.seed, "backbone": config.backbone,
-            "statistics.non_target": config.statistics.non_target, "world_size": world_size}
+            "statistics.non_target": config.statistics.non_target, "world_size": world_size,
+            "statistics": statistics.digest, "dataset": config.dataset, "dataset_config": config.dataset_config,
+            "train_split": config.train_split}
 
 
-def save_checkpoint(path: Path, images, optimizer, step: int, fingerprint: dict) -> None:
+def synthetic_inputs(config: Config, statistics: Statistics) -> dict:
+    """What the synthetic images are a function of: the checkpoint's inputs and the number of steps.
+
+    The number of processes is left out: 1 and N processes make the same images.
+    """
+    inputs = _fingerprint(config, statistics, world_size=1)
+    inputs.pop("world_size")
+    return {**inputs, "distill.iterations": config.distill.iterations}
+
+
+def _rng_state() -> dict:
+    """Every RNG state as tensors and plain lists, so that the checkpoint loads with ``weights_only=True``."""
+    numpy_name, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_name, torch.from_numpy(numpy_keys.astype(np.int64)), numpy_position, numpy_has_gauss,
+                  numpy_gauss],
+        "python": [python_version, list(python_internal), python_gauss],
+    }
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_name, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = state["numpy"]
+    np.random.set_state((numpy_name, numpy_keys.numpy().astype(np.uint32), numpy_position, numpy_has_gauss,
+                         numpy_gauss))
+    python_version, python_internal, python_gauss = state["python"]
+    random.setstate((python_version, tuple(python_internal), python_gauss))
+
+
+def save_checkpoint(path: Path, images, optimizer, step: int, fingerprint: dict, *, loss: float,
+                    seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "levels": [level.detach().cpu() for level in images.levels],
         "optimizer": optimizer.state_dict(),
         "fingerprint": fingerprint,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
+        "rng": _rng_state(),
+        # Kept so that a resumed run reports its whole time and a finished one its last loss.
+        "loss": loss,
+        "seconds": seconds,
     }
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
-def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
+CHECKPOINT_KEYS = ("step", "levels", "optimizer", "fingerprint", "rng", "loss", "seconds")
+
+
+def read_checkpoint(path: Path, fingerprint: dict) -> dict | None:
+    """The checkpoint at ``path`` when it belongs to this run, None when there is none.
+
+    Loaded with ``weights_only=True``: a checkpoint holds tensors and plain values only, so a
+    crafted file cannot run code. Unreadable files and other runs' checkpoints raise
+    :class:`CheckpointError` naming the file and what to do.
+    """
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    start_over = f"Delete {path.parent} to start distillation over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- truncated, empty, garbage or unsafe: all mean "not ours"
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise CheckpointError(
+            f"Checkpoint {path} cannot be read ({error.__class__.__name__}{': ' + reason if reason else ''}): it is "
+            f"truncated, empty or not a checkpoint of this version of sfm-hf. {start_over}."
+        ) from None
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f"Checkpoint {path} is not a checkpoint of this version of sfm-hf. {start_over}.")
     if state["fingerprint"] != fingerprint:
         changed = sorted(
             key for key in set(state["fingerprint"]) | set(fingerprint)
             if state["fingerprint"].get(key) != fingerprint.get(key)
         )
-        raise UserError(
-            f"The checkpoint in {path.parent} belongs to a run with different settings ({', '.join(changed)}). "
-            "Use a new output_dir, or delete that folder to start over."
+        raise CheckpointError(
+            f"The checkpoint in {path.parent} belongs to a run with different settings or inputs "
+            f"({', '.join(changed)}). Use a new output_dir, or delete that folder to start over."
         )
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
     return state
 
 
@@ -344,8 +396,8 @@ def _load_statistics(config: Config) -> Statistics:
     directory = statistics_dir(config)
     if not (directory / "statistics.safetensors").is_file():
         raise StageInputError(
-            f"Stage 'distill' needs {directory}/statistics.safetensors: run the 'statistics' stage first "
-            "(add it to --stages)."
+            f"Stages {[stage for stage in config.stages if stage != 'statistics']} need "
+            f"{directory}/statistics.safetensors: run the 'statistics' stage first (add it to --stages)."
         )
     return Statistics.load(directory)
 
@@ -385,11 +437,38 @@ def _random_real_agreement(config: Config, statistics: Statistics) -> float | No
     return 1.0 - float(loss)
 
 
+def _up_to_date(folder: Path, inputs: dict) -> bool:
+    """Whether ``folder`` already holds the images of exactly these inputs (a finished, unchanged run)."""
+    try:
+        metadata = json.loads((folder / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return metadata.get("inputs") == inputs and (folder / "images.safetensors").is_file()
+
+
+def check_resumable(config: Config, world_size: int) -> None:
+    """Raise before anything is written when the existing checkpoint cannot be resumed by this run.
+
+    Only meaningful when the statistics already exist (the 'statistics' stage is not part of this
+    run; if it is, it invalidates the checkpoints itself when it changes the statistics).
+    """
+    statistics = _load_statistics(config)
+    fingerprint = _fingerprint(config, statistics, world_size)
+    for rank in range(world_size):
+        read_checkpoint(_checkpoint_path(Path(config.output_dir), rank), fingerprint)
+
+
 def run_distill(config: Config, accelerator) -> Path:
     """Stage II; writes ``<output_dir>/synthetic/`` and returns that folder."""
     options = config.distill
     output_dir = Path(config.output_dir)
+    folder = output_dir / SYNTHETIC_DIR
     statistics = _load_statistics(config)
+    inputs = synthetic_inputs(config, statistics)
+    if _up_to_date(folder, inputs):
+        if accelerator.is_main_process:
+            print(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
+        return folder
     backbone = load_backbone(config.backbone, device=accelerator.device)
     if backbone.feature_dim != statistics.feature_dim:
         raise UserError(
@@ -412,20 +491,30 @@ def run_distill(config: Config, accelerator) -> Path:
 
     images = fresh_images()
     optimizer = make_optimizer(images, options.lr, device)
-    fingerprint = _fingerprint(config, world_size)
+    fingerprint = _fingerprint(config, statistics, world_size)
     checkpoint_path = _checkpoint_path(output_dir, rank)
-    start_step = 0
-    state = load_checkpoint(checkpoint_path, fingerprint)
+    start_step, earlier_seconds = 0, 0.0
+    last_loss = torch.full((), float("nan"), device=device)
+    saved_step = None
+    state = read_checkpoint(checkpoint_path, fingerprint)
     if state is not None:
-        images.load_levels([level.to(device) for level in state["levels"]])
-        optimizer = make_optimizer(images, options.lr, device)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+        try:
+            images.load_levels([level.to(device) for level in state["levels"]])
+            optimizer = make_optimizer(images, options.lr, device)
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(
+                f"Checkpoint {checkpoint_path} does not fit this run's images ({error}). Delete "
+                f"{checkpoint_path.parent} to start distillation over."
+            ) from None
+        _restore_rng(state["rng"])
+        start_step = saved_step = state["step"]
+        earlier_seconds = state["seconds"]
+        last_loss = torch.full((), state["loss"], device=device)
         if accelerator.is_main_process:
             print(f"Stage II: resuming from step {start_step} ({checkpoint_path.parent}).")
 
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    last_loss = torch.full((), float("nan"), device=device)
     progress = tqdm(
         range(start_step, options.iterations), initial=start_step, total=options.iterations,
         desc=f"Stage II: {options.method}", unit="step", disable=not accelerator.is_local_main_process,
@@ -435,10 +524,14 @@ def run_distill(config: Config, accelerator) -> Path:
     def check_finite(step: int) -> None:
         bad = int(first_bad_step)
         if bad >= 0:
+            kept = (
+                f"The last good checkpoint (step {saved_step}) is kept in {checkpoint_path.parent}."
+                if saved_step is not None else
+                f"No checkpoint was written before it (distill.checkpoint_every: {options.checkpoint_every})."
+            )
             raise NonFiniteLossError(
-                f"Stage II stopped: the {options.method} loss became non-finite at step {bad}. The last good "
-                f"checkpoint is kept in {checkpoint_path.parent}. Try a lower distill.lr or "
-                "distill.mixed_precision: no."
+                f"Stage II stopped: the {options.method} loss became non-finite at step {bad}. {kept} Try a lower "
+                "distill.lr or distill.mixed_precision: no."
             )
 
     for step in progress:
@@ -456,23 +549,19 @@ def run_distill(config: Config, accelerator) -> Path:
             accelerator.log({"distill/loss": value}, step=done)
         if options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.iterations:
             check_finite(step)
-            save_checkpoint(checkpoint_path, images, optimizer, done, fingerprint)
-        if options.preview_every and done % options.preview_every == 0 and done < options.iterations:
-            local = images().detach()
-            gathered = _gather_images(accelerator, local, shares)
-            if accelerator.is_main_process:
-                save_preview(gathered.cpu(), _all_labels(num_classes, config.ipc), statistics.class_names,
-                             output_dir / SYNTHETIC_DIR / "preview.png")
+            save_checkpoint(checkpoint_path, images, optimizer, done, fingerprint, loss=float(last_loss),
+                            seconds=earlier_seconds + time.perf_counter() - start_time)
+            saved_step = done
     progress.close()
     if options.iterations > start_step:
         check_finite(options.iterations - 1)
-    seconds = time.perf_counter() - start_time
+    seconds = earlier_seconds + time.perf_counter() - start_time
     with torch.no_grad():
         final_local = images().detach()
     final = _gather_images(accelerator, final_local, shares).cpu()
     if options.checkpoint_every:
-        save_checkpoint(checkpoint_path, images, optimizer, max(start_step, options.iterations), fingerprint)
-    folder = output_dir / SYNTHETIC_DIR
+        save_checkpoint(checkpoint_path, images, optimizer, max(start_step, options.iterations), fingerprint,
+                        loss=float(last_loss), seconds=seconds)
     if accelerator.is_main_process:
         labels = _all_labels(num_classes, config.ipc)
         with torch.no_grad():
@@ -486,7 +575,9 @@ def run_distill(config: Config, accelerator) -> Path:
             "initial_images": flow_agreement(unwrapped, initial, labels, statistics),
             "random_real_images": _random_real_agreement(config, statistics),
         }
-        write_synthetic(folder, final, labels, statistics, config, seconds, float(last_loss), agreement)
+        saturated = saturated_fraction(final)
+        write_synthetic(folder, final, labels, statistics, config, seconds, float(last_loss), agreement,
+                        inputs=inputs, saturated=saturated)
         real = agreement["random_real_images"]
         print(
             f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px) by {options.method} in "
@@ -494,8 +585,25 @@ def run_distill(config: Config, accelerator) -> Path:
             f"cos(F*, flow): final {agreement['final_images']:.3f}, initial {agreement['initial_images']:.3f}, "
             f"random real {'n/a' if real is None else f'{real:.3f}'}. -> {folder}"
         )
+        if saturated > SATURATION_WARNING:
+            logger.warning(
+                "%.0f%% of the synthetic pixel values sit at 0 or 1 (saturated): the images carry little beyond "
+                "their sign pattern, whatever the flow cosine says. distill.lr %g is probably too high for "
+                "distill.representation %r.", 100 * saturated, options.lr, options.representation,
+            )
     accelerator.wait_for_everyone()
     return folder
+
+
+# A pixel "sits at 0 or 1" when it rounds to 0 or 255 in 8 bits.
+SATURATION_TOLERANCE = 0.5 / 255
+SATURATION_WARNING = 0.5
+
+
+def saturated_fraction(images: torch.Tensor) -> float:
+    """Share of the pixel values of ``images`` (in [0, 1]) that round to 0 or 255 in 8 bits."""
+    saturated = (images <= SATURATION_TOLERANCE) | (images >= 1 - SATURATION_TOLERANCE)
+    return float(saturated.float().mean())
 
 
 def _all_labels(num_classes: int, ipc: int) -> torch.Tensor:
@@ -503,8 +611,11 @@ def _all_labels(num_classes: int, ipc: int) -> torch.Tensor:
 
 
 def write_synthetic(folder: Path, images, labels, statistics: Statistics, config: Config, seconds: float,
-                    final_loss: float, agreement: dict) -> None:
+                    final_loss: float, agreement: dict, *, inputs: dict, saturated: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    # The record goes first and comes back last: a crash in between leaves images without a record
+    # (re-made by the next run), never a record describing other images.
+    (folder / "synthetic.json").unlink(missing_ok=True)
     save_tensors_atomically(
         {"images": images.float().contiguous(), "labels": labels.contiguous()}, folder / "images.safetensors"
     )
@@ -521,6 +632,9 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "seconds": round(seconds, 3),
         "final_loss": None if not math.isfinite(final_loss) else final_loss,
         "flow_cosine": agreement,
+        "saturated_fraction": round(saturated, 4),
+        # What these images were made from: a later run compares it to decide whether they are current.
+        "inputs": inputs,
     }
-    (folder / "synthetic.json").write_text(json.dumps(metadata, indent=2))
+    write_text_atomically(folder / "synthetic.json", json.dumps(metadata, indent=2))
     save_preview(images, labels, statistics.class_names, folder / "preview.png")

@@ -60,7 +60,7 @@ from . import hub
 from .errors import StageInputError, UserError
 from .probe import accuracy, train_linear_head
 from .report import short_name
-from .utils import save_tensors_atomically, write_text_atomically
+from .utils import save_tensors_atomically, share_from_main, write_text_atomically
 from .statistics import (
     FEATURES_DIR,
     STATISTICS_DIR,
@@ -497,25 +497,6 @@ class TrainSet:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _share_from_main(accelerator, compute: Callable[[], Any]) -> Any:
-    """Compute on the main process and give every process the (picklable) result.
-
-    A user error on the main process is raised on every process, which would otherwise wait forever.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    payload: list[Any] = [None]
-    if accelerator.is_main_process:
-        try:
-            payload = [compute()]
-        except UserError as error:
-            payload = [error]
-    broadcast_object_list(payload)
-    if isinstance(payload[0], UserError):
-        raise payload[0]
-    return payload[0]
-
-
 def build_train_sets(
     config: Config,
     accelerator,
@@ -531,7 +512,7 @@ def build_train_sets(
     wanted_baselines = [name for name in options.train_sets if name not in SYNTHETIC_TRAIN_SETS]
     rows: dict[str, Any] = {}
     if wanted_baselines:
-        rows = _share_from_main(
+        rows = share_from_main(
             accelerator, lambda: _baseline_rows(config, statistics, distill_backbone, synthetic, wanted_baselines)
         )
         source = open_config_split(config, config.train_split)

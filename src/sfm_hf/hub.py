@@ -12,11 +12,9 @@ from pathlib import Path
 
 from .config import Config
 from .errors import StageInputError, UserError
-from .statistics import STATISTICS_DIR
+from .statistics import STATISTICS_DIR, STATISTICS_OUTPUTS
 
-STATISTICS_FILES = (
-    "statistics.safetensors", "statistics.json", "golden_classifier.safetensors", "golden_classifier.json", "README.md",
-)
+STATISTICS_FILES = (*STATISTICS_OUTPUTS, "README.md")
 
 
 class HubAccessError(UserError):

@@ -1,17 +1,34 @@
-"""Runs the configured stages in order; each stage reads its inputs from, and writes to, ``output_dir``."""
+"""Runs the configured stages in order; each stage reads its inputs from, and writes to, ``output_dir``.
+
+Before anything is written, the run takes a lock on ``output_dir`` and checks the inputs of the
+stages it will not produce itself; only then is ``config.yaml`` written. When a stage changes
+its outputs, the outputs of later stages made from the old ones are removed, so that nothing in
+``output_dir`` disagrees with its inputs.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from .config import Config
 from .hub import check_sources
-from .statistics import run_statistics
+from .statistics import FEATURES_DIR, STATISTICS_DIR, run_statistics
+from .utils import OutputDirLock, file_digest, prepare_output_dir, share_from_main
 
 logger = logging.getLogger(__name__)
+
+# The file whose change means a stage made new outputs, and what later stages built on the old ones.
+STAGE_OUTPUT = {"statistics": f"{STATISTICS_DIR}/statistics.safetensors", "distill": "synthetic/images.safetensors"}
+DEPENDENT_OUTPUTS = {
+    "statistics": ["checkpoints", "synthetic", "evaluation", "model"],
+    "distill": ["evaluation", "model"],
+}
+# Feature caches are keyed by what they were computed from, so they stay valid.
+KEPT_INSIDE_DEPENDENTS = (FEATURES_DIR,)
 
 
 def stage_functions() -> dict[str, Callable]:
@@ -20,6 +37,44 @@ def stage_functions() -> dict[str, Callable]:
     from .export import run_export
 
     return {"statistics": run_statistics, "distill": run_distill, "evaluate": run_evaluate, "export": run_export}
+
+
+def check_inputs(config: Config, world_size: int) -> None:
+    """Refuse, before anything is written, a run whose existing inputs cannot serve the stages.
+
+    Only the inputs of stages that this run does not produce itself are checked: the statistics
+    and the distillation checkpoint when 'statistics' is not among the stages.
+    """
+    if "statistics" in config.stages or not {"distill", "evaluate", "export"} & set(config.stages):
+        return
+    from .distill import _load_statistics, check_resumable
+    from .statistics import check_ipc_fits
+
+    statistics = _load_statistics(config)
+    check_ipc_fits(config, statistics.class_counts, statistics.class_names)
+    if "distill" in config.stages:
+        check_resumable(config, world_size)
+
+
+def _digest_or_none(path: Path) -> str | None:
+    return file_digest(path) if path.is_file() else None
+
+
+def invalidate_dependents(output_dir: Path, stage: str) -> list[Path]:
+    """Remove the outputs of later stages made from ``stage``'s previous outputs; returns what went."""
+    removed = []
+    for name in DEPENDENT_OUTPUTS[stage]:
+        path = output_dir / name
+        if not path.exists():
+            continue
+        entries = [path] if path.is_file() else [p for p in path.iterdir() if p.name not in KEPT_INSIDE_DEPENDENTS]
+        for entry in entries:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        removed.append(path)
+    return removed
 
 
 def run_stages(config: Config, accelerator) -> dict[str, float]:
@@ -33,19 +88,45 @@ def run_stages(config: Config, accelerator) -> dict[str, float]:
     # A missing, gated or unreachable Hub repo fails here in a second, not after minutes of retries.
     check_sources(config)
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    lock = OutputDirLock(output_dir)
+
+    def prepare() -> None:
+        prepare_output_dir(output_dir)
+        lock.acquire()
+        try:
+            check_inputs(config, accelerator.num_processes)
+            config.save(output_dir / "config.yaml")
+        except BaseException:
+            lock.release()
+            raise
+
+    share_from_main(accelerator, prepare)
+    try:
+        return _run_in_order(config, accelerator, available, set_seed)
+    finally:
+        lock.release()
+
+
+def _run_in_order(config: Config, accelerator, available: dict[str, Callable], set_seed) -> dict[str, float]:
+    output_dir = Path(config.output_dir)
     if accelerator.trackers:
         scalars = {key: value for key, value in _flatten(config.to_dict()).items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("sfm-hf", config=scalars)
     timings = {}
     for stage in config.stages:
         set_seed(config.seed)
+        output = output_dir / STAGE_OUTPUT[stage] if stage in STAGE_OUTPUT else None
+        watch = output is not None and accelerator.is_main_process
+        before = _digest_or_none(output) if watch else None
         start = time.perf_counter()
         available[stage](config, accelerator)
         timings[stage] = time.perf_counter() - start
+        if watch and _digest_or_none(output) != before:
+            removed = invalidate_dependents(output_dir, stage)
+            if removed:
+                print(f"Stage {stage} made new outputs; removed what was built on the old ones: "
+                      f"{', '.join(str(path) for path in removed)}.")
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         summary = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
         print(f"Done ({summary}). Outputs in {output_dir.resolve()}")

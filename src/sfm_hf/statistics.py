@@ -26,13 +26,20 @@ from .errors import StageInputError
 from .data import DatasetError, SplitSource, as_float, image_batches, open_split
 from .objectives import statistical_flow
 from .probe import accuracy, train_linear_head
-from .utils import save_tensors_atomically, write_text_atomically
+from .utils import file_digest, save_tensors_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
 STATISTICS_DIR = "statistics"
 FEATURES_DIR = "features"
 ROWS_PER_SHARD = 16384
+STATISTICS_OUTPUTS = (
+    "statistics.safetensors", "statistics.json", "golden_classifier.safetensors", "golden_classifier.json",
+)
+
+
+class StatisticsFileError(StageInputError):
+    """A statistics folder whose files are unreadable, incomplete or inconsistent."""
 
 
 @dataclass
@@ -43,6 +50,8 @@ class Statistics:
     class_counts: torch.Tensor
     class_names: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of statistics.safetensors; set by save() and load(). Later stages record it as their input.
+    digest: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -63,21 +72,48 @@ class Statistics:
         if class_sums is not None:
             tensors["class_sums"] = class_sums
         save_tensors_atomically(tensors, directory / "statistics.safetensors")
-        payload = {"class_names": self.class_names, **self.metadata}
+        self.digest = file_digest(directory / "statistics.safetensors")
+        payload = {"class_names": self.class_names, **self.metadata, "digest": self.digest}
         write_text_atomically(directory / "statistics.json", json.dumps(payload, indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Statistics":
+        """Read a Stage I folder; anything unreadable or inconsistent is a :class:`StatisticsFileError`."""
         directory = Path(directory)
-        tensor_path = directory / "statistics.safetensors"
+        tensor_path, json_path = directory / "statistics.safetensors", directory / "statistics.json"
         if not tensor_path.is_file():
             raise StageInputError(
                 f"No statistics in {directory}: run the 'statistics' stage first (or point at a statistics folder)."
             )
-        tensors = load_file(tensor_path)
-        metadata = json.loads((directory / "statistics.json").read_text())
-        class_names = metadata.pop("class_names")
-        return cls(tensors["class_means"], tensors["class_counts"], class_names, metadata)
+        recompute = "delete it and run the 'statistics' stage again (or point `statistics_from` at a complete folder)"
+        try:
+            tensors = load_file(tensor_path)
+        except Exception as error:  # noqa: BLE001 -- safetensors raises several types for a damaged file
+            raise StatisticsFileError(
+                f"{tensor_path} cannot be read ({error.__class__.__name__}: {error}): it is truncated or not a "
+                f"statistics file; {recompute}."
+            ) from None
+        try:
+            metadata = json.loads(json_path.read_text())
+            class_names = list(metadata.pop("class_names"))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise StatisticsFileError(
+                f"{json_path} is missing or damaged ({error.__class__.__name__}: {error}); {recompute}."
+            ) from None
+        means, counts = tensors.get("class_means"), tensors.get("class_counts")
+        if means is None or counts is None:
+            raise StatisticsFileError(f"{tensor_path} lacks class_means or class_counts; {recompute}.")
+        if means.ndim != 2 or counts.shape != (means.shape[0],) or means.shape[0] != len(class_names):
+            raise StatisticsFileError(
+                f"{tensor_path} holds class_means {list(means.shape)} and class_counts {list(counts.shape)}, but "
+                f"{json_path.name} names {len(class_names)} classes: the two files do not belong together; {recompute}."
+            )
+        if not bool(torch.isfinite(means).all()):
+            raise StatisticsFileError(
+                f"{tensor_path} holds NaN or infinite class means (a backbone that overflowed?); {recompute}."
+            )
+        metadata.pop("digest", None)
+        return cls(means, counts, class_names, metadata, digest=file_digest(tensor_path))
 
 
 @dataclass
@@ -232,6 +268,36 @@ def _check_classes(feature_pass: FeaturePass, source: SplitSource) -> None:
         )
 
 
+def check_same_classes(train: SplitSource, evaluation: SplitSource) -> None:
+    """Train and eval splits must name the same classes in the same order; say which ones differ."""
+    if evaluation.class_names == train.class_names:
+        return
+    only_train = [name for name in train.class_names if name not in evaluation.class_names]
+    only_eval = [name for name in evaluation.class_names if name not in train.class_names]
+    detail = (
+        f"only in {train.split!r}: {only_train[:10]}; only in {evaluation.split!r}: {only_eval[:10]}"
+        if only_train or only_eval else "the same names in a different order"
+    )
+    raise DatasetError(
+        f"Splits {train.split!r} ({train.num_classes} classes) and {evaluation.split!r} ({evaluation.num_classes}) "
+        f"of {train.name!r} have different classes ({detail}): evaluate on a split with the same classes."
+    )
+
+
+def check_ipc_fits(config: Config, class_counts: torch.Tensor, class_names: list[str]) -> None:
+    """The random and centroid baselines of Stage III take ``ipc`` real train images of every class."""
+    baselines = [name for name in ("random", "centroids") if name in config.evaluate.train_sets]
+    if "evaluate" not in config.stages or not baselines:
+        return
+    short = [(name, int(count)) for name, count in zip(class_names, class_counts.tolist()) if count < config.ipc]
+    if short:
+        raise DatasetError(
+            f"`ipc` is {config.ipc} but {len(short)} class(es) have fewer train images, e.g. {short[:5]} (name, "
+            f"images): the {baselines} baseline(s) of Stage III take ipc real images per class. Lower ipc, or remove "
+            "them from `evaluate.train_sets`."
+        )
+
+
 def _report_skipped(feature_pass: FeaturePass, split: str) -> None:
     if feature_pass.skipped:
         logger.warning(
@@ -258,11 +324,12 @@ def run_statistics(config: Config, accelerator) -> Statistics:
     backbone = load_backbone(config.backbone, device=accelerator.device)
     train = open_config_split(config, config.train_split)
     evaluation = open_config_split(config, config.eval_split)
-    if evaluation.class_names != train.class_names:
-        raise DatasetError(
-            f"Splits {config.train_split!r} and {config.eval_split!r} have different classes: "
-            f"{train.num_classes} vs {evaluation.num_classes}."
-        )
+    check_same_classes(train, evaluation)
+    if accelerator.is_main_process:
+        # The feature cache is about to be rewritten: outputs describing the old one must not outlive it,
+        # even when this pass fails half-way.
+        for name in STATISTICS_OUTPUTS:
+            (output / name).unlink(missing_ok=True)
     train_pass = stream_features(
         backbone, train, config.data, accelerator, cache_dir=cache_dir, prefix="train", description="Stage I: train"
     )
@@ -272,7 +339,19 @@ def run_statistics(config: Config, accelerator) -> Statistics:
         backbone, evaluation, config.data, accelerator, cache_dir=cache_dir, prefix="eval", description="Stage I: eval"
     )
     _report_skipped(eval_pass, config.eval_split)
+    if eval_pass.seen == 0:
+        raise DatasetError(
+            f"No usable image in split {config.eval_split!r} of {config.dataset!r} ({eval_pass.skipped} skipped, e.g. "
+            f"{eval_pass.skipped_examples}): fix or replace those files, or set `eval_split` to another split."
+        )
     class_means = (train_pass.class_sums / train_pass.class_counts.unsqueeze(1).double()).float()
+    broken = [name for name, row in zip(train.class_names, class_means) if not bool(torch.isfinite(row).all())]
+    if broken:
+        raise DatasetError(
+            f"The backbone {config.backbone!r} gave NaN or infinite features for class(es) {broken[:10]}, so no "
+            "statistics were saved; check the backbone (try data without mixed precision) before re-running."
+        )
+    check_ipc_fits(config, train_pass.class_counts, train.class_names)
     statistics = Statistics(
         class_means=class_means,
         class_counts=train_pass.class_counts,
@@ -283,6 +362,9 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             "dataset_config": config.dataset_config,
             "split": config.train_split,
             "non_target": config.statistics.non_target,
+            "eval_split": config.eval_split,
+            "crop_ratio": config.data.crop_ratio,
+            "max_samples_per_split": config.data.max_samples_per_split,
             "images_seen": train_pass.seen,
             "images_skipped": train_pass.skipped,
             "skipped_examples": train_pass.skipped_examples,

@@ -1,12 +1,20 @@
-"""Small shared helpers with no better home."""
+"""Small shared helpers with no better home: quiet logging, atomic writes, the output_dir lock."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
+
+from .errors import UserError
+
+LOCK_FILE = ".lock"
 
 
 def quiet_libraries() -> None:
@@ -21,14 +29,119 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name to write ``path`` through; it replaces ``path`` only when the block succeeds.
+
+    A crash never leaves half a file, and the name carries the pid so that two processes writing
+    the same file never write into each other's temporary (the suffix is kept for writers that
+    pick the format from it).
+    """
+    temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def save_tensors_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file through a temporary name, so a crash never leaves half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: what later stages record to tell whether their input changed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OutputDirError(UserError):
+    """The output_dir cannot be used: a file, not writable, or in use by another run."""
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Create ``path`` (and check it is a writable folder) with a one-line error instead of an OSError."""
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"`output_dir` {str(path)!r} is a file: give a folder (it is created if missing).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputDirError(
+            f"Cannot create `output_dir` {str(path)!r} ({error.strerror or error}): choose a folder you can write to."
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputDirError(f"`output_dir` {str(path)!r} is not writable: choose a folder you can write to.")
+
+
+class OutputDirLock:
+    """An exclusive lock on an output_dir for one run, so that two runs never interleave their outputs.
+
+    The lock is an ``flock`` on ``<output_dir>/.lock``, which holds the owner's pid and host: the
+    kernel releases it when the owner dies, so a lock left by a killed run is simply taken over.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / LOCK_FILE
+        self._handle = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown pid"
+            handle.close()
+            raise OutputDirError(
+                f"`output_dir` {str(self.path.parent)!r} is in use by another run ({holder}): wait for it to finish, "
+                "or use another output_dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "OutputDirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def share_from_main(accelerator, compute: Callable[[], Any]) -> Any:
+    """Compute on the main process and give every process the (picklable) result.
+
+    A user error on the main process is raised on every process, which would otherwise wait forever.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            payload = [compute()]
+        except UserError as error:
+            payload = [error]
+    broadcast_object_list(payload)
+    if isinstance(payload[0], UserError):
+        raise payload[0]
+    return payload[0]

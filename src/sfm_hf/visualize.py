@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import atomic_path
+
 MAX_PREVIEW_CLASSES = 100
 
 
@@ -31,8 +33,7 @@ def save_preview(images: torch.Tensor, labels: torch.Tensor, class_names: list[s
         axis.set_title(class_names[label][:18], fontsize=7, y=-0.22)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
-    temporary.replace(path)
     return path
