@@ -137,8 +137,6 @@ def tiny_config(dataset: Path | str, backbone: str, output_dir: Path, **distill)
     from sfm_hf.config import Config
 
     config = Config(dataset=str(dataset), backbone=backbone, output_dir=str(output_dir), seed=0)
-    config.golden.epochs = 30
-    config.golden.lr = 3e-3
     config.data.batch_size = 128
     config.distill.iterations = 40
     config.distill.syn_res = 16

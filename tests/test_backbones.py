@@ -39,7 +39,7 @@ def test_own_normalisation_statistics(tiny_backbone):
     assert load_backbone(tiny_backbone("clip")).info.mean == pytest.approx(OPENAI_CLIP_MEAN)
     assert load_backbone(tiny_backbone("dinov2")).info.mean == pytest.approx(IMAGENET_MEAN)
     assert load_backbone(tiny_backbone("siglip")).info.mean == pytest.approx((0.5, 0.5, 0.5))
-    forced = load_backbone(tiny_backbone("clip"), imagenet_stats=True)
+    forced = load_backbone(tiny_backbone("clip"), normalization="imagenet")
     assert forced.info.mean == pytest.approx(IMAGENET_MEAN)
 
 

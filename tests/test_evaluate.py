@@ -50,11 +50,13 @@ def evaluate_config(run, digits_dir, demo_backbone, tmp_path, name="run", **opti
     config.stages = ["evaluate"]
     config.evaluate.trials = 2
     config.evaluate.iterations = 100
-    config.evaluate.lr = 0.5
+    config.evaluate.lr = 0.02
     config.evaluate.projector_lr = 0.03
     config.evaluate.curve_points = 3
     for key, value in options.items():
         setattr(config.evaluate, key, value)
+    if "max_iterations" not in options:  # a fixed length unless a test asks for the plateau search
+        config.evaluate.max_iterations = config.evaluate.iterations
     config.validate()
     return config
 
@@ -88,6 +90,15 @@ def test_results_reference_rows_projector_and_report(distilled_run, digits_dir, 
         ("random", "vanilla"), ("centroids", "vanilla"), ("sfm", "vanilla"), ("sfm", "ci"),
         ("full_dataset", "vanilla"), ("full_dataset", "golden")]}
     assert records[("random", demo_backbone, "vanilla")]["ipc"] == 1 and vanilla["iterations"] == 100
+    assert vanilla["protocol"] == ci["protocol"] == "converge" and vanilla["steps_per_trial"] == [100, 100]
+    assert vanilla["batch_size"] == ci["batch_size"] == 10
+    assert vanilla["head_lr"] == 0.02 and "projector_lr" not in vanilla
+    assert ci["projector_lr"] == 0.03 and "head_lr" not in ci
+    assert isinstance(ci["plateau_reached"], bool) and 0 <= ci["validation_accuracy"] <= 1
+    assert ci["validation_images"] == 1347  # all real train images of the digits, never the eval split
+    full = records[("full_dataset", demo_backbone, "vanilla")]
+    assert full["protocol"] == golden["protocol"] == "golden:converged" and full["trials"] == 1
+    assert full["l2"] in config.golden.l2_grid and golden["l2"] == stage_one["l2"]
 
     projector = load_file(output / ci["projector"])
     assert ci["projector"] == evaluate.projector_path(demo_backbone)
@@ -117,7 +128,7 @@ def trial_parts(statistics_run, demo_backbone):
 
 def make_setup(trial_parts, **options):
     backbone, golden, features, labels, images = trial_parts
-    settings = EvaluateOptions(**{"iterations": 15, "curve_points": 0, "lr": 0.5, **options})
+    settings = EvaluateOptions(**{"iterations": 15, "curve_points": 0, "lr": 0.02, **options})
     return TrialSetup(images, torch.arange(10), backbone, backbone, golden, features, labels, settings, seed=3407)
 
 
@@ -253,6 +264,8 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     ({"train_sets": ["neighbors", "random"]}, "`neighbors` needs a synthetic set"),
     ({"kd_alphas": [1.5]}, "kd_alphas` must lie in"),
     ({"trials": 0}, "`evaluate.trials` must be >= 1"),
+    ({"protocol": "paper"}, "`evaluate.protocol` must be one of"),
+    ({"iterations": 200, "max_iterations": 100}, "`evaluate.max_iterations` .* must be >= `evaluate.iterations`"),
 ])
 def test_evaluate_options_are_checked(options, message, digits_dir, demo_backbone, tmp_path):
     config = tiny_config(digits_dir, demo_backbone, tmp_path)
@@ -321,3 +334,29 @@ def test_real_baselines_of_a_streamed_split_ask_for_streaming_false(digits_dir, 
     config.validate()
     with pytest.raises(BaselineError, match="read it as a stream.*data.streaming: false"):
         run_stages(config, accelerator)
+
+
+def test_authors_protocol_scales_lrs_and_counts_epochs(trial_parts):
+    """Their code: lr x min(batch, N)/256, `epochs` epochs of ceil(N / batch) steps."""
+    setup = make_setup(trial_parts, protocol="authors", epochs=3, batch_size=4, lr=0.001, projector_lr=0.01)
+    details = train_trial(setup, "jt").details
+    assert details["protocol"] == "authors" and details["epochs"] == 3
+    assert details["batch_size"] == 4 and details["steps"] == 3 * 3  # 10 images at batch 4: 3 steps per epoch
+    assert details["head_lr"] == pytest.approx(0.001 * 4 / 256)
+    assert details["projector_lr"] == pytest.approx(0.01 * 4 / 256)
+    assert "plateau" not in details
+
+
+def test_converge_protocol_trains_until_the_train_validation_accuracy_is_flat(statistics_run, trial_parts):
+    """15 steps at lr 0.001 leave a random head far from its plateau: the search doubles the length until the
+    accuracy on real train features no longer rises over the last fifth (and never looks at the eval split)."""
+    train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
+    setup = make_setup(trial_parts, lr=0.001, iterations=15, max_iterations=15 * 64, plateau_tolerance=0.005)
+    setup.validation_features, setup.validation_labels = train_features.float(), train_labels
+    details = train_trial(setup, "vanilla").details
+    assert details["steps"] > 15 and details["steps"] in [15 * 2**k for k in range(7)]
+    assert details["plateau"] or details["steps"] == 15 * 64
+    assert details["head_lr"] == 0.001  # not scaled by the batch
+    capped = make_setup(trial_parts, lr=0.001, iterations=15, max_iterations=15)
+    capped.validation_features, capped.validation_labels = train_features.float(), train_labels
+    assert train_trial(capped, "vanilla").details["steps"] == 15

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from sfm_hf.objectives import (
     class_centres,
+    decoupled_centre_loss,
     flow_cosine,
     lgm_loss,
     linear_head_gradient,
@@ -82,11 +83,31 @@ def test_lgm_feature_gradient_matches_double_backward():
 
 
 @pytest.mark.parametrize("ipc", [1, 3])
-@pytest.mark.parametrize("part", ["flow", "target", "non_target"])
-def test_sfm_loss_zero_at_match(ipc, part):
+def test_sfm_loss_zero_at_match(ipc):
     means, flow = _real_statistics()
     features, labels = _images_around(means, ipc)
-    assert float(sfm_loss(features, labels, means, flow, part=part)) == pytest.approx(0.0, abs=1e-6)
+    assert float(sfm_loss(features, labels, means, flow)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_decoupled_loss_zero_at_match(alpha):
+    means, flow = _real_statistics()
+    assert float(decoupled_centre_loss(means.clone(), means, flow, alpha)) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_decoupled_loss_is_the_authors_mse_mix():
+    """alpha MSE(mu*, m) + (1 - alpha) MSE(nu*, nu^s), written out by hand; unlike the cosine it sees scale."""
+    means, flow = _real_statistics()
+    centres = torch.randn(C, D, generator=_generator(7), dtype=torch.float64)
+    real_non_target = (means.sum(0) - means) / (C - 1)
+    synthetic_non_target = (centres.sum(0) - centres) / (C - 1)
+    target = ((centres - means) ** 2).mean()
+    non_target = ((synthetic_non_target - real_non_target) ** 2).mean()
+    torch.testing.assert_close(decoupled_centre_loss(centres, means, flow, 1.0), target)
+    torch.testing.assert_close(decoupled_centre_loss(centres, means, flow, 0.0), non_target)
+    torch.testing.assert_close(decoupled_centre_loss(centres, means, flow, 0.25), 0.25 * target + 0.75 * non_target)
+    scaled = decoupled_centre_loss(2 * means, means, flow, 1.0)
+    assert float(scaled) == pytest.approx(float((means**2).mean()))
 
 
 def test_sfm_loss_scale_invariance_and_sign():

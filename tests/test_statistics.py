@@ -1,11 +1,14 @@
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
 from sfm_hf.backbones import load_backbone
+from sfm_hf.config import GoldenOptions
 from sfm_hf.data import DatasetError, load_rgb, open_split, resize_center_crop
 from sfm_hf.runner import run_stages
 from sfm_hf.statistics import Statistics, load_feature_cache, load_golden_classifier
@@ -50,6 +53,38 @@ def test_golden_classifier_is_far_above_chance(statistics_run):
     features, labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "eval")
     accuracy = (head(features.float()).argmax(1) == labels).float().mean().item()
     assert accuracy == pytest.approx(report["eval_accuracy"])
+
+
+@pytest.mark.slow
+def test_golden_classifier_matches_scikit_learn_logistic_regression(statistics_run):
+    """The converged golden classifier scores within 0.5 pt of scikit-learn's LogisticRegression, C tuned by
+    cross-validation on the train features only, on the same cached features of the digits."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    report = json.loads((statistics_run / "statistics" / "golden_classifier.json").read_text())
+    assert report["recipe"] == "converged" and report["l2"] in GoldenOptions().l2_grid
+    assert 0 < report["validation_accuracy"] <= 1 and report["validation_images"] >= 10
+    cache = statistics_run / "statistics" / "features"
+    train_features, train_labels, _ = load_feature_cache(cache, "train")
+    eval_features, eval_labels, _ = load_feature_cache(cache, "eval")
+    reference = LogisticRegressionCV(Cs=np.logspace(-2, 2, 5), cv=3, max_iter=1000, scoring="accuracy")
+    reference.fit(train_features.float().numpy(), train_labels.numpy())
+    sklearn_accuracy = reference.score(eval_features.float().numpy(), eval_labels.numpy())
+    print(f"golden {report['eval_accuracy']:.4f} (l2 {report['l2']:g}), scikit-learn {sklearn_accuracy:.4f} "
+          f"(C {reference.C_[0]:g})")
+    assert report["eval_accuracy"] == pytest.approx(sklearn_accuracy, abs=0.005)
+
+
+def test_authors_golden_recipe_is_kept(statistics_run):
+    from sfm_hf.probe import fit_reference_probe
+
+    features, labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
+    options = GoldenOptions(recipe="authors", epochs=2)
+    head, fitted = fit_reference_probe(options, features, labels, 10, seed=0)
+    again, _ = fit_reference_probe(options, features, labels, 10, seed=0)
+    assert torch.equal(head.weight, again.weight)
+    assert fitted["recipe"] == "authors" and fitted["lr"] == 5e-4 and fitted["batch_size"] == 128
+    assert fitted["steps"] == 2 * math.ceil(len(labels) / 128)
 
 
 def test_both_non_target_centres(statistics_run):

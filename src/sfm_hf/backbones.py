@@ -267,21 +267,24 @@ def load_backbone(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    imagenet_stats: bool = False,
+    normalization: str = "backbone",
     attn_implementation: str | None = None,
 ) -> FrozenBackbone:
     """Load a frozen encoder by Hub id or local folder (transformers), or an open_clip id.
 
-    ``imagenet_stats`` replaces the backbone's own mean/std with ImageNet's, as the LGM code
-    did for every model; kept only to reproduce that setting. ``attn_implementation`` is passed
-    to transformers (None keeps its default, SDPA wherever the family supports it); timm and
-    open_clip models pick their own attention (PyTorch's fused kernel where available).
+    ``normalization``: 'backbone' keeps the mean/std of the backbone's own processor; 'imagenet'
+    replaces them with ImageNet's, as the authors' code does for every model (``data.normalization``).
+    ``attn_implementation`` is passed to transformers (None keeps its default, SDPA wherever the
+    family supports it); timm and open_clip models pick their own attention (PyTorch's fused kernel
+    where available).
     """
+    if normalization not in ("backbone", "imagenet"):
+        raise ValueError(f"unknown normalization {normalization!r}; expected 'backbone' or 'imagenet'")
     if name.startswith(OPEN_CLIP_PREFIXES):
         backbone = _load_open_clip(name, dtype)
     else:
         backbone = _load_transformers(name, dtype, attn_implementation)
-    if imagenet_stats:
+    if normalization == "imagenet":
         backbone.mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         backbone.std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     if device is not None:

@@ -19,6 +19,7 @@ import yaml
 
 from .errors import UserError
 
+NORMALIZATIONS = ("backbone", "imagenet")
 STAGES = ("statistics", "distill", "evaluate", "export")
 
 
@@ -44,6 +45,12 @@ class DataOptions:
         "Real images are resized so that their shorter side is image_size / crop_ratio, then centre-cropped to the "
         "backbone's image_size (224 / 256 = 0.875, as in the authors' statistics pass).",
     )
+    normalization: str = option(
+        "backbone",
+        "Mean/std the backbone's inputs are normalised with, in Stage I, II, III and the exported bundle's image "
+        "processor alike: 'backbone' (its own processor's, default) or 'imagenet' (the authors normalise every "
+        "backbone with ImageNet's; the paper-reproduction recipes set it).",
+    )
     max_samples_per_split: int | None = option(
         None, "Read at most this many examples of each split (quick trials); null reads everything."
     )
@@ -59,12 +66,31 @@ class StatisticsOptions:
     )
 
 
+GOLDEN_RECIPES = ("converged", "authors")
+
+
 @dataclass
 class GoldenOptions:
-    epochs: int = option(10, "Epochs of the golden linear classifier over the cached train features (authors: 10).")
-    lr: float = option(1e-3, "Adam learning rate of the golden classifier (cosine schedule).")
-    batch_size: int = option(128, "Mini-batch size for the golden classifier.")
-    weight_decay: float = option(0.0, "Weight decay of the golden classifier.")
+    recipe: str = option(
+        "converged",
+        "How the golden classifier and every full-dataset reference probe are fitted: 'converged' = multinomial "
+        "logistic regression to convergence (full-batch L-BFGS, L2 strength chosen on a held-out slice of the train "
+        "features, then refitted on all of them), whatever the dataset size; 'authors' = their recipe (epochs of "
+        "mini-batch Adam, cosine per epoch, init N(0, 0.01)), which under-trains small datasets.",
+    )
+    l2_grid: list[float] = option(
+        help="converged: L2 strengths tried (penalty l2/2 * ||W||^2 on the mean cross-entropy); the best on the "
+        "held-out slice of train wins.",
+        factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6],
+    )
+    validation_fraction: float = option(
+        0.1, "converged: fraction of every class of the train features held out to choose the L2 strength."
+    )
+    max_iterations: int = option(500, "converged: L-BFGS iterations at most per fit.")
+    epochs: int = option(10, "authors: epochs of Adam over the cached train features (authors: 10).")
+    lr: float = option(5e-4, "authors: Adam learning rate, cosine per epoch (authors: 0.001 x 128/256).")
+    batch_size: int = option(128, "authors: mini-batch size.")
+    weight_decay: float = option(0.0, "authors: weight decay.")
 
 
 @dataclass
@@ -73,7 +99,12 @@ class DistillOptions:
     iterations: int = option(5000, "Optimisation steps.")
     lr: float = option(0.002, "Adam learning rate on the image parameters.")
     representation: str = option("pyramid", "Image parameterisation: pyramid (authors) or pixel.")
-    syn_res: int = option(256, "Side of the synthetic images in pixels (the pyramid's finest level).")
+    syn_res: int | str = option(
+        "auto",
+        "Side of the synthetic images in pixels (the pyramid's finest level); auto: the smallest power of two >= "
+        "image_size / crop_ratio of the distillation backbone (256 for 224-px backbones, as in the paper; 32 for "
+        "the demo's 28-px one), so views are cropped from at least the resolution real images are seen at.",
+    )
     pyramid_every: int = option(200, "Add a pyramid level every this many steps.")
     decorrelate: bool = option(True, "Apply the Lucid colour decorrelation when decoding the pyramid.")
     reset_optimizer_on_growth: bool = option(
@@ -82,7 +113,16 @@ class DistillOptions:
     aug_rounds: int = option(1, "Augmented copies of every synthetic image per step (SFM: 1; LGM: 10).")
     noise_std: float = option(0.2, "Std of the Gaussian noise augmentation.")
     noise_p: float = option(0.5, "Probability that an augmented view receives Gaussian noise.")
-    noise_mean: float = option(0.0, "Mean of the Gaussian noise (0.5 in the older LGM code).")
+    noise_mean: float = option(
+        0.0,
+        "Mean of the Gaussian noise. 0 keeps the image's brightness on average; the code behind the paper's numbers "
+        "used 0.5 (a brightening shift), which the paper-reproduction recipes set.",
+    )
+    decoupled_alpha: float | None = option(
+        None,
+        "tcdd / ncdd: weight alpha of the authors' decoupled loss alpha*MSE(mu*, m) + (1-alpha)*MSE(nu*, nu^s); "
+        "null: 1 for tcdd (target centres only), 0 for ncdd (non-target centres only).",
+    )
     lgm_w_mode: str = option(
         "random", "LGM head: random (new W ~ N(0, 0.01^2) every step), fixed (one W per run), analytic (softmax -> 1/C)."
     )
@@ -98,7 +138,21 @@ class DistillOptions:
     preview_every: int = option(0, "Write preview.png of the current images every this many steps (0: only at the end).")
     log_every: int = option(50, "Report the loss to the progress bar and trackers every this many steps.")
 
+    @property
+    def resolved_alpha(self) -> float:
+        """alpha of the decoupled tcdd / ncdd loss."""
+        if self.decoupled_alpha is not None:
+            return self.decoupled_alpha
+        return 1.0 if self.method == "tcdd" else 0.0
 
+    def resolution(self, image_size: int, crop_ratio: float) -> int:
+        """The synthetic side in pixels: ``syn_res``, or for auto the smallest power of two >= image_size / crop_ratio."""
+        if self.syn_res != "auto":
+            return int(self.syn_res)
+        return 1 << max(0, math.ceil(math.log2(image_size / crop_ratio - 1e-9)))
+
+
+EVALUATE_PROTOCOLS = ("converge", "authors")
 EVALUATE_MODES = ("vanilla", "ci", "kd", "jt", "jt_ip", "st", "st_ip")
 BASELINE_TRAIN_SETS = ("random", "centroids", "neighbors")
 SYNTHETIC_TRAIN_SETS = ("sfm", "tcdd", "ncdd", "lgm")
@@ -131,12 +185,34 @@ class EvaluateOptions:
     )
     trials: int = option(5, "Trials per result (seeds seed_base + k); mean and population std are reported.")
     seed_base: int = option(3407, "Seed of trial 0 (LGM/SFM evaluation code: 3407).")
-    iterations: int = option(1000, "Optimisation steps of every head / projector (each phase of st, st_ip).")
+    protocol: str = option(
+        "converge",
+        "How long and at which learning rates heads and projectors train. 'converge' (default): lr and projector_lr "
+        "as given (no batch scaling), `iterations` steps, doubled (retrained from scratch) until the accuracy on a "
+        "validation slice of the real TRAIN features is flat over the last fifth of training, up to "
+        "max_iterations, so every probe reaches its plateau whatever the number of images. 'authors' (their code): "
+        "lr and projector_lr scaled by min(batch, N)/256, `epochs` epochs at batch min(batch_size, N), cosine "
+        "stepped per epoch.",
+    )
+    iterations: int = option(1000, "converge: first length (steps) of every head / projector training (each phase of st).")
+    max_iterations: int = option(16000, "converge: the doubling of `iterations` stops here (results say if it plateaued).")
+    plateau_tolerance: float = option(
+        0.005, "converge: largest validation accuracy gain over the last fifth of training that still counts as flat."
+    )
+    validation_images: int = option(
+        2000,
+        "converge: real train images (their cached features, a fixed random subset) on which the plateau is checked; "
+        "never the eval split.",
+    )
+    epochs: int = option(1000, "authors: epochs of every head / projector training (authors: 1000).")
     batch_size: int = option(100, "Train images per step (at most the set's size); each step augments them anew.")
     lr: float = option(
-        0.001, "Adam learning rate of linear heads at a batch of 256; scaled by batch/256 (LGM). Cosine, no decay."
+        0.001, "Adam learning rate of linear heads (cosine, no decay); authors: at a batch of 256, scaled by "
+        "min(batch, N)/256."
     )
-    projector_lr: float = option(0.01, "Adam learning rate of the CI projector (Eq. 10); not scaled. Cosine schedule.")
+    projector_lr: float = option(
+        0.01, "Adam learning rate of projectors (ci, jt, st; cosine); authors: scaled by min(batch, N)/256."
+    )
     kd_temperature: float = option(4.0, "Temperature of the golden classifier's soft labels for kd (authors: 4).")
     kd_alphas: list[float] = option(
         help="Weights alpha of the KL term in alpha*KL + (1-alpha)*CE; kd runs once per value (Fig. 3 left).",
@@ -302,6 +378,11 @@ class Config:
         if self.ipc < 1:
             raise ConfigError(f"`ipc` must be >= 1, got {self.ipc}.")
         _check_choice("statistics.non_target", self.statistics.non_target, ("class_mean", "sample"))
+        _check_choice("golden.recipe", self.golden.recipe, GOLDEN_RECIPES)
+        if not self.golden.l2_grid or any(l2 < 0 for l2 in self.golden.l2_grid):
+            raise ConfigError(f"`golden.l2_grid` must hold L2 strengths >= 0, got {self.golden.l2_grid}.")
+        if not 0 < self.golden.validation_fraction < 1:
+            raise ConfigError(f"`golden.validation_fraction` must be in (0, 1), got {self.golden.validation_fraction}.")
         _check_choice("distill.method", self.distill.method, ("sfm", "tcdd", "ncdd", "lgm"))
         _check_choice("distill.representation", self.distill.representation, ("pyramid", "pixel"))
         _check_choice("distill.lgm_w_mode", self.distill.lgm_w_mode, ("random", "fixed", "analytic"))
@@ -310,8 +391,8 @@ class Config:
             ("data.batch_size", self.data.batch_size),
             ("golden.epochs", self.golden.epochs),
             ("golden.batch_size", self.golden.batch_size),
+            ("golden.max_iterations", self.golden.max_iterations),
             ("distill.iterations", self.distill.iterations),
-            ("distill.syn_res", self.distill.syn_res),
             ("distill.pyramid_every", self.distill.pyramid_every),
             ("distill.aug_rounds", self.distill.aug_rounds),
             ("distill.log_every", self.distill.log_every),
@@ -321,6 +402,11 @@ class Config:
         for key, value in (("distill.lr", self.distill.lr), ("golden.lr", self.golden.lr)):
             if value <= 0:
                 raise ConfigError(f"`{key}` must be > 0, got {value}.")
+        if self.distill.syn_res != "auto" and (not isinstance(self.distill.syn_res, int) or self.distill.syn_res < 1):
+            raise ConfigError(f"`distill.syn_res` must be auto or an integer >= 1, got {self.distill.syn_res!r}.")
+        if self.distill.decoupled_alpha is not None and not 0 <= self.distill.decoupled_alpha <= 1:
+            raise ConfigError(f"`distill.decoupled_alpha` must lie in [0, 1], got {self.distill.decoupled_alpha}.")
+        _check_choice("data.normalization", self.data.normalization, NORMALIZATIONS)
         if not 0 < self.data.crop_ratio <= 1:
             raise ConfigError(f"`data.crop_ratio` must be in (0, 1], got {self.data.crop_ratio}.")
         if self.distill.checkpoint_chunk < 0:
@@ -342,6 +428,9 @@ class Config:
         for key, value in (
             ("evaluate.trials", options.trials),
             ("evaluate.iterations", options.iterations),
+            ("evaluate.max_iterations", options.max_iterations),
+            ("evaluate.epochs", options.epochs),
+            ("evaluate.validation_images", options.validation_images),
             ("evaluate.batch_size", options.batch_size),
         ):
             if value < 1:
@@ -350,6 +439,14 @@ class Config:
                            ("evaluate.kd_temperature", options.kd_temperature)):
             if value <= 0:
                 raise ConfigError(f"`{key}` must be > 0, got {value}.")
+        _check_choice("evaluate.protocol", options.protocol, EVALUATE_PROTOCOLS)
+        if options.max_iterations < options.iterations:
+            raise ConfigError(
+                f"`evaluate.max_iterations` ({options.max_iterations}) must be >= `evaluate.iterations` "
+                f"({options.iterations})."
+            )
+        if options.plateau_tolerance < 0:
+            raise ConfigError(f"`evaluate.plateau_tolerance` must be >= 0, got {options.plateau_tolerance}.")
         if options.curve_points < 0:
             raise ConfigError(f"`evaluate.curve_points` must be >= 0, got {options.curve_points}.")
         if any(not 0 <= alpha <= 1 for alpha in options.kd_alphas):

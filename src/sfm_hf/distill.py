@@ -30,7 +30,9 @@ from .backbones import FrozenBackbone, load_backbone
 from .config import Config, DistillOptions
 from .data import BalancedRealStream, as_float
 from .errors import RunStopped, StageInputError, UserError
-from .objectives import centre_flow_loss, flow_cosine, linear_head_gradient, random_linear_head, sfm_loss
+from .objectives import (
+    centre_flow_loss, decoupled_centre_loss, flow_cosine, linear_head_gradient, random_linear_head, sfm_loss,
+)
 from .pyramid import build_images, growth_due
 from .statistics import STATISTICS_DIR, FEATURES_DIR, Statistics, load_feature_cache, open_config_split
 from .utils import atomic_path, save_tensors_atomically, write_text_atomically
@@ -150,11 +152,13 @@ def synthetic_class_sums(context: DistillContext, images: torch.Tensor, step: in
 
 
 def sfm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
-    """SFM / TCDD / NCDD (Eq. 9, Tab. 3) on the global synthetic class centres."""
+    """SFM (Eq. 9) or TCDD / NCDD (Tab. 3, the authors' decoupled MSE) on the global synthetic class centres."""
     sums = _sum_across_processes(synthetic_class_sums(context, images, step), context.world_size)
     centres = sums / context.share.ipc
-    part = {"sfm": "flow", "tcdd": "target", "ncdd": "non_target"}[context.config.distill.method]
-    return centre_flow_loss(centres, context.target_means, context.target_flow, part=part)
+    options = context.config.distill
+    if options.method == "sfm":
+        return centre_flow_loss(centres, context.target_means, context.target_flow)
+    return decoupled_centre_loss(centres, context.target_means, context.target_flow, options.resolved_alpha)
 
 
 def _lgm_head(context: DistillContext, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +358,8 @@ def build_context(
     if options.method == "lgm":
         source = open_config_split(config, config.train_split)
         context.real_stream = BalancedRealStream(
-            source, share.classes, config.ipc * options.aug_rounds, image_size=options.syn_res,
+            source, share.classes, config.ipc * options.aug_rounds,
+            image_size=options.resolution(backbone.image_size, config.data.crop_ratio),
             crop_ratio=config.data.crop_ratio, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
             rank=rank, world_size=world_size, seed=config.seed,
         )
@@ -416,7 +421,7 @@ def flow_agreement(backbone, images: torch.Tensor, labels: torch.Tensor, statist
     """cos(F*, flow of ``images``) without augmentation: how well a set of images carries the statistical flow."""
     features = torch.cat([backbone(chunk) for chunk in images.split(256)]).cpu()
     return 1.0 - float(
-        sfm_loss(features, labels.cpu(), statistics.class_means, statistics.flow(), part="flow")
+        sfm_loss(features, labels.cpu(), statistics.class_means, statistics.flow())
     )
 
 
@@ -433,7 +438,7 @@ def _random_real_agreement(config: Config, statistics: Statistics) -> float | No
         rows = torch.nonzero(labels == c).flatten()
         chosen.append(rows[torch.randperm(len(rows), generator=generator)[: config.ipc]])
     chosen = torch.cat(chosen)
-    loss = sfm_loss(features[chosen].float(), labels[chosen], statistics.class_means, statistics.flow(), part="flow")
+    loss = sfm_loss(features[chosen].float(), labels[chosen], statistics.class_means, statistics.flow())
     return 1.0 - float(loss)
 
 
@@ -460,7 +465,6 @@ def check_resumable(config: Config, world_size: int) -> None:
 
 def run_distill(config: Config, accelerator) -> Path:
     """Stage II; writes ``<output_dir>/synthetic/`` and returns that folder."""
-    options = config.distill
     output_dir = Path(config.output_dir)
     folder = output_dir / SYNTHETIC_DIR
     statistics = _load_statistics(config)
@@ -469,7 +473,9 @@ def run_distill(config: Config, accelerator) -> Path:
         if accelerator.is_main_process:
             print(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
         return folder
-    backbone = load_backbone(config.backbone, device=accelerator.device)
+    options = config.distill
+    backbone = load_backbone(config.backbone, device=accelerator.device, normalization=config.data.normalization)
+    resolution = options.resolution(backbone.image_size, config.data.crop_ratio)
     if backbone.feature_dim != statistics.feature_dim:
         raise UserError(
             f"Backbone {config.backbone!r} gives {backbone.feature_dim}-d features but the statistics in "
@@ -485,7 +491,7 @@ def run_distill(config: Config, accelerator) -> Path:
 
     def fresh_images():
         return build_images(
-            options.representation, share.num_images, options.syn_res, seed=config.seed,
+            options.representation, share.num_images, resolution, seed=config.seed,
             decorrelate=options.decorrelate, index_offset=share.first_image,
         ).to(device)
 
@@ -566,7 +572,7 @@ def run_distill(config: Config, accelerator) -> Path:
         labels = _all_labels(num_classes, config.ipc)
         with torch.no_grad():
             initial = build_images(
-                options.representation, num_classes * config.ipc, options.syn_res, seed=config.seed,
+                options.representation, num_classes * config.ipc, resolution, seed=config.seed,
                 decorrelate=options.decorrelate,
             )().to(device)
         unwrapped = backbone._orig_mod if hasattr(backbone, "_orig_mod") else backbone
@@ -580,7 +586,7 @@ def run_distill(config: Config, accelerator) -> Path:
                         inputs=inputs, saturated=saturated)
         real = agreement["random_real_images"]
         print(
-            f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px) by {options.method} in "
+            f"Stage II: {len(final)} images ({config.ipc}/class, {resolution}px) by {options.method} in "
             f"{seconds:.1f} s over {options.iterations - start_step} steps; final loss {float(last_loss):.4f}. "
             f"cos(F*, flow): final {agreement['final_images']:.3f}, initial {agreement['initial_images']:.3f}, "
             f"random real {'n/a' if real is None else f'{real:.3f}'}. -> {folder}"
@@ -627,7 +633,7 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "seed": config.seed,
         "backbone": config.backbone,
         "dataset": config.dataset,
-        "resolution": config.distill.syn_res,
+        "resolution": int(images.shape[-1]),
         "distill": asdict(config.distill),
         "seconds": round(seconds, 3),
         "final_loss": None if not math.isfinite(final_loss) else final_loss,

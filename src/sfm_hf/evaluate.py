@@ -58,7 +58,7 @@ from .config import SYNTHETIC_TRAIN_SETS, Config, EvaluateOptions
 from .data import DatasetError
 from . import hub
 from .errors import StageInputError, UserError
-from .probe import accuracy, train_linear_head
+from .probe import accuracy, fit_reference_probe
 from .report import short_name
 from .utils import save_tensors_atomically, share_from_main, write_text_atomically
 from .statistics import (
@@ -115,7 +115,8 @@ def _stage_one_cache_matches(config: Config, split: str, prefix: str) -> bool:
     except FileNotFoundError:
         return False
     cached_split = statistics.get("split") if prefix == "train" else golden.get("eval_split")
-    return statistics.get("dataset") == config.dataset and cached_split == split
+    same_normalization = statistics.get("normalization", "backbone") == config.data.normalization
+    return statistics.get("dataset") == config.dataset and cached_split == split and same_normalization
 
 
 def split_features(
@@ -137,6 +138,7 @@ def split_features(
         "split": split,
         "max_samples_per_split": config.data.max_samples_per_split,
         "crop_ratio": config.data.crop_ratio,
+        "normalization": config.data.normalization,
     }
     if marker.is_file():
         stored = json.loads(marker.read_text())
@@ -218,7 +220,7 @@ def score_projector(config: Config, accelerator, projector_path: str | Path, eva
     statistics_dir = hub.statistics_dir(config)
     statistics = Statistics.load(statistics_dir)
     golden = _load_golden(statistics_dir, statistics)
-    backbone = load_backbone(eval_backbone, device=accelerator.device)
+    backbone = load_backbone(eval_backbone, device=accelerator.device, normalization=config.data.normalization)
     projector = load_projector(projector_path, eval_dim=backbone.feature_dim, distill_dim=golden.in_features)
     evaluation = split_features(config, accelerator, backbone, config.eval_split, "eval", statistics.class_names)
     return accuracy(nn.Sequential(projector, golden), evaluation.features, evaluation.labels)
@@ -249,10 +251,13 @@ class TrialSetup:
     eval_backbone: FrozenBackbone
     distill_backbone: FrozenBackbone
     golden: nn.Linear  # frozen
-    eval_features: torch.Tensor  # phi_e features of the eval split
+    eval_features: torch.Tensor  # phi_e features of the eval split (final score and plot only)
     eval_labels: torch.Tensor
     options: EvaluateOptions
     seed: int
+    # phi_e features of a slice of the real train split: the plateau check of protocol converge.
+    validation_features: torch.Tensor | None = None
+    validation_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -262,6 +267,15 @@ class TrialOutcome:
     seconds: float
     predictor: nn.Module  # eval features -> logits
     projector: nn.Linear | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # protocol, effective lrs, steps, batch, plateau
+
+
+def effective_settings(options: EvaluateOptions, images: int) -> dict[str, Any]:
+    """Batch and learning rates a training on ``images`` images uses under ``options.protocol``."""
+    batch = min(options.batch_size, images)
+    scale = batch / 256 if options.protocol == "authors" else 1.0
+    return {"protocol": options.protocol, "batch_size": batch, "head_lr": options.lr * scale,
+            "projector_lr": options.projector_lr * scale}
 
 
 def parse_mode(mode: str) -> tuple[str, float | None]:
@@ -325,6 +339,45 @@ def _curve_steps(iterations: int, points: int) -> set[int]:
     return {round(iterations * k / points) for k in range(1, points + 1)} if points else set()
 
 
+@dataclass
+class _Phase:
+    """One training run of a parameter group: its plot curve, length and (converge) plateau check."""
+
+    curve: list[tuple[int, float]]
+    steps: int
+    plateau: bool | None = None
+    validation_accuracy: float | None = None
+
+
+def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, predictor: nn.Module, *,
+               need_distill: bool, step_offset: int, steps: int, steps_per_decay: int) -> _Phase:
+    """Adam for ``steps`` steps, cosine over them, the schedule stepped once every ``steps_per_decay`` steps."""
+    options = setup.options
+    batches = _AugmentedFeatures(setup, need_distill, step_offset)
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps // steps_per_decay))
+    checkpoints = _curve_steps(steps, options.curve_points)
+    check = options.protocol == "converge" and setup.validation_features is not None
+    last_fifth = max(1, round(0.8 * steps))
+    curve = [(step_offset, accuracy(predictor, setup.eval_features, setup.eval_labels))] if checkpoints else []
+    at_last_fifth = None
+    for step in range(steps):
+        value = loss(*batches(step))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        if (step + 1) % steps_per_decay == 0:
+            scheduler.step()
+        if check and step + 1 == last_fifth:
+            at_last_fifth = accuracy(predictor, setup.validation_features, setup.validation_labels)
+        if step + 1 in checkpoints:
+            curve.append((step_offset + step + 1, accuracy(predictor, setup.eval_features, setup.eval_labels)))
+    if not check:
+        return _Phase(curve, steps)
+    final = accuracy(predictor, setup.validation_features, setup.validation_labels)
+    return _Phase(curve, steps, final - at_last_fifth <= options.plateau_tolerance, final)
+
+
 def _optimise(
     setup: TrialSetup,
     groups: list[dict[str, Any]],
@@ -333,23 +386,32 @@ def _optimise(
     *,
     need_distill: bool,
     step_offset: int = 0,
-) -> list[tuple[int, float]]:
-    """Adam + cosine schedule for ``options.iterations`` steps; returns the curve points (plot only)."""
-    iterations = setup.options.iterations
-    batches = _AugmentedFeatures(setup, need_distill, step_offset)
-    optimizer = torch.optim.Adam(groups)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
-    checkpoints = _curve_steps(iterations, setup.options.curve_points)
-    curve = [(step_offset, accuracy(predictor, setup.eval_features, setup.eval_labels))] if checkpoints else []
-    for step in range(iterations):
-        value = loss(*batches(step))
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-        scheduler.step()
-        if step + 1 in checkpoints:
-            curve.append((step_offset + step + 1, accuracy(predictor, setup.eval_features, setup.eval_labels)))
-    return curve
+) -> _Phase:
+    """Train ``groups`` on ``loss`` under ``options.protocol``.
+
+    authors: ``epochs`` epochs of ceil(N / batch) steps, cosine stepped per epoch. converge:
+    ``iterations`` steps, cosine per step; while the validation accuracy still rose by more than
+    ``plateau_tolerance`` over the last fifth, retrain from the same start for twice as long (up to
+    ``max_iterations``). The validation slice is real train data, so no choice sees the eval split.
+    """
+    options = setup.options
+    groups = [{**group, "params": list(group["params"])} for group in groups]
+    if options.protocol == "authors":
+        per_epoch = math.ceil(len(setup.images) / min(options.batch_size, len(setup.images)))
+        return _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
+                          steps=options.epochs * per_epoch, steps_per_decay=per_epoch)
+    parameters = [parameter for group in groups for parameter in group["params"]]
+    start = [parameter.detach().clone() for parameter in parameters]
+    steps = options.iterations
+    while True:
+        phase = _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
+                           steps=steps, steps_per_decay=1)
+        if phase.plateau is not False or 2 * steps > options.max_iterations:
+            return phase
+        with torch.no_grad():
+            for parameter, initial in zip(parameters, start):
+                parameter.copy_(initial)
+        steps *= 2
 
 
 def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
@@ -360,9 +422,11 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
     generator = torch.Generator().manual_seed(setup.seed)
     num_classes, eval_dim = setup.golden.out_features, setup.eval_backbone.feature_dim
     distill_dim = setup.golden.in_features
-    head_lr = options.lr * min(options.batch_size, len(setup.images)) / 256
+    settings = effective_settings(options, len(setup.images))
+    head_lr, projector_lr = settings["head_lr"], settings["projector_lr"]
     golden = setup.golden
     projector = None
+    phases: list[_Phase] = []
 
     def classifier(in_features: int, inherit: bool) -> nn.Linear:
         if inherit:
@@ -387,13 +451,13 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
             kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
             return weight * temperature**2 * kl + (1 - weight) * value
 
-        curve = _optimise(setup, [{"params": head.parameters(), "lr": head_lr}], head_loss, predictor,
-                          need_distill=kind == "kd")
+        phases.append(_optimise(setup, [{"params": head.parameters(), "lr": head_lr}], head_loss, predictor,
+                                need_distill=kind == "kd"))
     elif kind == "ci":
         projector = _linear(eval_dim, distill_dim, generator, device)
         predictor = nn.Sequential(projector, golden)
-        curve = _optimise(setup, [{"params": projector.parameters(), "lr": options.projector_lr}], projection_loss,
-                          predictor, need_distill=True)
+        phases.append(_optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
+                                predictor, need_distill=True))
     elif kind in ("jt", "jt_ip"):
         projector = _linear(eval_dim, distill_dim, generator, device)
         head = classifier(distill_dim, inherit=kind == "jt_ip")
@@ -403,13 +467,13 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
             projected = projector(eval_features)
             return F.mse_loss(projected, distill_features) + F.cross_entropy(head(projected), labels)
 
-        groups = [{"params": projector.parameters(), "lr": options.projector_lr},
+        groups = [{"params": projector.parameters(), "lr": projector_lr},
                   {"params": head.parameters(), "lr": head_lr}]
-        curve = _optimise(setup, groups, joint_loss, predictor, need_distill=True)
+        phases.append(_optimise(setup, groups, joint_loss, predictor, need_distill=True))
     elif kind in ("st", "st_ip"):
         projector = _linear(eval_dim, distill_dim, generator, device)
-        _optimise(setup, [{"params": projector.parameters(), "lr": options.projector_lr}], projection_loss,
-                  nn.Sequential(projector, golden), need_distill=True)
+        phases.append(_optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
+                                nn.Sequential(projector, golden), need_distill=True))
         projector.requires_grad_(False)
         head = classifier(distill_dim, inherit=kind == "st_ip")
         predictor = nn.Sequential(projector, head)
@@ -417,12 +481,23 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
         def sequential_loss(eval_features, distill_features, labels):
             return F.cross_entropy(head(projector(eval_features)), labels)
 
-        curve = _optimise(setup, [{"params": head.parameters(), "lr": head_lr}], sequential_loss, predictor,
-                          need_distill=False, step_offset=options.iterations)
+        phases.append(_optimise(setup, [{"params": head.parameters(), "lr": head_lr}], sequential_loss, predictor,
+                                need_distill=False, step_offset=phases[0].steps))
     else:
         raise ValueError(f"unknown evaluation mode {mode!r}")
     final = accuracy(predictor, setup.eval_features, setup.eval_labels)
-    return TrialOutcome(final, curve, time.perf_counter() - start, predictor.eval(), projector)
+    if kind in ("vanilla", "kd"):
+        settings.pop("projector_lr")
+    if kind == "ci":
+        settings.pop("head_lr")
+    details = {**settings, "steps": sum(phase.steps for phase in phases)}
+    if options.protocol == "authors":
+        details["epochs"] = options.epochs
+    if all(phase.plateau is not None for phase in phases):
+        details["plateau"] = all(phase.plateau for phase in phases)
+        details["validation_accuracy"] = phases[-1].validation_accuracy
+    curve = [point for phase in phases[-1:] for point in phase.curve]
+    return TrialOutcome(final, curve, time.perf_counter() - start, predictor.eval(), projector, details)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +583,8 @@ def build_train_sets(
     options = config.evaluate
     baseline_modes = mode_labels(options.baseline_modes, options.kd_alphas)
     synthetic_modes = mode_labels(options.modes, options.kd_alphas)
-    resolution = next(iter(synthetic.values())).images.shape[-1] if synthetic else config.distill.syn_res
+    resolution = (next(iter(synthetic.values())).images.shape[-1] if synthetic
+                  else config.distill.resolution(distill_backbone.image_size, config.data.crop_ratio))
     wanted_baselines = [name for name in options.train_sets if name not in SYNTHETIC_TRAIN_SETS]
     rows: dict[str, Any] = {}
     if wanted_baselines:
@@ -599,6 +675,7 @@ class JobResult:
     curve: list[tuple[int, float]]
     seconds: float
     images: int
+    details: dict[str, Any] = field(default_factory=dict)  # how it was trained: protocol, lrs, steps, batch
 
 
 def _population_std(values: list[float]) -> float:
@@ -617,7 +694,13 @@ class EvalBackbone:
     name: str
     backbone: FrozenBackbone
     evaluation: FeatureSet
-    train: FeatureSet | None  # for the full-dataset probe
+    train: FeatureSet | None  # for the full-dataset probe and the plateau check
+
+    def validation_slice(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed random subset of ``count`` cached real train rows (all of them if fewer)."""
+        order = torch.randperm(len(self.train.labels), generator=torch.Generator().manual_seed(seed))[:count]
+        order = torch.sort(order).values
+        return self.train.features[order].float(), self.train.labels[order]
 
 
 def _eval_backbones(
@@ -626,10 +709,11 @@ def _eval_backbones(
     """Each eval backbone with its cached eval features (and train features for the full-dataset probe)."""
     backbones = {}
     for name in config.evaluation_backbones:
-        backbone = distill_backbone if name == config.backbone else load_backbone(name, device=accelerator.device)
+        backbone = distill_backbone if name == config.backbone else load_backbone(
+            name, device=accelerator.device, normalization=config.data.normalization)
         evaluation = split_features(config, accelerator, backbone, config.eval_split, "eval", class_names)
         train = None
-        if config.evaluate.full_dataset:
+        if config.evaluate.full_dataset or config.evaluate.protocol == "converge":
             train = split_features(config, accelerator, backbone, config.train_split, "train", class_names)
         backbones[name] = EvalBackbone(name, backbone, evaluation, train)
     return backbones
@@ -648,7 +732,7 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
     statistics = Statistics.load(statistics_dir)
     golden = _load_golden(statistics_dir, statistics)
     device = accelerator.device
-    distill_backbone = load_backbone(config.backbone, device=device)
+    distill_backbone = load_backbone(config.backbone, device=device, normalization=config.data.normalization)
     if distill_backbone.feature_dim != statistics.feature_dim:
         raise EvaluationError(
             f"Backbone {config.backbone!r} gives {distill_backbone.feature_dim}-d features but the statistics in "
@@ -674,13 +758,16 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
         for trial in range(options.trials)
     ]
     if options.full_dataset:
-        jobs += [Job(FULL_DATASET, name, "vanilla", trial) for name in backbones for trial in range(options.trials)]
+        # The converged fit is deterministic (no seed enters it): one fit says all that trials would.
+        full_trials = options.trials if config.golden.recipe == "authors" else 1
+        jobs += [Job(FULL_DATASET, name, "vanilla", trial) for name in backbones for trial in range(full_trials)]
     rank, world_size = accelerator.process_index, accelerator.num_processes
     own_method = next((name for name, chosen in synthetic.items() if chosen.own), None)
     sets_by_name = {train_set.name: train_set for train_set in train_sets}
     start = time.perf_counter()
     mine = []
     eval_on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    validation_on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     progress = tqdm(jobs[rank::world_size], desc="Stage III", unit="model", disable=not accelerator.is_local_main_process)
     for job in progress:
         progress.set_postfix_str(f"{job.train_set} {job.mode} -> {short_name(job.eval_backbone)} #{job.trial}")
@@ -689,6 +776,10 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
             eval_on_device[job.eval_backbone] = (model.evaluation.features.to(device).float(),
                                                  model.evaluation.labels.to(device))
         eval_features, eval_labels = eval_on_device[job.eval_backbone]
+        if options.protocol == "converge" and job.eval_backbone not in validation_on_device:
+            features, labels = model.validation_slice(options.validation_images, options.seed_base)
+            validation_on_device[job.eval_backbone] = (features.to(device), labels.to(device))
+        validation = validation_on_device.get(job.eval_backbone, (None, None))
         seed = options.seed_base + job.trial
         if job.train_set == FULL_DATASET:
             mine.append(_full_dataset_trial(config, job, model, statistics.num_classes, eval_features, eval_labels,
@@ -696,12 +787,12 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
             continue
         images, labels = sets_by_name[job.train_set].images_for(job.trial)
         setup = TrialSetup(images.to(device), labels.to(device), model.backbone, distill_backbone, golden,
-                           eval_features, eval_labels, options, seed)
+                           eval_features, eval_labels, options, seed, *validation)
         outcome = train_trial(setup, job.mode)
         if job.train_set == own_method and job.mode == "ci" and job.trial == 0:
             save_projector(outcome.projector, output_dir / projector_path(job.eval_backbone),
                            eval_backbone=job.eval_backbone, distill_backbone=config.backbone)
-        mine.append(JobResult(job, outcome.accuracy, outcome.curve, outcome.seconds, len(images)))
+        mine.append(JobResult(job, outcome.accuracy, outcome.curve, outcome.seconds, len(images), outcome.details))
     results = _gather_results(accelerator, mine)
     seconds = time.perf_counter() - start
     records: list[dict[str, Any]] = []
@@ -724,21 +815,22 @@ def _full_dataset_trial(config: Config, job: Job, model: EvalBackbone, num_class
     """The full-dataset probe of one eval backbone: the golden classifier's recipe on its cached train features."""
     start = time.perf_counter()
     train = model.train
-    head = train_linear_head(
-        train.features, train.labels, num_classes, epochs=config.golden.epochs, lr=config.golden.lr,
-        batch_size=config.golden.batch_size, weight_decay=config.golden.weight_decay, seed=seed, device=device,
-    )
+    head, fitted = fit_reference_probe(config.golden, train.features, train.labels, num_classes, seed=seed,
+                                       device=device)
     score = accuracy(head.to(device), eval_features, eval_labels)
-    return JobResult(job, score, [], time.perf_counter() - start, len(train.labels))
+    return JobResult(job, score, [], time.perf_counter() - start, len(train.labels), fitted)
 
 
 def _mean_curve(results: list[JobResult]) -> dict[str, list[float]] | None:
-    """Trial-mean accuracy at each recorded iteration (every trial records the same iterations)."""
-    if not results or not results[0].curve:
+    """Trial-mean accuracy at each recorded iteration, over the trials as long as the longest (converge can differ)."""
+    curves = [result.curve for result in results if result.curve]
+    if not curves:
         return None
-    iterations = [step for step, _ in results[0].curve]
-    means = [sum(result.curve[k][1] for result in results) / len(results) for k in range(len(iterations))]
-    return {"iterations": iterations, "mean": means}
+    longest = max(curves, key=lambda curve: curve[-1][0])
+    iterations = [step for step, _ in longest]
+    same = [curve for curve in curves if [step for step, _ in curve] == iterations]
+    means = [sum(curve[k][1] for curve in same) / len(same) for k in range(len(iterations))]
+    return {"iterations": iterations, "mean": means, "trials": len(same)}
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -771,7 +863,7 @@ def _records(
             for mode in train_set.modes:
                 trials = grouped[(train_set.name, name, mode)]
                 kind, alpha = parse_mode(mode)
-                head_lr = options.lr * min(options.batch_size, trials[0].images) / 256
+                steps = [trial.details["steps"] for trial in trials]
                 record = {
                     "train_set": train_set.name,
                     "distill_backbone": config.backbone,
@@ -779,16 +871,19 @@ def _records(
                     "mode": mode,
                     **_summary([trial.accuracy for trial in trials]),
                     "ipc": train_set.ipc,
-                    "iterations": options.iterations * (2 if kind in ("st", "st_ip") else 1),
+                    "iterations": max(steps),
+                    "steps_per_trial": steps,
                     "seconds": round(sum(trial.seconds for trial in trials), 3),
                     "images": trials[0].images,
                     "seeds": [options.seed_base + trial.job.trial for trial in trials],
-                    "batch_size": min(options.batch_size, trials[0].images),
+                    **{key: value for key, value in trials[0].details.items()
+                       if key not in ("steps", "plateau", "validation_accuracy")},
                 }
-                if kind != "ci":
-                    record["head_lr"] = head_lr
-                if kind not in ("vanilla", "kd"):
-                    record["projector_lr"] = options.projector_lr
+                if "plateau" in trials[0].details:
+                    record["plateau_reached"] = all(trial.details["plateau"] for trial in trials)
+                    record["validation_accuracy"] = sum(
+                        trial.details["validation_accuracy"] for trial in trials) / len(trials)
+                    record["validation_images"] = min(options.validation_images, len(model.train.labels))
                 if kind == "kd":
                     record.update(alpha=alpha, temperature=options.kd_temperature)
                 record.update(train_set.details)
@@ -807,11 +902,14 @@ def _records(
                 records.append(record)
     start = time.perf_counter()
     golden_accuracy = accuracy(golden, distill_evaluation.features.to(device), distill_evaluation.labels.to(device))
+    golden_file = hub.statistics_dir(config) / "golden_classifier.json"
+    fitted = json.loads(golden_file.read_text()) if golden_file.is_file() else {}
     records.append({
         "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": config.backbone,
         "mode": "golden", **_summary([golden_accuracy]), "ipc": None,
-        "iterations": config.golden.epochs * math.ceil(train_images / config.golden.batch_size),
-        "seconds": round(time.perf_counter() - start, 3), "images": train_images, "epochs": config.golden.epochs,
+        "seconds": round(time.perf_counter() - start, 3), "images": train_images,
+        "protocol": f"golden:{fitted.get('recipe', 'unknown')}",
+        **{key: value for key, value in fitted.items() if key not in ("eval_accuracy", "eval_split", "eval_images")},
         "note": "the golden classifier of Stage I on phi_d features of the eval split",
     })
     if options.full_dataset:
@@ -821,10 +919,9 @@ def _records(
             records.append({
                 "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": name,
                 "mode": "vanilla", **_summary([trial.accuracy for trial in trials]), "ipc": None,
-                "iterations": config.golden.epochs * math.ceil(images / config.golden.batch_size),
                 "seconds": round(sum(trial.seconds for trial in trials), 3), "images": images,
-                "seeds": [options.seed_base + trial.job.trial for trial in trials], "epochs": config.golden.epochs,
-                "head_lr": config.golden.lr, "batch_size": config.golden.batch_size,
+                "seeds": [options.seed_base + trial.job.trial for trial in trials],
+                "protocol": f"golden:{config.golden.recipe}", **trials[0].details,
                 "note": "linear probe on cached centre-crop features of the whole train split (golden.* options)",
             })
     return records
@@ -860,13 +957,17 @@ def _print_summary(config: Config, records: list[dict[str, Any]], trainings: int
 
     options = config.evaluate
     reference = EvaluateOptions()
+    length = (f"{options.epochs} epochs each" if options.protocol == "authors"
+              else f"{options.iterations} steps or more each, until the validation accuracy plateaus")
     print(
-        f"Stage III: {trainings} trainings ({options.trials} trial(s) x {options.iterations} iterations each) on "
+        f"Stage III ({options.protocol} protocol): {trainings} trainings ({options.trials} trial(s), {length}) on "
         f"{world_size} process(es) in {seconds:.1f} s. -> {Path(config.output_dir) / RESULTS_FILE}"
     )
-    if options.trials < reference.trials or options.iterations < reference.iterations:
-        print(
-            f"Note: fewer trials/iterations than the paper's protocol ({reference.trials} trials x "
-            f"{reference.iterations} iterations), so means and stds are rougher."
-        )
+    unfinished = [f"{record['train_set']}/{record['mode']}" for record in records
+                  if record.get("plateau_reached") is False]
+    if unfinished:
+        print(f"Warning: no plateau within evaluate.max_iterations={options.max_iterations} for {unfinished}: "
+              "raise it or the learning rates.")
+    if options.trials < reference.trials:
+        print(f"Note: fewer trials than the paper's protocol ({reference.trials}), so means and stds are rougher.")
     print(paper_tables(records))

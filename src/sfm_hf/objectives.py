@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 NonTargetMode = Literal["class_mean", "sample"]
-FlowPart = Literal["flow", "target", "non_target"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -76,44 +75,56 @@ def flow_cosine(flow_a: torch.Tensor, flow_b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(flow_a.flatten().to(dtype), flow_b.flatten().to(dtype), dim=0)
 
 
-def sfm_loss(features: torch.Tensor, labels: torch.Tensor, target_means: torch.Tensor, target_flow: torch.Tensor,
-             part: FlowPart = "flow") -> torch.Tensor:
-    """Statistical flow matching, L = 1 - cos(vec F*, vec F^s) (Eq. 9), and its Tab. 3 ablations.
+def sfm_loss(features: torch.Tensor, labels: torch.Tensor, target_means: torch.Tensor,
+             target_flow: torch.Tensor) -> torch.Tensor:
+    """Statistical flow matching, L = 1 - cos(vec F*, vec F^s) (Eq. 9).
 
     ``features`` [N, D] are synthetic features already averaged over augmentation rounds per
     image; ``target_means`` [C, D] are the real class means mu*, ``target_flow`` [C, D] is F*
     (Eq. 8). The synthetic non-target centre is the mean of the other synthetic *class*
     centres, (sum_k m_k - m_c) / (C - 1), which is right for any ipc; the authors' code
     divides a sum over images by N - 1, which equals it only for ipc = 1.
-
-    ``part``: ``flow`` (SFM), ``target`` (TCDD: only the target-class centres,
-    1 - cos(mu*, m)), ``non_target`` (NCDD: only the non-target centres, 1 - cos(nu*, nu^s)
-    with nu* = F* + mu*).
     """
     num_classes = target_flow.shape[0]
     if num_classes < 2:
         raise ValueError("a flow needs at least two classes")
     centres = class_centres(features.to(_compute_dtype(features)), labels, num_classes)
-    return centre_flow_loss(centres, target_means, target_flow, part)
+    return centre_flow_loss(centres, target_means, target_flow)
 
 
-def centre_flow_loss(centres: torch.Tensor, target_means: torch.Tensor, target_flow: torch.Tensor,
-                     part: FlowPart = "flow") -> torch.Tensor:
+def _synthetic_non_target(centres: torch.Tensor) -> torch.Tensor:
+    return (centres.sum(0, keepdim=True) - centres) / (centres.shape[0] - 1)
+
+
+def centre_flow_loss(centres: torch.Tensor, target_means: torch.Tensor, target_flow: torch.Tensor) -> torch.Tensor:
     """:func:`sfm_loss` from the synthetic class centres [C, D] themselves.
 
     No label checks, so no host-device synchronisation: the form for a training loop that
     already holds one centre per class.
     """
-    num_classes = target_flow.shape[0]
     centres = centres.to(_compute_dtype(centres))
-    synthetic_non_target = (centres.sum(0, keepdim=True) - centres) / (num_classes - 1)
-    if part == "flow":
-        return 1 - flow_cosine(target_flow, synthetic_non_target - centres)
-    if part == "target":
-        return 1 - flow_cosine(target_means, centres)
-    if part == "non_target":
-        return 1 - flow_cosine(target_flow + target_means, synthetic_non_target)
-    raise ValueError(f"unknown part {part!r}; expected 'flow', 'target' or 'non_target'")
+    return 1 - flow_cosine(target_flow, _synthetic_non_target(centres) - centres)
+
+
+def decoupled_centre_loss(centres: torch.Tensor, target_means: torch.Tensor, target_flow: torch.Tensor,
+                          alpha: float) -> torch.Tensor:
+    """The Tab. 3 ablations as the authors implement them: alpha MSE(mu*, m) + (1 - alpha) MSE(nu*, nu^s).
+
+    m are the synthetic class centres [C, D], nu^s their non-target centres, nu* = F* + mu* the
+    real ones. TCDD is alpha = 1 (target centres only), NCDD alpha = 0 (non-target only). Unlike
+    SFM's cosine it matches magnitudes, not only directions. MSE is the mean over all C x D entries.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    dtype = _compute_dtype(centres, target_means)
+    centres, target_means = centres.to(dtype), target_means.to(dtype)
+    loss = centres.new_zeros(())
+    if alpha > 0:
+        loss = loss + alpha * F.mse_loss(centres, target_means)
+    if alpha < 1:
+        target_non_target = target_flow.to(dtype) + target_means
+        loss = loss + (1 - alpha) * F.mse_loss(_synthetic_non_target(centres), target_non_target)
+    return loss
 
 
 def linear_head_gradient(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,

@@ -25,7 +25,7 @@ from .config import Config, DataOptions
 from .errors import StageInputError
 from .data import DatasetError, SplitSource, as_float, image_batches, open_split
 from .objectives import statistical_flow
-from .probe import accuracy, train_linear_head
+from .probe import accuracy, fit_reference_probe
 from .utils import file_digest, save_tensors_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
     """Stage I. Every process reads a disjoint share; the results do not depend on how many there are."""
     output = Path(config.output_dir) / STATISTICS_DIR
     cache_dir = output / FEATURES_DIR
-    backbone = load_backbone(config.backbone, device=accelerator.device)
+    backbone = load_backbone(config.backbone, device=accelerator.device, normalization=config.data.normalization)
     train = open_config_split(config, config.train_split)
     evaluation = open_config_split(config, config.eval_split)
     check_same_classes(train, evaluation)
@@ -365,6 +365,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             "eval_split": config.eval_split,
             "crop_ratio": config.data.crop_ratio,
             "max_samples_per_split": config.data.max_samples_per_split,
+            "normalization": config.data.normalization,
             "images_seen": train_pass.seen,
             "images_skipped": train_pass.skipped,
             "skipped_examples": train_pass.skipped_examples,
@@ -380,7 +381,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         statistics.save(output, class_sums=train_pass.class_sums)
-        golden = train_golden_classifier(config, cache_dir, statistics.num_classes)
+        golden, fitted = train_golden_classifier(config, cache_dir, statistics.num_classes)
         save_tensors_atomically(
             {"weight": golden.weight.detach().contiguous(), "bias": golden.bias.detach().contiguous()},
             output / "golden_classifier.safetensors",
@@ -391,11 +392,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             "eval_images": len(eval_labels),
             "eval_accuracy": accuracy(golden, eval_features, eval_labels),
             "trained_on": f"cached centre-crop features of all {train_pass.seen} {config.train_split!r} images",
-            "epochs": config.golden.epochs,
-            "lr": config.golden.lr,
-            "batch_size": config.golden.batch_size,
-            "weight_decay": config.golden.weight_decay,
-            "seed": config.seed,
+            **fitted,
         }
         write_text_atomically(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
         print(
@@ -409,19 +406,10 @@ def run_statistics(config: Config, accelerator) -> Statistics:
     return statistics
 
 
-def train_golden_classifier(config: Config, cache_dir: Path, num_classes: int) -> torch.nn.Linear:
-    """The golden classifier f: a linear head on the cached phi_d features of the full train split."""
+def train_golden_classifier(config: Config, cache_dir: Path, num_classes: int) -> tuple[torch.nn.Linear, dict]:
+    """The golden classifier f on the cached phi_d features of the full train split, and how it was fitted."""
     features, labels, _ = load_feature_cache(cache_dir, "train")
-    return train_linear_head(
-        features,
-        labels,
-        num_classes,
-        epochs=config.golden.epochs,
-        lr=config.golden.lr,
-        batch_size=config.golden.batch_size,
-        weight_decay=config.golden.weight_decay,
-        seed=config.seed,
-    )
+    return fit_reference_probe(config.golden, features, labels, num_classes, seed=config.seed)
 
 
 def load_golden_classifier(directory: str | Path) -> torch.nn.Linear:
