@@ -513,3 +513,50 @@ def test_every_recipe_is_a_valid_config(recipe):
     config = load_recipe(recipe)
     config.validate()
     assert recipe.read_text().startswith("#")  # the header: which table it reproduces, what it costs
+
+
+PIPELINE_SCORE = r'''
+import json, sys
+sys.modules["sfm_hf"] = None  # as on a machine where sfm-hf is not installed
+import datasets
+from transformers import pipeline
+
+model_dir, dataset_dir, out = sys.argv[1:]
+test = datasets.load_dataset(dataset_dir, split="test")
+classify = pipeline("image-classification", model=model_dir, trust_remote_code=True)
+names = test.features["label"].names
+predicted = [result[0]["label"] for result in classify(list(test["image"]), top_k=1, batch_size=64)]
+correct = sum(label == names[truth] for label, truth in zip(predicted, test["label"]))
+Path = __import__("pathlib").Path
+Path(out).write_text(json.dumps({"accuracy": correct / len(predicted), "images": len(predicted)}))
+'''
+
+
+def test_pipeline_scores_what_the_card_says(distilled, digits_dir, demo_backbone, tmp_path):
+    """The exported bundle through pipeline(), without sfm_hf, scores the card's model-index accuracy on the eval split
+    (the bundle's processor must reproduce Stage I/III's resize, crop and normalisation)."""
+    from accelerate import Accelerator
+
+    output = tmp_path / "run"
+    shutil.copytree(distilled, output)
+    config = tiny_config(digits_dir, demo_backbone, output)
+    assert config.data.crop_ratio == 0.875  # the default: shorter side 32, not the backbone's own 28
+    config.stages = ["evaluate", "export"]
+    config.evaluate.train_sets, config.evaluate.modes = ["sfm"], ["ci"]
+    config.evaluate.trials, config.evaluate.curve_points = 1, 0
+    config.evaluate.iterations = config.evaluate.max_iterations = 100
+    config.evaluate.full_dataset = False
+    config.evaluate.projector_lr = 0.03
+    run_stages(config, Accelerator(cpu=True))
+    (result,) = card_metadata(output / "model" / "README.md")["model-index"][0]["results"]
+    card_accuracy = result["metrics"][0]["value"]
+    script = tmp_path / "score.py"
+    script.write_text(PIPELINE_SCORE)
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(output / "model"), str(digits_dir), str(tmp_path / "o.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads((tmp_path / "o.json").read_text())
+    assert answer["images"] == 450
+    assert answer["accuracy"] == pytest.approx(card_accuracy, abs=0.005)

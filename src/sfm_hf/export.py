@@ -524,21 +524,6 @@ def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Proje
     )
 
 
-def _processor_json(name: str) -> Path | None:
-    """The backbone's own preprocessor_config.json (local folder or Hub cache), if it ships one."""
-    local = Path(name) / "preprocessor_config.json"
-    if local.is_file():
-        return local
-    if not is_hub_id(name):
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(name, "preprocessor_config.json"))
-    except Exception:  # noqa: BLE001 -- timm checkpoints and many others ship none; we make one then
-        return None
-
-
 def stage_geometry(image_size: int, crop_ratio: float) -> dict[str, Any]:
     """Resize/crop settings of Stage I's real-image pipeline (data.resize_center_crop), as processor keys."""
     return {
@@ -563,16 +548,14 @@ def describe_geometry(values: dict[str, Any]) -> str:
     return text
 
 
-def save_image_processor(name: str, backbone: FrozenBackbone, crop_ratio: float, folder: Path) -> str:
-    """The eval backbone's image processor beside the bundle (pipeline needs it); returns where it came from.
+def save_image_processor(backbone: FrozenBackbone, crop_ratio: float, folder: Path) -> str:
+    """The bundle's image processor (pipeline needs it); returns a description for the card.
 
-    Without one of its own, a processor is made from the backbone's input size and mean/std with
-    the geometry of Stage I (shorter side to size / crop_ratio, bicubic, centre crop).
+    Always Stage I/III's own preprocessing, never the backbone's shipped processor: the card's
+    accuracy was measured with this geometry (shorter side to size / crop_ratio, bicubic, centre
+    crop) and the backbone's mean/std as the run used them (``data.normalization``), and another
+    geometry scores something else (DINOv2's own: shorter side 256 for every crop_ratio).
     """
-    own = _processor_json(name)
-    if own is not None:
-        shutil.copy2(own, folder / "preprocessor_config.json")
-        return f"the backbone's own (`{name}`)"
     from transformers import BitImageProcessor
 
     info = backbone.info
@@ -586,7 +569,7 @@ def save_image_processor(name: str, backbone: FrozenBackbone, crop_ratio: float,
         image_std=list(info.std),
         do_convert_rgb=True,
     ).save_pretrained(folder)
-    return "made from the backbone's input size and mean/std (the backbone ships none)"
+    return "the preprocessing of Stage I and III (the geometry and mean/std the accuracy was measured with)"
 
 
 def build_bundle(facts: RunFacts, eval_name: str, backbone: FrozenBackbone, projector: Projector,
@@ -635,7 +618,7 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
     golden = load_file(golden_path)
     distill_dim = golden["weight"].shape[1]
     projector = choose_projector(facts, eval_name, distill_dim)
-    backbone = load_backbone(eval_name, device="cpu")
+    backbone = load_backbone(eval_name, device="cpu", normalization=config.data.normalization)
     expected = (distill_dim, backbone.feature_dim)
     if tuple(projector.weight.shape) != expected:
         raise ExportError(
@@ -649,8 +632,7 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
     SFMConfig.register_for_auto_class()
     SFMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     model.save_pretrained(folder)
-    processor_source = save_image_processor(eval_name, backbone, config.data.crop_ratio, folder)
-    processor_values = json.loads((folder / "preprocessor_config.json").read_text())
+    processor_source = save_image_processor(backbone, config.data.crop_ratio, folder)
 
     variant = read_variant(dataset_folder / VARIANTS_DIR / names.dataset_config)
     head_parameters = sum(p.numel() for p in (*model.projector.parameters(), *model.classifier.parameters()))
@@ -662,7 +644,6 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
         facts, names, license_name,
         eval_name=eval_name, backbone=backbone, projector=projector, eval_split=eval_split, source=source,
         feature=feature_output(backbone.model.config.model_type), processor_source=processor_source,
-        processor_geometry=describe_geometry(processor_values),
         measured_geometry=describe_geometry(stage_geometry(backbone.image_size, config.data.crop_ratio)),
         variant=variant, head_parameters=head_parameters, encoder_parameters=encoder_parameters,
         encoder_bytes=encoder_bytes,
@@ -672,7 +653,7 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
 
 def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, eval_name: str,
                backbone: FrozenBackbone, projector: Projector, eval_split: str, source: str, feature: str,
-               processor_source: str, processor_geometry: str, measured_geometry: str, variant: DatasetVariant, head_parameters: int, encoder_parameters: int,
+               processor_source: str, measured_geometry: str, variant: DatasetVariant, head_parameters: int, encoder_parameters: int,
                encoder_bytes: int) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -716,7 +697,6 @@ def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, e
         eval_split=eval_split,
         embedded=config.hub.embed_backbone,
         processor_source=processor_source,
-        processor_geometry=processor_geometry,
         measured_geometry=measured_geometry,
         variant=variant,
         ipc=config.ipc,
