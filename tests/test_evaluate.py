@@ -353,10 +353,15 @@ def test_converge_protocol_trains_until_the_train_validation_accuracy_is_flat(st
     train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
     setup = make_setup(trial_parts, lr=0.001, iterations=15, max_iterations=15 * 64, plateau_tolerance=0.005)
     setup.validation_features, setup.validation_labels = train_features.float(), train_labels
-    details = train_trial(setup, "vanilla").details
+    outcome = train_trial(setup, "vanilla")
+    details = outcome.details
     assert details["steps"] > 15 and details["steps"] in [15 * 2**k for k in range(7)]
     assert details["plateau"] or details["steps"] == 15 * 64
     assert details["head_lr"] == 0.001  # not scaled by the batch
+    # The longer training starts afresh (same start, full lr): it is exactly a training of that length.
+    direct = make_setup(trial_parts, lr=0.001, iterations=details["steps"], max_iterations=details["steps"])
+    direct.validation_features, direct.validation_labels = train_features.float(), train_labels
+    assert torch.equal(train_trial(direct, "vanilla").predictor.weight, outcome.predictor.weight)
     capped = make_setup(trial_parts, lr=0.001, iterations=15, max_iterations=15)
     capped.validation_features, capped.validation_labels = train_features.float(), train_labels
     assert train_trial(capped, "vanilla").details["steps"] == 15

@@ -354,7 +354,8 @@ def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, 
     """Adam for ``steps`` steps, cosine over them, the schedule stepped once every ``steps_per_decay`` steps."""
     options = setup.options
     batches = _AugmentedFeatures(setup, need_distill, step_offset)
-    optimizer = torch.optim.Adam(groups)
+    # Copies: optimiser and schedule write their lr into the group dicts, and a retraining must start afresh.
+    optimizer = torch.optim.Adam([dict(group) for group in groups])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps // steps_per_decay))
     checkpoints = _curve_steps(steps, options.curve_points)
     check = options.protocol == "converge" and setup.validation_features is not None
@@ -782,8 +783,10 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
         validation = validation_on_device.get(job.eval_backbone, (None, None))
         seed = options.seed_base + job.trial
         if job.train_set == FULL_DATASET:
+            # converged: the golden classifier's seed, so on phi_d this row is the golden classifier refitted.
+            probe_seed = seed if config.golden.recipe == "authors" else config.seed
             mine.append(_full_dataset_trial(config, job, model, statistics.num_classes, eval_features, eval_labels,
-                                            seed, device))
+                                            probe_seed, device))
             continue
         images, labels = sets_by_name[job.train_set].images_for(job.trial)
         setup = TrialSetup(images.to(device), labels.to(device), model.backbone, distill_backbone, golden,
@@ -920,7 +923,6 @@ def _records(
                 "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": name,
                 "mode": "vanilla", **_summary([trial.accuracy for trial in trials]), "ipc": None,
                 "seconds": round(sum(trial.seconds for trial in trials), 3), "images": images,
-                "seeds": [options.seed_base + trial.job.trial for trial in trials],
                 "protocol": f"golden:{config.golden.recipe}", **trials[0].details,
                 "note": "linear probe on cached centre-crop features of the whole train split (golden.* options)",
             })
