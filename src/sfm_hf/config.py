@@ -188,16 +188,16 @@ class EvaluateOptions:
     protocol: str = option(
         "converge",
         "How long and at which learning rates heads and projectors train. 'converge' (default): lr and projector_lr "
-        "as given (no batch scaling), `iterations` steps, doubled (retrained from scratch) until the accuracy on a "
-        "validation slice of the real TRAIN features is flat over the last fifth of training, up to "
-        "max_iterations, so every probe reaches its plateau whatever the number of images. 'authors' (their code): "
+        "as given (no batch scaling), `iterations` steps, then retrained from the same start for twice as long "
+        "while that still raises the accuracy on a validation slice of the real TRAIN features by more than "
+        "plateau_tolerance, up to max_iterations, so every probe reaches its plateau whatever the number of images. 'authors' (their code): "
         "lr and projector_lr scaled by min(batch, N)/256, `epochs` epochs at batch min(batch_size, N), cosine "
         "stepped per epoch.",
     )
     iterations: int = option(1000, "converge: first length (steps) of every head / projector training (each phase of st).")
     max_iterations: int = option(16000, "converge: the doubling of `iterations` stops here (results say if it plateaued).")
     plateau_tolerance: float = option(
-        0.005, "converge: largest validation accuracy gain over the last fifth of training that still counts as flat."
+        0.005, "converge: largest validation accuracy gain of a twice-as-long training that still counts as a plateau."
     )
     validation_images: int = option(
         2000,

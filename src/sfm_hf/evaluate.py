@@ -358,10 +358,7 @@ def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, 
     optimizer = torch.optim.Adam([dict(group) for group in groups])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps // steps_per_decay))
     checkpoints = _curve_steps(steps, options.curve_points)
-    check = options.protocol == "converge" and setup.validation_features is not None
-    last_fifth = max(1, round(0.8 * steps))
     curve = [(step_offset, accuracy(predictor, setup.eval_features, setup.eval_labels))] if checkpoints else []
-    at_last_fifth = None
     for step in range(steps):
         value = loss(*batches(step))
         optimizer.zero_grad(set_to_none=True)
@@ -369,14 +366,12 @@ def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, 
         optimizer.step()
         if (step + 1) % steps_per_decay == 0:
             scheduler.step()
-        if check and step + 1 == last_fifth:
-            at_last_fifth = accuracy(predictor, setup.validation_features, setup.validation_labels)
         if step + 1 in checkpoints:
             curve.append((step_offset + step + 1, accuracy(predictor, setup.eval_features, setup.eval_labels)))
-    if not check:
-        return _Phase(curve, steps)
-    final = accuracy(predictor, setup.validation_features, setup.validation_labels)
-    return _Phase(curve, steps, final - at_last_fifth <= options.plateau_tolerance, final)
+    phase = _Phase(curve, steps)
+    if options.protocol == "converge" and setup.validation_features is not None:
+        phase.validation_accuracy = accuracy(predictor, setup.validation_features, setup.validation_labels)
+    return phase
 
 
 def _optimise(
@@ -391,9 +386,11 @@ def _optimise(
     """Train ``groups`` on ``loss`` under ``options.protocol``.
 
     authors: ``epochs`` epochs of ceil(N / batch) steps, cosine stepped per epoch. converge:
-    ``iterations`` steps, cosine per step; while the validation accuracy still rose by more than
-    ``plateau_tolerance`` over the last fifth, retrain from the same start for twice as long (up to
-    ``max_iterations``). The validation slice is real train data, so no choice sees the eval split.
+    ``iterations`` steps (cosine), then again from the same start for twice as long, and so on while
+    the longer training's accuracy on the validation slice of real train features is more than
+    ``plateau_tolerance`` above the shorter one's (up to ``max_iterations``). Comparing whole
+    trainings, not the tail of one: under a cosine schedule the last part of any run is nearly flat,
+    however far from its plateau the model is. The slice is train data: no choice sees the eval split.
     """
     options = setup.options
     groups = [{**group, "params": list(group["params"])} for group in groups]
@@ -403,12 +400,19 @@ def _optimise(
                           steps=options.epochs * per_epoch, steps_per_decay=per_epoch)
     parameters = [parameter for group in groups for parameter in group["params"]]
     start = [parameter.detach().clone() for parameter in parameters]
-    steps = options.iterations
+    steps, shorter = options.iterations, None
     while True:
         phase = _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
                            steps=steps, steps_per_decay=1)
-        if phase.plateau is not False or 2 * steps > options.max_iterations:
+        if phase.validation_accuracy is None:
             return phase
+        if shorter is not None and phase.validation_accuracy - shorter <= options.plateau_tolerance:
+            phase.plateau = True
+            return phase
+        if 2 * steps > options.max_iterations:
+            phase.plateau = False
+            return phase
+        shorter = phase.validation_accuracy
         with torch.no_grad():
             for parameter, initial in zip(parameters, start):
                 parameter.copy_(initial)
@@ -911,7 +915,7 @@ def _records(
         "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": config.backbone,
         "mode": "golden", **_summary([golden_accuracy]), "ipc": None,
         "seconds": round(time.perf_counter() - start, 3), "images": train_images,
-        "protocol": f"golden:{fitted.get('recipe', 'unknown')}",
+        "protocol": f"golden:{fitted.get('recipe', 'unknown')}", "iterations": fitted.get("steps"),
         **{key: value for key, value in fitted.items() if key not in ("eval_accuracy", "eval_split", "eval_images")},
         "note": "the golden classifier of Stage I on phi_d features of the eval split",
     })
@@ -923,7 +927,8 @@ def _records(
                 "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": name,
                 "mode": "vanilla", **_summary([trial.accuracy for trial in trials]), "ipc": None,
                 "seconds": round(sum(trial.seconds for trial in trials), 3), "images": images,
-                "protocol": f"golden:{config.golden.recipe}", **trials[0].details,
+                "protocol": f"golden:{config.golden.recipe}", "iterations": trials[0].details["steps"],
+                **trials[0].details,
                 "note": "linear probe on cached centre-crop features of the whole train split (golden.* options)",
             })
     return records

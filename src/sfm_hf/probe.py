@@ -90,6 +90,7 @@ class LogisticFit:
             "validation_images": self.validation_images,
             "l2_sweep": self.sweep,
             "lbfgs_iterations": self.lbfgs_iterations,
+            "steps": self.lbfgs_iterations,
             "final_gradient_norm": self.gradient_norm,
         }
 
