@@ -338,11 +338,12 @@ class Config:
     golden: GoldenOptions = option(help="Stage I: the golden classifier.", factory=GoldenOptions)
     distill: DistillOptions = option(help="Stage II: distillation.", factory=DistillOptions)
     evaluate: EvaluateOptions = option(help="Stage III: evaluation.", factory=EvaluateOptions)
-    statistics_from: str | None = option(
+    statistics_from: str | list[str] | None = option(
         None,
         "Hub repo id or local folder holding statistics.safetensors + statistics.json (+ golden_classifier.*) of "
         "an earlier Stage I: distill (and export) read them instead of <output_dir>/statistics, so no real data "
-        "is needed.",
+        "is needed. A list of them (shards of one dataset: other machines, sites, new data) is merged exactly into "
+        "<output_dir>/statistics first (see sfm_hf.merge; on the command line: --statistics_from '[a, b]').",
     )
     hub: HubOptions = option(help="Export and publishing to the Hugging Face Hub.", factory=HubOptions)
 

@@ -49,6 +49,27 @@ def build_digits_dataset(folder: Path, image_size: int = DIGITS_IMAGE_SIZE, test
     return folder
 
 
+def split_train_split(dataset_dir: Path, parts: int, folder: Path) -> list[Path]:
+    """Cut the train split of a parquet dataset written by :func:`build_digits_dataset` into ``parts`` disjoint
+    consecutive slices, each a dataset folder with the whole test split: the shards of the merge check."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    # pyarrow keeps the schema metadata where datasets stores the ClassLabel names.
+    train = pq.read_table(sorted((dataset_dir / "data").glob("train-*.parquet")))
+    shards = []
+    for part in range(parts):
+        start, stop = train.num_rows * part // parts, train.num_rows * (part + 1) // parts
+        shard = folder / f"part{part}-of-{parts}"
+        (shard / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(train.slice(start, stop - start), shard / "data" / "train-00000-of-00001.parquet")
+        for test_file in (dataset_dir / "data").glob("test-*.parquet"):
+            shutil.copy(test_file, shard / "data")
+        shards.append(shard)
+    return shards
+
+
 def glyph_images(num_classes: int = 40, per_class: int = 150, size: int = DEMO_BACKBONE_SIZE, seed: int = 0):
     """Procedural "other data" for pre-training: each class is a random set of 2-4 pen strokes,
     drawn with random rotation, scale, shift and width, then blurred through 8x8 like the digits."""

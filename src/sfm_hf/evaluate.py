@@ -227,8 +227,6 @@ def score_projector(config: Config, accelerator, projector_path: str | Path, eva
 
 
 def _load_golden(statistics_dir: Path, statistics: Statistics) -> nn.Linear:
-    if not (statistics_dir / "golden_classifier.safetensors").is_file():
-        raise StageInputError(f"No golden classifier in {statistics_dir}: run the 'statistics' stage first.")
     golden = load_golden_classifier(statistics_dir)
     if golden.in_features != statistics.feature_dim or golden.out_features != statistics.num_classes:
         raise EvaluationError(

@@ -34,7 +34,7 @@ from .config import Config
 from .distill import SYNTHETIC_DIR
 from .errors import StageInputError, UserError
 from .hub import statistics_dir
-from .statistics import FEATURES_DIR
+from .statistics import FEATURES_DIR, golden_classifier_file
 
 MODEL_DIR = "model"
 RESULTS_FILE = "results.json"
@@ -612,10 +612,7 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
             f"The evaluation backbone {eval_name!r} is an open_clip model, which the transformers bundle cannot "
             "hold: set `hub.eval_backbone` to a transformers backbone, or drop 'model' from `hub.folders`."
         )
-    golden_path = facts.statistics_dir / "golden_classifier.safetensors"
-    if not golden_path.is_file():
-        raise StageInputError(f"The model bundle needs the golden classifier {golden_path}: run 'statistics' first.")
-    golden = load_file(golden_path)
+    golden = load_file(golden_classifier_file(facts.statistics_dir))
     distill_dim = golden["weight"].shape[1]
     projector = choose_projector(facts, eval_name, distill_dim)
     backbone = load_backbone(eval_name, device="cpu", normalization=config.data.normalization)

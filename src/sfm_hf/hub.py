@@ -50,7 +50,7 @@ def hub_sources(config: Config) -> list[tuple[str, str, str]]:
             eval_names = [*eval_names, config.hub.eval_backbone or config.evaluation_backbones[0]]
         sources.extend(("evaluation backbone", name, "model") for name in dict.fromkeys(eval_names))
     if config.statistics_from and {"distill", "export"} & stages:
-        sources.append(("statistics repo", config.statistics_from, "model"))
+        sources.extend(("statistics repo", name, "model") for name in statistics_sources(config))
     resolved = []
     for what, name, repo_type in sources:
         repo_id = _hub_id(name)
@@ -102,15 +102,32 @@ def check_sources(config: Config) -> None:
             ) from None
 
 
+def statistics_sources(config: Config) -> list[str]:
+    """The entries of ``statistics_from``: one source, or the shards a list names."""
+    source = config.statistics_from
+    if not source:
+        return []
+    return list(source) if isinstance(source, list) else [source]
+
+
 def statistics_dir(config: Config) -> Path:
     """The folder holding this run's Stage I outputs: <output_dir>/statistics, or ``statistics_from``.
 
     A Hub id is downloaded (statistics and golden classifier only, never a feature cache) into the
-    huggingface_hub cache.
+    huggingface_hub cache. A list is merged into <output_dir>/statistics (once: later calls find the
+    merge up to date); call it on every process.
     """
-    source = config.statistics_from
-    if not source:
+    if isinstance(config.statistics_from, list):
+        from .merge import merge_for_run
+
+        return merge_for_run(config, [_statistics_source(source) for source in statistics_sources(config)])
+    if not config.statistics_from:
         return Path(config.output_dir) / STATISTICS_DIR
+    return _statistics_source(config.statistics_from)
+
+
+def _statistics_source(source: str) -> Path:
+    """The local folder of one ``statistics_from`` entry (downloading a Hub id)."""
     if Path(source).is_dir():
         if not (Path(source) / "statistics.safetensors").is_file():
             present = sorted(path.name for path in Path(source).iterdir())

@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 STATISTICS_DIR = "statistics"
 FEATURES_DIR = "features"
 ROWS_PER_SHARD = 16384
-STATISTICS_OUTPUTS = (
-    "statistics.safetensors", "statistics.json", "golden_classifier.safetensors", "golden_classifier.json",
-)
+GOLDEN_FILE = "golden_classifier.safetensors"
+# statistics.json key saying why a statistics folder has no golden classifier (merged statistics without features).
+GOLDEN_MISSING_KEY = "golden_classifier_missing"
+STATISTICS_OUTPUTS = ("statistics.safetensors", "statistics.json", GOLDEN_FILE, "golden_classifier.json")
 
 
 class StatisticsFileError(StageInputError):
@@ -382,10 +383,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
     if accelerator.is_main_process:
         statistics.save(output, class_sums=train_pass.class_sums)
         golden, fitted = train_golden_classifier(config, cache_dir, statistics.num_classes)
-        save_tensors_atomically(
-            {"weight": golden.weight.detach().contiguous(), "bias": golden.bias.detach().contiguous()},
-            output / "golden_classifier.safetensors",
-        )
+        save_golden_classifier(golden, output)
         eval_features, eval_labels, _ = load_feature_cache(cache_dir, "eval")
         golden_report = {
             "eval_split": config.eval_split,
@@ -412,8 +410,27 @@ def train_golden_classifier(config: Config, cache_dir: Path, num_classes: int) -
     return fit_reference_probe(config.golden, features, labels, num_classes, seed=config.seed)
 
 
+def save_golden_classifier(head: torch.nn.Linear, directory: Path) -> None:
+    save_tensors_atomically(
+        {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+        directory / GOLDEN_FILE,
+    )
+
+
+def golden_classifier_file(directory: str | Path) -> Path:
+    """The golden classifier of a statistics folder; when there is none, a StageInputError that says why."""
+    path = Path(directory) / GOLDEN_FILE
+    if not path.is_file():
+        reason = "run the 'statistics' stage first"
+        metadata = Path(directory) / "statistics.json"
+        if metadata.is_file():
+            reason = json.loads(metadata.read_text()).get(GOLDEN_MISSING_KEY, reason)
+        raise StageInputError(f"No golden classifier in {directory}: {reason}.")
+    return path
+
+
 def load_golden_classifier(directory: str | Path) -> torch.nn.Linear:
-    tensors = load_file(Path(directory) / "golden_classifier.safetensors")
+    tensors = load_file(golden_classifier_file(directory))
     head = torch.nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0])
     head.load_state_dict(tensors)
     return head.eval()
