@@ -160,3 +160,28 @@ def statistics_run(tmp_path_factory, digits_dir, demo_backbone):
     config.stages = ["statistics"]
     run_stages(config, Accelerator(cpu=True))
     return output
+
+
+def launch_config(dataset: Path | str, backbone: str, output_dir: Path):
+    """The tiny three-stage recipe the multi-process tests run both in one process and in several."""
+    config = tiny_config(dataset, backbone, output_dir, iterations=30)
+    config.stages = ["statistics", "distill", "evaluate"]
+    config.evaluate.train_sets = ["sfm"]
+    config.evaluate.modes = ["vanilla", "ci"]
+    config.evaluate.trials = 2
+    config.evaluate.iterations = 20
+    config.evaluate.full_dataset = False
+    config.evaluate.curve_points = 0
+    return config
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory, digits_dir, demo_backbone) -> Path:
+    """``launch_config`` run once in this process: what every multi-process run must reproduce."""
+    from accelerate import Accelerator
+
+    from sfm_hf.runner import run_stages
+
+    output = tmp_path_factory.mktemp("one-process")
+    run_stages(launch_config(digits_dir, demo_backbone, output), Accelerator(cpu=True))
+    return output

@@ -292,11 +292,7 @@ def test_a_synthetic_set_the_run_will_not_make_is_caught_before_distilling(digit
 @pytest.mark.slow
 def test_two_processes_score_every_eval_image_once_and_agree_with_one(distilled_run, digits_dir, demo_backbone,
                                                                     tiny_backbone, tmp_path, accelerator):
-    import os
-    import subprocess
-    import sys
-
-    from test_distributed import REPO, free_port
+    from launching import launch
 
     other = tiny_backbone("dinov2")
     results = {}
@@ -309,14 +305,7 @@ def test_two_processes_score_every_eval_image_once_and_agree_with_one(distilled_
         else:
             recipe = tmp_path / "recipe.yaml"
             config.save(recipe)
-            command = [
-                str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                str(free_port()), str(REPO / "recipes" / "distill.py"), "--config", str(recipe),
-            ]
-            environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-            finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-            assert finished.returncode == 0, finished.stderr[-4000:]
+            launch(recipe, num_processes=2)
         results[name] = records_by_key(tmp_path / name)
     cache = tmp_path / "two" / "evaluation" / "features" / evaluate.backbone_slug(other)
     assert sorted(path.name for path in cache.glob("eval-rank*")) == ["eval-rank00-00000.safetensors",
