@@ -223,3 +223,30 @@ def test_every_hub_repo_of_a_statistics_list_is_checked():
     config = Config(backbone="acme/tiny", statistics_from=["acme/site-a", "acme/site-b"], stages=["distill"])
     assert {repo for what, repo, _ in hub_sources(config) if what == "statistics repo"} == {"acme/site-a",
                                                                                            "acme/site-b"}
+
+
+def test_other_processes_wait_for_the_main_process_merge(tmp_path, monkeypatch):
+    import threading
+
+    import accelerate
+
+    import sfm_hf.merge
+    from sfm_hf.config import Config
+
+    a = make_shard(tmp_path / "a", ["cat"], [[1.0, 2.0]], [2])
+    b = make_shard(tmp_path / "b", ["cat"], [[3.0, 4.0]], [1])
+    config = Config(backbone="acme/tiny", output_dir=str(tmp_path / "run"), statistics_from=[str(a), str(b)])
+
+    class OtherRank:
+        is_main_process = False
+
+    monkeypatch.setattr(accelerate, "PartialState", OtherRank)
+    waiting = threading.Thread(target=statistics_dir, args=(config,), daemon=True)
+    waiting.start()
+    waiting.join(timeout=3)
+    assert waiting.is_alive() and not (tmp_path / "run" / "statistics" / "statistics.json").exists()
+    merge_statistics([a, b], tmp_path / "run" / "statistics", golden=config.golden, seed=config.seed)  # the main rank
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    monkeypatch.setattr(sfm_hf.merge, "_write_merge", None)  # a non-main rank never writes
+    assert statistics_dir(config) == tmp_path / "run" / "statistics"

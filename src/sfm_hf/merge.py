@@ -27,6 +27,7 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -356,21 +357,25 @@ def _write_merge(shards: list[Shard], names: list[str], output: Path, golden: Go
 
 
 def merge_for_run(config: Config, folders: list[Path]) -> Path:
-    """``statistics_from: [A, B, ...]``: the shards merged into <output_dir>/statistics; call it on every process.
+    """``statistics_from: [A, B, ...]``: the shards merged into <output_dir>/statistics.
 
     The main process merges, with the run's golden classifier settings, unless an earlier call
-    already merged the same inputs. Every process checks the shards first, so a refusal stops all
-    of them instead of leaving the others waiting.
+    already merged the same inputs; the others wait until the merge is there. No collective is
+    used, so stages that read the statistics on the main process only (export) can call it too.
+    Every process checks the shards first, so a refusal stops all of them.
     """
     from accelerate import PartialState
 
     output = Path(config.output_dir) / STATISTICS_DIR
     shards, names = prepare_merge(folders, output)
-    state = PartialState()
-    if state.is_main_process and not is_up_to_date(folders, output, config.golden, config.seed):
-        statistics = _write_merge(shards, names, output, config.golden, config.seed)
-        print(summary(statistics, output))
-    state.wait_for_everyone()
+    if PartialState().is_main_process:
+        if not is_up_to_date(folders, output, config.golden, config.seed):
+            statistics = _write_merge(shards, names, output, config.golden, config.seed)
+            print(summary(statistics, output))
+        return output
+    # Should the main process fail, the launcher stops this one too.
+    while not is_up_to_date(folders, output, config.golden, config.seed):
+        time.sleep(1.0)
     return output
 
 
