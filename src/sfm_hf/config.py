@@ -330,8 +330,12 @@ class Config:
     stages: list[str] = option(help=f"Stages to run, in this order: {', '.join(STAGES)}.", factory=lambda: list(STAGES[:2]))
     seed: int = option(0, "Seed for every random choice of the run.")
     trackers: list[str] = option(
-        help="Accelerate experiment trackers (tensorboard, wandb, mlflow, ...); logs under <output_dir>. Empty: none.",
+        help="Accelerate experiment trackers (tensorboard, wandb, mlflow, ..., or all); logs under <output_dir>. "
+        "Empty: none. On the command line also --report_to, as in the transformers example scripts.",
         factory=list,
+    )
+    tracker_project: str = option(
+        "sfm-hf", "Project (run group) name given to the trackers, e.g. the wandb project or tensorboard sub-folder."
     )
     data: DataOptions = option(help="Reading real images.", factory=DataOptions)
     statistics: StatisticsOptions = option(help="Stage I: class statistics.", factory=StatisticsOptions)

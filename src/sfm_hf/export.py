@@ -40,7 +40,6 @@ MODEL_DIR = "model"
 RESULTS_FILE = "results.json"
 VARIANTS_DIR = "data"
 PARQUET_NAME = "train-00000-of-00001.parquet"
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 # Stage II's working copies at the root of synthetic/: the Hub gets them per config under data/<config>/.
 SYNTHETIC_LOCAL_ONLY = ["images.safetensors", "synthetic.json", "preview.png", "*.tmp", "*.tmp.png"]
 STATISTICS_LOCAL_ONLY = [f"{FEATURES_DIR}/*", "*.tmp"]
@@ -223,14 +222,13 @@ def source_license(dataset: str) -> str | None:
 
 
 def render(template: str, **values: Any) -> str:
-    """Fill a card template of ``model_cards/`` (Jinja2; undefined names are errors)."""
+    """Fill a card template shipped in ``sfm_hf/templates/`` (Jinja2; undefined names are errors)."""
     import jinja2
 
-    if not TEMPLATES_DIR.is_dir():
-        raise ExportError(f"The card templates folder {TEMPLATES_DIR} is missing (sfm-hf must run from its checkout).")
+    # Package data, read through the import system: works from a wheel as from a checkout.
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-        trim_blocks=True, lstrip_blocks=True,
+        loader=jinja2.PackageLoader("sfm_hf", "templates"), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
     )
     environment.filters["percent"] = _percent
     environment.filters["size"] = human_size

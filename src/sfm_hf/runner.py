@@ -111,7 +111,7 @@ def _run_in_order(config: Config, accelerator, available: dict[str, Callable], s
     output_dir = Path(config.output_dir)
     if accelerator.trackers:
         scalars = {key: value for key, value in _flatten(config.to_dict()).items() if isinstance(value, (int, float, str, bool))}
-        accelerator.init_trackers("sfm-hf", config=scalars)
+        accelerator.init_trackers(config.tracker_project, config=scalars)
     timings = {}
     for stage in config.stages:
         set_seed(config.seed)
