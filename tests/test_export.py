@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import httpx2
@@ -318,45 +319,80 @@ def test_statistics_from_resolution(tmp_path, monkeypatch, statistics_run):
 
 
 class FakeHub:
-    """Records the HfApi calls the export makes; nothing leaves the machine."""
+    """A Hub in a local folder: each commit is applied to <root>/<repo type>/<repo id>; nothing leaves the machine."""
 
-    def __init__(self, monkeypatch, *, fail_upload=False, remote_card: Path | None = None):
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
+    def __init__(self, monkeypatch, root: Path, *, fail_commit=False):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+        from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
 
+        self.root = root
         self.calls = []
-        request = httpx2.Request("GET", "https://huggingface.co")
 
-        def create_repo(api, repo_id, **kwargs):
-            self.calls.append(("create_repo", repo_id, kwargs))
+        def create_repo(api, repo_id, repo_type=None, **kwargs):
+            self.calls.append(("create_repo", repo_id, {"repo_type": repo_type, **kwargs}))
+            self.repo(repo_id, repo_type).mkdir(parents=True, exist_ok=True)
 
-        def upload_folder(api, **kwargs):
-            self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-            if fail_upload:
-                raise HfHubHTTPError("503 Service Unavailable", response=httpx2.Response(503, request=request))
+        def create_branch(api, repo_id, branch, repo_type=None, **kwargs):
+            self.calls.append(("create_branch", repo_id, {"branch": branch, "repo_type": repo_type, **kwargs}))
 
-        def upload_file(api, **kwargs):
-            self.calls.append(("upload_file", kwargs["repo_id"], kwargs))
+        def list_repo_files(api, repo_id, repo_type=None, revision=None, **kwargs):
+            folder = self.repo(repo_id, repo_type)
+            if not folder.is_dir():
+                raise _http_error(RepositoryNotFoundError, 404)
+            return [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
 
-        def hf_hub_download(api, repo_id, filename, **kwargs):
-            if remote_card is None:
-                raise RemoteEntryNotFoundError("no README", response=httpx2.Response(404, request=request))
-            return str(remote_card)
+        def hf_hub_download(api, repo_id, filename, repo_type=None, revision=None, **kwargs):
+            path = self.repo(repo_id, repo_type) / filename
+            if not path.is_file():
+                raise _http_error(RemoteEntryNotFoundError, 404)
+            return str(path)
 
-        for name, function in (("create_repo", create_repo), ("upload_folder", upload_folder),
-                               ("upload_file", upload_file), ("hf_hub_download", hf_hub_download)):
+        def create_commit(api, repo_id, operations, repo_type=None, **kwargs):
+            self.calls.append(("create_commit", repo_id, {"operations": operations, "repo_type": repo_type, **kwargs}))
+            if fail_commit:
+                raise _http_error(HfHubHTTPError, 503)
+            folder = self.repo(repo_id, repo_type)
+            for operation in operations:
+                target = folder / operation.path_in_repo
+                if isinstance(operation, CommitOperationDelete):
+                    target.unlink()
+                else:
+                    assert isinstance(operation, CommitOperationAdd)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with operation.as_file() as source:
+                        target.write_bytes(source.read())
+            return types.SimpleNamespace(pr_url=f"https://huggingface.co/{repo_id}/discussions/1"
+                                         if kwargs.get("create_pr") else None)
+
+        from huggingface_hub.errors import HfHubHTTPError
+
+        for name, function in (("create_repo", create_repo), ("create_branch", create_branch),
+                               ("list_repo_files", list_repo_files), ("hf_hub_download", hf_hub_download),
+                               ("create_commit", create_commit)):
             monkeypatch.setattr(HfApi, name, function)
+
+    def repo(self, repo_id: str, repo_type: str | None) -> Path:
+        return self.root / (repo_type or "model") / repo_id
 
     def of(self, kind):
         return [(repo_id, kwargs) for name, repo_id, kwargs in self.calls if name == kind]
 
 
-def test_push_creates_and_uploads_each_folder_without_writing_the_token(exported, digits_dir, demo_backbone,
-                                                                        tmp_path, accelerator, monkeypatch, capsys):
+def published_text(folder: Path) -> str:
+    return "\n".join(path.read_bytes().decode("utf-8", "replace") for path in folder.rglob("*") if path.is_file())
+
+
+def test_push_makes_one_commit_per_repo_without_token_or_local_paths(exported, digits_dir, demo_backbone, tmp_path,
+                                                                   accelerator, monkeypatch, capsys):
+    import datasets
+    from huggingface_hub import ModelCard
+
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    hub = FakeHub(monkeypatch)
+    hub = FakeHub(monkeypatch, tmp_path / "hub")
     output = tmp_path / "run"
     shutil.copytree(exported[0], output)
+    (output / "statistics" / "features").mkdir(exist_ok=True)
+    (output / "statistics" / "features" / "train.bin").write_bytes(b"cache")
     run(output, digits_dir, demo_backbone, accelerator, ["export"], push=True, org="acme", private=True,
         dataset_name="digits10", backbone_name="tinyvit")
     created = hub.of("create_repo")
@@ -365,59 +401,100 @@ def test_push_creates_and_uploads_each_folder_without_writing_the_token(exported
         ("acme/sfm-digits10-tinyvit-ipc1", "model", True, True),
         ("acme/sfm-digits10-tinyvit-statistics", "model", True, True),
     ]
-    uploads = {repo_id: kwargs for repo_id, kwargs in hub.of("upload_folder")}
-    assert Path(uploads["acme/sfm-digits10-ipc1"]["folder_path"]) == output / "synthetic"
-    assert uploads["acme/sfm-digits10-ipc1"]["repo_type"] == "dataset"
-    assert "images.safetensors" in uploads["acme/sfm-digits10-ipc1"]["ignore_patterns"]
-    assert Path(uploads["acme/sfm-digits10-tinyvit-ipc1"]["folder_path"]) == output / "model"
-    assert Path(uploads["acme/sfm-digits10-tinyvit-statistics"]["folder_path"]) == output / "statistics"
-    assert "features/*" in uploads["acme/sfm-digits10-tinyvit-statistics"]["ignore_patterns"]
-    assert not hub.of("upload_file")  # a new dataset repo: the local card is the whole story
-    assert 'load_dataset("acme/sfm-digits10-ipc1"' in (output / "synthetic" / "README.md").read_text()
-    assert "acme/sfm-digits10-ipc1" in card_metadata(output / "model" / "README.md")["datasets"]
+    assert [repo_id for repo_id, _ in hub.of("create_commit")] == [repo_id for repo_id, _ in created]
+    config_name = slug(demo_backbone)
+    dataset_repo = hub.repo("acme/sfm-digits10-ipc1", "dataset")
+    files = {path.relative_to(dataset_repo).as_posix() for path in dataset_repo.rglob("*") if path.is_file()}
+    assert {f"data/{config_name}/{name}" for name in ("images.safetensors", "synthetic.json", "results.json",
+                                                      "config.yaml", "preview.png")} <= files
+    assert "images.safetensors" not in files and "synthetic.json" not in files  # Stage II's local working copies
+    assert len(datasets.load_dataset(str(dataset_repo), config_name, split="train")) == 10
+    statistics_repo = hub.repo("acme/sfm-digits10-tinyvit-statistics", "model")
+    assert (statistics_repo / "statistics.safetensors").is_file() and not (statistics_repo / "features").exists()
+    model_repo = hub.repo("acme/sfm-digits10-tinyvit-ipc1", "model")
+    card = ModelCard.load(model_repo / "README.md")
+    assert "acme/sfm-digits10-ipc1" in card.data.datasets and card.data.pipeline_tag == "image-classification"
+    published = yaml.safe_load((model_repo / "config.yaml").read_text())
+    assert published["ipc"] == 1 and published["hub"]["org"] == "acme"
+    assert published["dataset"] == digits_dir.name and published["backbone"] == Path(demo_backbone).name
     printed = capsys.readouterr()
     assert TOKEN not in printed.out + printed.err
+    everything = published_text(hub.root)
+    assert TOKEN not in everything
+    for local in (str(digits_dir), demo_backbone, str(output), str(tmp_path)):
+        assert local not in everything  # local paths are published by their folder names only
     for path in output.rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
+def test_exported_cards_and_bundle_config_name_local_inputs_by_folder_name(exported, digits_dir, demo_backbone):
+    from huggingface_hub import DatasetCard, ModelCard
+
+    output, _ = exported
+    for path in ("model/README.md", "model/config.json", "model/config.yaml", "synthetic/README.md",
+                 "statistics/README.md", f"synthetic/data/{slug(demo_backbone)}/synthetic.json"):
+        text = (output / path).read_text()
+        assert str(digits_dir) not in text and demo_backbone not in text and str(output) not in text, path
+    bundle = json.loads((output / "model" / "config.json").read_text())
+    assert bundle["backbone_id"] == bundle["distill_backbone"] == Path(demo_backbone).name
+    assert ModelCard.load(output / "model" / "README.md").data.model_name
+    assert ModelCard.load(output / "statistics" / "README.md").data.tags[0] == "sfm"
+    assert DatasetCard.load(output / "synthetic" / "README.md").data["sfm"]["source_dataset"] == digits_dir.name
+
+
 def test_failed_upload_keeps_the_folders_and_says_what_to_rerun(exported, digits_dir, demo_backbone, tmp_path,
                                                                accelerator, monkeypatch):
-    hub = FakeHub(monkeypatch, fail_upload=True)
+    hub = FakeHub(monkeypatch, tmp_path / "hub", fail_commit=True)
     output = tmp_path / "run"
     shutil.copytree(exported[0], output)
     with pytest.raises(PublishError, match="--stages export --hub.push true") as error:
         run(output, digits_dir, demo_backbone, accelerator, ["export"], push=True, org="acme")
     assert "intact" in str(error.value) and "503" in str(error.value)
-    assert len(hub.of("upload_folder")) == 3  # every folder was tried
+    assert len(hub.of("create_commit")) == 3  # every folder was tried
     for folder in ("synthetic", "model", "statistics"):
         assert (output / folder / "README.md").is_file()
     assert (output / "model" / "model.safetensors").is_file()
 
 
-def test_push_into_a_repo_with_other_configs_keeps_them(exported, digits_dir, demo_backbone, tmp_path, accelerator,
-                                                        monkeypatch):
-    output = tmp_path / "run"
-    shutil.copytree(exported[0], output)
-    remote = tmp_path / "remote-README.md"
-    other = card_metadata(output / "synthetic" / "README.md")
-    other["configs"][0]["config_name"] = other["dataset_info"]["config_name"] = "clip"
-    other["configs"][0]["data_files"][0]["path"] = "data/clip/train-*.parquet"
-    remote.write_text("---\n" + yaml.safe_dump(other) + "---\n# remote\n")
-    hub = FakeHub(monkeypatch, remote_card=remote)
-    run(output, digits_dir, demo_backbone, accelerator, ["export"], push=True, org="acme")
-    ((_, dataset_upload),) = [call for call in hub.of("upload_folder") if call[1]["repo_type"] == "dataset"]
-    assert "README.md" in dataset_upload["ignore_patterns"]
-    ((_, card_upload),) = hub.of("upload_file")
-    merged = card_upload["path_or_fileobj"].decode()
-    metadata = yaml.safe_load(merged.split("---\n")[1])
+def test_two_runs_push_their_configs_into_one_dataset_repo(exported, distilled, digits_dir, demo_backbone, tmp_path,
+                                                           accelerator, monkeypatch):
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    hub = FakeHub(monkeypatch, tmp_path / "hub")
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(exported[0], first)
+    shutil.copytree(distilled, second)
+    own, other = slug(demo_backbone), f"{slug(demo_backbone)}-seed7"
+    run(first, digits_dir, demo_backbone, accelerator, ["export"], push=True, org="acme", folders=["dataset"],
+        dataset_name="digits")
+    repo = hub.repo("acme/sfm-digits-ipc1", "dataset")
+    (repo / "data" / own / "stale.bin").write_bytes(b"from an older push")
+    run(second, digits_dir, demo_backbone, accelerator, ["export"], push=True, org="acme", folders=["dataset"],
+        dataset_name="digits",
+        dataset_config_name="{backbone}-seed7", revision="experiments", create_pr=True)
+    ((_, branch),) = hub.of("create_branch")
+    assert branch["branch"] == "experiments"
+    assert [kwargs["revision"] for _, kwargs in hub.of("create_commit")] == [None, "experiments"]
+    assert hub.of("create_commit")[1][1]["create_pr"] is True
+    for name in (own, other):
+        loaded = datasets.load_dataset(str(repo), name, split="train")
+        assert len(loaded) == 10 and loaded.features["label"].names == [str(d) for d in range(10)]
+    assert len(datasets.load_dataset(str(repo), split="train")) == 10  # the first run's config stays the default
+    metadata = DatasetCard.load(repo / "README.md").data
     configs = {entry["config_name"]: entry for entry in metadata["configs"]}
-    assert set(configs) == {"clip", slug(demo_backbone)}
-    assert configs["clip"].get("default") is True and not configs[slug(demo_backbone)].get("default")
-    assert {info["config_name"] for info in metadata["dataset_info"]} == set(configs)
-    local = card_metadata(output / "synthetic" / "README.md")  # still describes the local folder only
-    assert [entry["config_name"] for entry in local["configs"]] == [slug(demo_backbone)]
+    assert set(configs) == {own, other} and configs[own].get("default") and not configs[other].get("default")
+    assert {info["config_name"] for info in metadata["dataset_info"]} == {own, other}
+    assert (repo / "data" / own / "stale.bin").is_file()  # another run's config is not this push's to clean
+    local = card_metadata(second / "synthetic" / "README.md")  # still describes the local folder only
+    assert [entry["config_name"] for entry in local["configs"]] == [other]
+
+    run(first, digits_dir, demo_backbone, accelerator, ["export"], push=True, org="acme", folders=["dataset"],
+        dataset_name="digits")
+    assert not (repo / "data" / own / "stale.bin").exists()  # re-pushing a config replaces its folder
+    assert (repo / "data" / other / "images.safetensors").is_file()
+    assert {entry["config_name"] for entry in DatasetCard.load(repo / "README.md").data["configs"]} == {own, other}
 
 
 def test_include_runs_makes_named_configs_in_one_folder(exported, distilled, digits_dir, demo_backbone, tmp_path,

@@ -262,6 +262,12 @@ class HubOptions:
         "Model repo of the Stage I statistics and golden classifier (same placeholders).",
     )
     private: bool = option(False, "Create the repos as private.")
+    revision: str | None = option(
+        None, "Branch to commit to (created from the default branch when missing); null: the default branch (main)."
+    )
+    create_pr: bool = option(
+        False, "Open a pull request with each repo's commit instead of committing to the branch (review first)."
+    )
     folders: list[str] = option(
         help=f"Folders to export and push: {', '.join(HUB_FOLDERS)} (the synthetic dataset is always exported; "
         "drop model for an open_clip evaluation backbone, statistics to keep them private).",
@@ -334,6 +340,10 @@ class Config:
         "Empty: none. On the command line also --report_to, as in the transformers example scripts.",
         factory=list,
     )
+    progress: str = option(
+        "auto",
+        "Progress of long loops: auto (a bar on a terminal, otherwise a log line every 10%), bar, lines or off.",
+    )
     tracker_project: str = option(
         "sfm-hf", "Project (run group) name given to the trackers, e.g. the wandb project or tensorboard sub-folder."
     )
@@ -382,6 +392,7 @@ class Config:
             )
         if self.ipc < 1:
             raise ConfigError(f"`ipc` must be >= 1, got {self.ipc}.")
+        _check_choice("progress", self.progress, ("auto", "bar", "lines", "off"))
         _check_choice("statistics.non_target", self.statistics.non_target, ("class_mean", "sample"))
         _check_choice("golden.recipe", self.golden.recipe, GOLDEN_RECIPES)
         if not self.golden.l2_grid or any(l2 < 0 for l2 in self.golden.l2_grid):

@@ -5,15 +5,18 @@
 folder per named config, ``data/<config>/``: ``train-00000-of-00001.parquet`` (``image``: PNG
 bytes of the 8-bit quantised images, lossless; ``label``: ClassLabel with the real class
 names), the exact float images (``images.safetensors``), ``synthetic.json``, ``results.json``
-(this variant's Stage III rows) and ``preview.png``; and the card ``README.md``, whose YAML
-lists every config (this run's is the default). Per-config folders let runs with other
-backbones or ipc push into one repo without overwriting each other.
+(this variant's Stage III rows), ``preview.png`` and ``config.yaml`` (the run's config); and the
+card ``README.md``, whose YAML lists every config (this run's is the default). Per-config folders
+let runs with other backbones or ipc push into one repo without overwriting each other.
 
 ``model/`` -- :class:`~sfm_hf.modeling_sfm.SFMForImageClassification` saved with its remote
-code, the evaluation backbone's image processor and a card with model-index results.
+code, the evaluation backbone's image processor, ``config.yaml`` and a card with model-index results.
 
-``statistics/`` -- Stage I's folder gains a card; its feature cache (``features/``) is never
-uploaded.
+``statistics/`` -- Stage I's folder gains a card and ``config.yaml``; its feature cache
+(``features/``) is never uploaded.
+
+Publishing makes one commit per repo. Local paths never leave the machine: published text names a
+local input by its folder name (:class:`PathRedactor`), a Hub input by its id.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from accelerate.logging import get_logger
+
 from .backbones import OPEN_CLIP_PREFIXES, FrozenBackbone, load_backbone
 from .config import Config
 from .distill import SYNTHETIC_DIR
@@ -36,8 +41,11 @@ from .errors import StageInputError, UserError
 from .hub import statistics_dir
 from .statistics import FEATURES_DIR, golden_classifier_file
 
+logger = get_logger(__name__)
+
 MODEL_DIR = "model"
 RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.yaml"
 VARIANTS_DIR = "data"
 PARQUET_NAME = "train-00000-of-00001.parquet"
 # Stage II's working copies at the root of synthetic/: the Hub gets them per config under data/<config>/.
@@ -129,6 +137,55 @@ def is_hub_id(name: str) -> bool:
     return "/" in name
 
 
+def public_name(name: str) -> str:
+    """What a published file may say about a dataset, backbone or folder: a Hub id as it is, a local path by its
+    folder's base name (the absolute path says nothing to a reader and tells about the publisher's machine)."""
+    for prefix in OPEN_CLIP_PREFIXES:
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return prefix + (rest if prefix == "hf-hub:" else public_name(rest))
+    if not name or is_hub_id(name):
+        return name
+    if Path(name).exists() or "/" in name or name.startswith(("~", ".")):
+        return Path(name).name or name
+    return name
+
+
+class PathRedactor:
+    """Replaces the run's local input and output paths by their public names in text that will be published."""
+
+    def __init__(self, config: Config, *extra: str):
+        names = [config.dataset, config.backbone, *config.eval_backbones, config.hub.eval_backbone or "",
+                 config.statistics_from or "", config.output_dir, *config.evaluate.extra_synthetic,
+                 *config.hub.include_runs, *extra]
+        replacements = {}
+        for name in names:
+            local = name.removeprefix("local-dir:")
+            if not local or local.startswith("hf-hub:") or is_hub_id(local):
+                continue
+            for spelling in {local, local.rstrip("/"), str(Path(local).expanduser().resolve())}:
+                if Path(spelling).name and Path(spelling).name != spelling:
+                    replacements[spelling] = Path(spelling).name
+        # Longest first: a folder inside another must not be cut at its parent's name.
+        self.replacements = sorted(replacements.items(), key=lambda item: -len(item[0]))
+
+    def __call__(self, text: str) -> str:
+        for local, public in self.replacements:
+            text = text.replace(local, public)
+        return text
+
+
+def public_config_yaml(config: Config, redact: PathRedactor) -> str:
+    """The resolved config of the run as published beside every repo: enough to reproduce it from the Hub.
+
+    The config holds no credentials (the token lives with huggingface_hub); local paths become base names.
+    """
+    import yaml
+
+    header = "# The sfm-hf config that made this repo (local paths shortened to their folder names).\n"
+    return header + redact(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
 # ---------------------------------------------------------------------------------------------
 # What the earlier stages left
 
@@ -144,6 +201,7 @@ class RunFacts:
     golden: dict[str, Any] | None
     synthetic: dict[str, Any]
     results: list[dict[str, Any]]
+    redact: PathRedactor
 
     @property
     def source_dataset(self) -> str:
@@ -183,14 +241,16 @@ def gather_facts(config: Config) -> RunFacts:
     if not (stats_dir / "statistics.json").is_file():
         raise StageInputError(f"Stage 'export' needs {stats_dir}/statistics.json: run the 'statistics' stage first.")
     golden_json = stats_dir / "golden_classifier.json"
+    statistics = json.loads((stats_dir / "statistics.json").read_text())
     return RunFacts(
         config=config,
         output_dir=output_dir,
         statistics_dir=stats_dir,
-        statistics=json.loads((stats_dir / "statistics.json").read_text()),
+        statistics=statistics,
         golden=json.loads(golden_json.read_text()) if golden_json.is_file() else None,
         synthetic=json.loads(synthetic_json.read_text()),
         results=read_results(output_dir),
+        redact=PathRedactor(config, statistics.get("dataset") or ""),
     )
 
 
@@ -233,6 +293,11 @@ def render(template: str, **values: Any) -> str:
     environment.filters["percent"] = _percent
     environment.filters["size"] = human_size
     return environment.get_template(template).render(**values)
+
+
+def make_card(card_class, template: str, card_data, redact: PathRedactor, **values: Any):
+    """A huggingface_hub card (ModelCard / DatasetCard) from one of our templates; the metadata is ``card_data``."""
+    return card_class(redact(render(template, card_data=card_data.to_yaml(), **values)))
 
 
 def _percent(value: float | None) -> str:
@@ -317,8 +382,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def write_variant(folder: Path, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
-                  source: Path, results: list[dict[str, Any]]) -> Path:
-    """``folder`` = synthetic/data/<config>/: the parquet split and the exact float images beside it."""
+                  source: Path, results: list[dict[str, Any]], facts: RunFacts) -> Path:
+    """``folder`` = synthetic/data/<config>/: the parquet split, the exact float images, what made them."""
     import datasets
 
     if folder.exists():
@@ -329,10 +394,11 @@ def write_variant(folder: Path, images: torch.Tensor, labels: torch.Tensor, clas
     rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in pixels], "label": labels.tolist()}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / PARQUET_NAME))
     _link_or_copy(source / "images.safetensors", folder / "images.safetensors")
-    shutil.copy2(source / "synthetic.json", folder / "synthetic.json")
+    (folder / "synthetic.json").write_text(facts.redact((source / "synthetic.json").read_text()))
     if (source / "preview.png").is_file():
         shutil.copy2(source / "preview.png", folder / "preview.png")
-    (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    (folder / RESULTS_FILE).write_text(facts.redact(json.dumps(results, indent=2)))
+    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
     return folder
 
 
@@ -392,58 +458,62 @@ def _include_runs(config: Config, variants_root: Path, own: str) -> list[str]:
 
 
 def dataset_card(variants: list[DatasetVariant], facts: RunFacts, names: RepoNames, *,
-                 default: str, license_name: str | None, remote: list[dict[str, Any]] | None = None) -> str:
-    """The dataset card: YAML metadata (features, splits with sizes, configs) and the body from the template.
+                 license_name: str | None, hub_card_data=None):
+    """The DatasetCard: YAML metadata (features, splits with sizes, configs) and the body from the template.
 
-    ``remote``: YAML config and dataset_info entries of configs that exist only on the Hub (kept on push).
+    ``hub_card_data``: the metadata of the card already on the Hub. Its configs and their sizes are kept:
+    ``datasets`` merges ours into it (``MetadataConfigs`` / ``DatasetInfosDict``), as its ``push_to_hub`` does.
     """
     from datasets.info import DatasetInfosDict
     from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCardData
+    from huggingface_hub import DatasetCard, DatasetCardData
 
-    total = sum(variant.num_examples for variant in variants)
-    source = facts.source_dataset
-    card_data = DatasetCardData(
-        license=license_name,
-        task_categories=["image-classification"],
-        size_categories=[size_category(total)],
-        source_datasets=[source] if is_hub_id(source) else None,
-        pretty_name=f"SFM synthetic {slug(source)} (ipc {facts.config.ipc})",
-        tags=["dataset-distillation", "synthetic", "sfm", "statistical-flow-matching"],
-    )
-    infos = DatasetInfosDict({variant.name: variant.info for variant in variants})
-    configs = {
-        variant.name: {
-            "data_files": [{"split": "train", "path": f"{VARIANTS_DIR}/{variant.name}/train-*.parquet"}],
-            **({"default": True} if variant.name == default else {}),
-        }
+    card_data = hub_card_data if hub_card_data is not None else DatasetCardData()
+    local = {variant.name for variant in variants}
+    hub_configs = MetadataConfigs.from_dataset_card_data(card_data)
+    hub_default = hub_configs.get_default_config_name() if hub_configs else None
+    # A default that lives only on the Hub stays the default; otherwise this run's config is.
+    default = hub_default if hub_default and hub_default not in local else names.dataset_config
+    configs = MetadataConfigs({
+        variant.name: {"data_files": [{"split": "train", "path": f"{VARIANTS_DIR}/{variant.name}/train-*.parquet"}]}
         for variant in variants
-    }
-    remote = remote or []
-    for entry in remote:
-        configs[entry["config_name"]] = {key: value for key, value in entry.items() if key not in ("config_name", "info")}
-        if entry.get("info") is not None:
-            infos[entry["config_name"]] = entry["info"]
-    infos.to_dataset_card_data(card_data)
-    MetadataConfigs(configs).to_dataset_card_data(card_data)
+    })
+    if default in hub_configs:
+        configs[default] = {**hub_configs[default], "default": True}
+    else:
+        configs[default]["default"] = True
+    for name, entry in hub_configs.items():
+        if name != default and entry.get("default"):
+            configs[name] = {key: value for key, value in entry.items() if key != "default"}
+    configs.to_dataset_card_data(card_data)
+    DatasetInfosDict({variant.name: variant.info for variant in variants}).to_dataset_card_data(card_data)
+    infos = DatasetInfosDict.from_dataset_card_data(card_data)
+    total = sum(split.num_examples for info in infos.values() for split in info.splits.values())
+
+    source = facts.source_dataset
+    card_data.license = license_name
+    card_data.task_categories = ["image-classification"]
+    card_data.size_categories = [size_category(total)]
+    card_data.source_datasets = [source] if is_hub_id(source) else None
+    card_data.pretty_name = f"SFM synthetic {slug(source)} (ipc {facts.config.ipc})"
+    card_data.tags = ["dataset-distillation", "synthetic", "sfm", "statistical-flow-matching"]
     own = next(variant for variant in variants if variant.name == names.dataset_config)
     card_data["sfm"] = {
-        "source_dataset": source,
-        "backbone": facts.config.backbone,
+        "source_dataset": public_name(source),
+        "backbone": public_name(facts.config.backbone),
         "method": own.synthetic.get("method") if own.synthetic else facts.config.distill.method,
         "ipc": facts.config.ipc,
         "iterations": own.synthetic.get("iterations") if own.synthetic else None,
         "seed": facts.config.seed,
     }
-    return render(
-        "dataset_card.md.j2",
-        metadata=card_data.to_yaml(),
+    return make_card(
+        DatasetCard, "dataset_card.md.j2", card_data, facts.redact,
         repo_id=names.dataset,
         default=default,
         variants=variants,
-        remote_only=[entry["config_name"] for entry in remote],
+        remote_only=[name for name in MetadataConfigs.from_dataset_card_data(card_data) if name not in local],
         source_name=slug(source),
-        source_link=f"[{source}](https://huggingface.co/datasets/{source})" if is_hub_id(source) else f"`{source}`",
+        source_link=f"[{source}](https://huggingface.co/datasets/{source})" if is_hub_id(source) else f"`{public_name(source)}`",
         class_count=len(facts.class_names),
         model_repo=names.model,
         statistics_repo=names.statistics,
@@ -458,7 +528,7 @@ def export_dataset(facts: RunFacts, names: RepoNames, license_name: str | None) 
     images, labels = tensors["images"], tensors["labels"]
     variants_root = folder / VARIANTS_DIR
     write_variant(variants_root / names.dataset_config, images, labels, facts.class_names, folder,
-                  facts.variant_results())
+                  facts.variant_results(), facts)
     included = _include_runs(facts.config, variants_root, names.dataset_config)
     keep = {names.dataset_config, *included}
     for stale in variants_root.iterdir():
@@ -469,8 +539,7 @@ def export_dataset(facts: RunFacts, names: RepoNames, license_name: str | None) 
         else:
             stale.unlink()
     variants = [read_variant(variants_root / name) for name in [names.dataset_config, *included]]
-    card = dataset_card(variants, facts, names, default=names.dataset_config, license_name=license_name)
-    (folder / "README.md").write_text(card)
+    dataset_card(variants, facts, names, license_name=license_name).save(folder / "README.md")
     return folder
 
 
@@ -585,8 +654,10 @@ def build_bundle(facts: RunFacts, eval_name: str, backbone: FrozenBackbone, proj
         feature_dim=backbone.feature_dim,
         distill_feature_dim=golden["weight"].shape[1],
         backbone_weights="embedded" if facts.config.hub.embed_backbone else "reference",
-        backbone_id=eval_name,
-        distill_backbone=facts.config.backbone,
+        # An embedded encoder needs no address, so a local folder is published by its name only; a referenced one
+        # must stay loadable from where it is.
+        backbone_id=eval_name if not facts.config.hub.embed_backbone else public_name(eval_name),
+        distill_backbone=public_name(facts.config.backbone),
         id2label=dict(enumerate(class_names)),
         label2id={name: index for index, name in enumerate(class_names)},
     )
@@ -635,29 +706,30 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
     encoder_bytes = sum(t.numel() * t.element_size() for t in model.vision_model.state_dict().values())
     eval_split = facts.golden.get("eval_split", config.eval_split) if facts.golden else config.eval_split
     source = facts.source_dataset
-    (folder / "README.md").write_text(model_card(
+    model_card(
         facts, names, license_name,
         eval_name=eval_name, backbone=backbone, projector=projector, eval_split=eval_split, source=source,
         feature=feature_output(backbone.model.config.model_type), processor_source=processor_source,
         measured_geometry=describe_geometry(stage_geometry(backbone.image_size, config.data.crop_ratio)),
         variant=variant, head_parameters=head_parameters, encoder_parameters=encoder_parameters,
         encoder_bytes=encoder_bytes,
-    ))
+    ).save(folder / "README.md")
+    (folder / CONFIG_FILE).write_text(public_config_yaml(config, facts.redact))
     return folder
 
 
 def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, eval_name: str,
                backbone: FrozenBackbone, projector: Projector, eval_split: str, source: str, feature: str,
                processor_source: str, measured_geometry: str, variant: DatasetVariant, head_parameters: int, encoder_parameters: int,
-               encoder_bytes: int) -> str:
-    from huggingface_hub import EvalResult, ModelCardData
+               encoder_bytes: int):
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = facts.config
     eval_results = None
     if projector.accuracy is not None:
         eval_results = [EvalResult(
             task_type="image-classification", task_name="Image Classification",
-            dataset_type=source if is_hub_id(source) else slug(source), dataset_name=slug(source),
+            dataset_type=public_name(source), dataset_name=slug(source),
             dataset_split=eval_split, metric_type="accuracy", metric_name="Top-1 accuracy",
             metric_value=round(float(projector.accuracy), 6),
         )]
@@ -672,16 +744,15 @@ def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, e
         model_name=names.model,
         eval_results=eval_results,
     )
-    return render(
-        "model_card.md.j2",
-        metadata=card_data.to_yaml(),
+    return make_card(
+        ModelCard, "model_card.md.j2", card_data, facts.redact,
         repo_id=names.model,
         dataset_repo=names.dataset,
         dataset_config=names.dataset_config,
         statistics_repo=names.statistics,
-        source=source,
-        eval_name=eval_name,
-        distill_name=config.backbone,
+        source=public_name(source),
+        eval_name=public_name(eval_name),
+        distill_name=public_name(config.backbone),
         same_backbone=eval_name == config.backbone,
         family=backbone.family,
         feature=feature,
@@ -711,11 +782,12 @@ def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, e
 
 def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | None) -> Path | None:
     """Add a card to this run's statistics/ (not to a ``statistics_from`` source, which is someone else's)."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     if facts.config.statistics_from:
         return None
     folder = facts.statistics_dir
+    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
     tensors = load_file(folder / "statistics.safetensors")
     files = sorted(
         (path.relative_to(folder).as_posix(), path.stat().st_size)
@@ -727,6 +799,7 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
         "statistics.json": "class names, backbone, dataset, image counts, preprocessing",
         "golden_classifier.safetensors": _describe_tensors(load_file(golden_path)) if golden_path.is_file() else "",
         "golden_classifier.json": "how the golden classifier was trained, its accuracy",
+        CONFIG_FILE: "the sfm-hf config of the run",
     }
     cache = folder / FEATURES_DIR
     cache_bytes = sum(path.stat().st_size for path in cache.glob("*")) if cache.is_dir() else 0
@@ -738,12 +811,11 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
         license=license_name,
         tags=["sfm", "dataset-distillation", "class-statistics", "golden-classifier"],
     )
-    card = render(
-        "statistics_card.md.j2",
-        metadata=card_data.to_yaml(),
+    card = make_card(
+        ModelCard, "statistics_card.md.j2", card_data, facts.redact,
         repo_id=names.statistics,
-        source=source,
-        backbone_name=facts.config.backbone,
+        source=public_name(source),
+        backbone_name=public_name(facts.config.backbone),
         backbone=backbone,
         statistics=facts.statistics,
         num_classes=int(tensors["class_means"].shape[0]),
@@ -756,7 +828,7 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
         dataset_repo=names.dataset,
         paper=PAPER,
     )
-    (folder / "README.md").write_text(card)
+    card.save(folder / "README.md")
     return folder
 
 
@@ -772,51 +844,90 @@ def _describe_tensors(tensors: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class Upload:
-    """One folder to one Hub repo."""
+    """One folder to one Hub repo, in one commit."""
 
     what: str
     repo_id: str
     repo_type: str
     folder: Path
     ignore_patterns: list[str]
+    # Files on the Hub that this commit replaces: those matching and not uploaded again are deleted (stale).
+    delete_patterns: list[str]
+
+
+TEXT_SUFFIXES = (".json", ".md", ".yaml", ".txt")
 
 
 def uploads(config: Config, names: RepoNames, folders: dict[str, Path | None]) -> list[Upload]:
+    dataset_configs = []
+    if folders.get("dataset") is not None:
+        dataset_configs = sorted(path.name for path in (folders["dataset"] / VARIANTS_DIR).iterdir() if path.is_dir())
     plans = {
-        "dataset": (names.dataset, "dataset", SYNTHETIC_LOCAL_ONLY),
-        "model": (names.model, "model", ["*.tmp"]),
+        # Other runs' configs in the same dataset repo are kept: only this folder's configs are replaced.
+        "dataset": (names.dataset, "dataset", SYNTHETIC_LOCAL_ONLY,
+                    [f"{VARIANTS_DIR}/{name}/*" for name in dataset_configs]),
+        "model": (names.model, "model", ["*.tmp"], ["*"]),
         # A model repo: its safetensors + json files would make the dataset viewer mistake it for a dataset.
-        "statistics": (names.statistics, "model", STATISTICS_LOCAL_ONLY),
+        "statistics": (names.statistics, "model", STATISTICS_LOCAL_ONLY, ["*"]),
     }
     return [
-        Upload(what, *plans[what][:2], folders[what], list(plans[what][2]))
+        Upload(what, plans[what][0], plans[what][1], folders[what], list(plans[what][2]), list(plans[what][3]))
         for what in config.hub.folders if folders.get(what) is not None
     ]
 
 
-def _remote_dataset_configs(api, repo_id: str, own: str) -> tuple[list[dict[str, Any]], bool]:
-    """Configs of an existing dataset repo other than ``own`` (entries for the card), and whether one is default."""
-    from datasets.info import DatasetInfosDict
-    from datasets.utils.metadata import MetadataConfigs
+def _matches(path: str, patterns: list[str]) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(path, pattern) for pattern in patterns)
+
+
+def commit_operations(api, upload: Upload, redact: PathRedactor, revision: str | None,
+                      replace: dict[str, bytes] | None = None) -> list:
+    """Every file of the folder (text with local paths shortened), ``replace``'d files, and deletions of stale ones."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    replace = replace or {}
+    additions = []
+    for path in sorted(upload.folder.rglob("*")):
+        relative = path.relative_to(upload.folder).as_posix()
+        if not path.is_file() or _matches(relative, upload.ignore_patterns):
+            continue
+        if relative in replace:
+            content: bytes | str = replace[relative]
+        elif path.suffix in TEXT_SUFFIXES:
+            content = redact(path.read_text()).encode()
+        else:
+            content = str(path)
+        additions.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=content))
+    uploaded = {operation.path_in_repo for operation in additions}
+    try:
+        remote = api.list_repo_files(upload.repo_id, repo_type=upload.repo_type, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        remote = []
+    deletions = [
+        CommitOperationDelete(path_in_repo=path) for path in remote
+        if path not in uploaded and path != ".gitattributes" and _matches(path, upload.delete_patterns)
+    ]
+    return deletions + additions
+
+
+def hub_dataset_card_data(api, repo_id: str, revision: str | None):
+    """The metadata of the dataset card on the Hub, or None for a repo without one."""
     from huggingface_hub import DatasetCard
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        path = api.hf_hub_download(repo_id=repo_id, filename="README.md", repo_type="dataset")
-    except (EntryNotFoundError, RepositoryNotFoundError):
-        return [], False
-    data = DatasetCard.load(path).data
-    configs = MetadataConfigs.from_dataset_card_data(data)
-    infos = DatasetInfosDict.from_dataset_card_data(data)
-    entries = [
-        {"config_name": name, **options, "info": infos.get(name)} for name, options in configs.items() if name != own
-    ]
-    return entries, any(entry.get("default") for entry in entries)
+        path = api.hf_hub_download(repo_id=repo_id, filename="README.md", repo_type="dataset", revision=revision)
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    return DatasetCard.load(path).data
 
 
 def publish(config: Config, names: RepoNames, facts: RunFacts, folders: dict[str, Path | None],
             license_name: str | None) -> list[str]:
-    """create_repo(exist_ok=True) + upload_folder per exported folder; returns the repo URLs.
+    """One commit per exported folder (create_repo(exist_ok=True) first); returns the repo or pull-request URLs.
 
     The token is whatever huggingface_hub finds (HF_TOKEN, the login cache); it is never read
     here. A failure leaves the local folders as they are and raises :class:`PublishError` naming
@@ -825,46 +936,38 @@ def publish(config: Config, names: RepoNames, facts: RunFacts, folders: dict[str
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
+    hub = config.hub
     api = HfApi()
     done, failed = [], []
     for upload in uploads(config, names, folders):
         try:
-            api.create_repo(repo_id=upload.repo_id, repo_type=upload.repo_type, private=config.hub.private,
-                            exist_ok=True)
-            merged_card = None
+            api.create_repo(repo_id=upload.repo_id, repo_type=upload.repo_type, private=hub.private, exist_ok=True)
+            if hub.revision:
+                api.create_branch(upload.repo_id, branch=hub.revision, repo_type=upload.repo_type, exist_ok=True)
+            replace = {}
             if upload.what == "dataset":
-                remote, remote_default = _remote_dataset_configs(api, upload.repo_id, names.dataset_config)
-                if remote:
+                hub_card_data = hub_dataset_card_data(api, upload.repo_id, hub.revision)
+                if hub_card_data is not None:
+                    # The repo's card lists the configs other runs pushed too; the local card keeps describing the
+                    # local folder.
                     variants_root = upload.folder / VARIANTS_DIR
                     local = [read_variant(path) for path in sorted(variants_root.iterdir()) if path.is_dir()]
-                    local_names = {variant.name for variant in local}
-                    remote = [entry for entry in remote if entry["config_name"] not in local_names]
-                    local.sort(key=lambda variant: variant.name != names.dataset_config)
-                    merged_card = dataset_card(
-                        local, facts, names, default="" if remote_default else names.dataset_config,
-                        license_name=license_name, remote=remote,
-                    )
-            ignore = upload.ignore_patterns + (["README.md"] if merged_card else [])
-            api.upload_folder(
-                repo_id=upload.repo_id, folder_path=str(upload.folder), repo_type=upload.repo_type,
-                ignore_patterns=ignore, commit_message=f"sfm-hf export: {upload.what}",
+                    card = dataset_card(local, facts, names, license_name=license_name, hub_card_data=hub_card_data)
+                    replace["README.md"] = str(card).encode()
+            commit = api.create_commit(
+                repo_id=upload.repo_id, repo_type=upload.repo_type, revision=hub.revision, create_pr=hub.create_pr,
+                operations=commit_operations(api, upload, facts.redact, hub.revision, replace),
+                commit_message=f"sfm-hf export: {upload.what} ({names.dataset_config})",
             )
-            if merged_card:
-                # The card listing the repo's other configs too; the local card keeps describing the local folder.
-                api.upload_file(
-                    path_or_fileobj=merged_card.encode(), path_in_repo="README.md", repo_id=upload.repo_id,
-                    repo_type=upload.repo_type, commit_message="sfm-hf export: dataset card with every config",
-                )
             prefix = "datasets/" if upload.repo_type == "dataset" else ""
-            done.append(f"https://huggingface.co/{prefix}{upload.repo_id}")
+            done.append(getattr(commit, "pr_url", None) or f"https://huggingface.co/{prefix}{upload.repo_id}")
         except (HfHubHTTPError, HTTPError, OSError, ValueError) as error:
             failed.append(f"{upload.what} -> {upload.repo_id}: {error.__class__.__name__}: {error}")
     if failed:
         raise PublishError(
             "Upload failed for " + "; ".join(failed) + f". The local folders in {facts.output_dir} are intact; after "
             "fixing the cause (login: `hf auth login`; network; permissions on the org) re-run only the upload with "
-            f"`accelerate launch recipes/distill.py --config <recipe> --output_dir {facts.output_dir} --stages export "
-            "--hub.push true`."
+            f"`sfm-hf --config <recipe> --output_dir {facts.output_dir} --stages export --hub.push true`."
             + (f" Already uploaded: {', '.join(done)}." if done else "")
         )
     return done
@@ -908,7 +1011,7 @@ def run_export(config: Config, accelerator) -> Exported | None:
     exported = None
     if accelerator.is_main_process:
         exported = export_run(config)
-        print(summary(exported))
+        logger.info(summary(exported))
     accelerator.wait_for_everyone()
     return exported
 
@@ -927,14 +1030,10 @@ def export_run(config: Config) -> Exported:
 
 def folder_bytes(folder: Path, ignore: list[str] | None = None) -> int:
     """Bytes of the files under ``folder`` that an upload with ``ignore`` patterns would send."""
-    import fnmatch
-
-    total = 0
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder).as_posix()
-        if path.is_file() and not any(fnmatch.fnmatch(relative, pattern) for pattern in ignore or []):
-            total += path.stat().st_size
-    return total
+    return sum(
+        path.stat().st_size for path in folder.rglob("*")
+        if path.is_file() and not _matches(path.relative_to(folder).as_posix(), ignore or [])
+    )
 
 
 def summary(exported: Exported) -> str:
