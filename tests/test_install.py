@@ -46,7 +46,7 @@ def _mkdir(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_wheel_installed_elsewhere_runs_every_stage_and_exports(tmp_path, digits_dir, demo_backbone):
+def test_wheel_installed_elsewhere_runs_every_stage_and_exports(tmp_path, digits_dir, tiny_backbone):
     wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
@@ -68,7 +68,7 @@ def test_wheel_installed_elsewhere_runs_every_stage_and_exports(tmp_path, digits
 
     recipe = work / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({
-        "dataset": str(digits_dir), "backbone": demo_backbone, "output_dir": str(work / "run"),
+        "dataset": str(digits_dir), "backbone": tiny_backbone("vit"), "output_dir": str(work / "run"),
         "stages": ["statistics", "distill", "evaluate", "export"],
         "golden": {"epochs": 5}, "data": {"batch_size": 256},
         "distill": {"iterations": 10, "syn_res": 16, "pyramid_every": 5, "checkpoint_every": 0, "log_every": 5},

@@ -14,6 +14,7 @@ Any option can be overridden: --ipc 2 --distill.iterations 50 --stages statistic
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # Sub-commands: name -> "module:function(argv) -> exit code". Imported only when named.
@@ -48,6 +49,7 @@ def _expand_aliases(argv: list[str]) -> list[str]:
 def run(argv: list[str]) -> int:
     """Parse the recipe and overrides, run the stages; user mistakes end as one ``error:`` line (exit 2)."""
     from accelerate import Accelerator, PartialState
+    from accelerate.logging import get_logger
     from accelerate.utils import parse_flag_from_env
 
     from .config import parse_config, parse_overrides
@@ -57,6 +59,7 @@ def run(argv: list[str]) -> int:
     from .utils import quiet_libraries
 
     quiet_libraries()
+    show_progress_logs()
     # The first state fixes the backend for the Accelerator made later: without cpu=True two CPU ranks
     # (ACCELERATE_USE_CPU=1 ... --multi_gpu) would each run alone, as a world of one.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -67,8 +70,7 @@ def run(argv: list[str]) -> int:
         if recipe is None:
             with state.main_process_first():
                 default = demo_config()
-            if state.is_main_process:
-                print("No --config given: running the embedded demo recipe (scikit-learn digits, tiny ViT).")
+            get_logger(__name__).info("No --config given: running the embedded demo recipe (scikit-learn digits, tiny ViT).")
         config = parse_config(argv, default)
         accelerator = Accelerator(log_with=config.trackers or None, project_dir=config.output_dir)
         run_stages(config, accelerator)
@@ -82,3 +84,26 @@ def run(argv: list[str]) -> int:
         if accelerator is not None:
             accelerator.end_training()
     return 0
+
+
+class _StageFormatter(logging.Formatter):
+    """Stage summaries and progress lines as plain text; anything louder names its level and module.
+
+    Info lines come from the main process only (accelerate's logger), so its "[RANK 0]" tag says nothing there.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno == logging.INFO:
+            return text.removeprefix("[RANK 0] ")
+        return f"{record.levelname} {record.name}: {text}"
+
+
+def show_progress_logs(level: int = logging.INFO) -> None:
+    """The command line shows sfm_hf's info messages on stdout (a library user's logging setup decides alone)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_StageFormatter())
+    package = logging.getLogger("sfm_hf")
+    package.handlers[:] = [handler]
+    package.setLevel(level)
+    package.propagate = False

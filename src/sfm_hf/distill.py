@@ -11,19 +11,18 @@ produce the same images.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from .augment import AugmentConfig, augment
 from .backbones import FrozenBackbone, load_backbone
@@ -33,12 +32,14 @@ from .errors import RunStopped, StageInputError, UserError
 from .objectives import (
     centre_flow_loss, decoupled_centre_loss, flow_cosine, linear_head_gradient, random_linear_head, sfm_loss,
 )
+from .progress import progress as track
 from .pyramid import build_images, growth_due
 from .statistics import STATISTICS_DIR, FEATURES_DIR, Statistics, load_feature_cache, open_config_split
+from .tracking import log_images
 from .utils import atomic_path, save_tensors_atomically, write_text_atomically
 from .visualize import save_preview
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 SYNTHETIC_DIR = "synthetic"
 CHECKPOINT_DIR = "checkpoints"
@@ -297,8 +298,9 @@ def save_checkpoint(path: Path, images, optimizer, step: int, fingerprint: dict,
 CHECKPOINT_KEYS = ("step", "levels", "optimizer", "fingerprint", "rng", "loss", "seconds")
 
 
-def read_checkpoint(path: Path, fingerprint: dict) -> dict | None:
-    """The checkpoint at ``path`` when it belongs to this run, None when there is none.
+def read_checkpoint(path: Path, fingerprint: dict, unresolved: tuple[str, ...] = ()) -> dict | None:
+    """The checkpoint at ``path`` when it belongs to this run (``unresolved`` keys not compared), None when
+    there is none.
 
     Loaded with ``weights_only=True``: a checkpoint holds tensors and plain values only, so a
     crafted file cannot run code. Unreadable files and other runs' checkpoints raise
@@ -317,11 +319,11 @@ def read_checkpoint(path: Path, fingerprint: dict) -> dict | None:
         ) from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise CheckpointError(f"Checkpoint {path} is not a checkpoint of this version of sfm-hf. {start_over}.")
-    if state["fingerprint"] != fingerprint:
-        changed = sorted(
-            key for key in set(state["fingerprint"]) | set(fingerprint)
-            if state["fingerprint"].get(key) != fingerprint.get(key)
-        )
+    changed = sorted(
+        key for key in set(state["fingerprint"]) | set(fingerprint)
+        if key not in unresolved and state["fingerprint"].get(key) != fingerprint.get(key)
+    )
+    if changed:
         raise CheckpointError(
             f"The checkpoint in {path.parent} belongs to a run with different settings or inputs "
             f"({', '.join(changed)}). Use a new output_dir, or delete that folder to start over."
@@ -358,8 +360,7 @@ def build_context(
     if options.method == "lgm":
         source = open_config_split(config, config.train_split)
         context.real_stream = BalancedRealStream(
-            source, share.classes, config.ipc * options.aug_rounds,
-            image_size=options.resolution(backbone.image_size, config.data.crop_ratio),
+            source, share.classes, config.ipc * options.aug_rounds, image_size=options.syn_res,
             crop_ratio=config.data.crop_ratio, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
             rank=rank, world_size=world_size, seed=config.seed,
         )
@@ -459,8 +460,10 @@ def check_resumable(config: Config, world_size: int) -> None:
     """
     statistics = _load_statistics(config)
     fingerprint = _fingerprint(config, statistics, world_size)
+    # syn_res auto is resolved from the backbone only when distillation starts; run_distill checks it then.
+    unresolved = ("distill.syn_res",) if config.distill.syn_res == "auto" else ()
     for rank in range(world_size):
-        read_checkpoint(_checkpoint_path(Path(config.output_dir), rank), fingerprint)
+        read_checkpoint(_checkpoint_path(Path(config.output_dir), rank), fingerprint, unresolved=unresolved)
 
 
 def run_distill(config: Config, accelerator) -> Path:
@@ -468,14 +471,16 @@ def run_distill(config: Config, accelerator) -> Path:
     output_dir = Path(config.output_dir)
     folder = output_dir / SYNTHETIC_DIR
     statistics = _load_statistics(config)
+    backbone = load_backbone(config.backbone, device=accelerator.device, normalization=config.data.normalization)
+    # From here on syn_res is a number (auto resolved for this backbone), also in synthetic.json and the fingerprint.
+    config = replace(config, distill=replace(
+        config.distill, syn_res=config.distill.resolution(backbone.image_size, config.data.crop_ratio)))
+    options = config.distill
     inputs = synthetic_inputs(config, statistics)
     if _up_to_date(folder, inputs):
         if accelerator.is_main_process:
-            print(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
+            logger.info(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
         return folder
-    options = config.distill
-    backbone = load_backbone(config.backbone, device=accelerator.device, normalization=config.data.normalization)
-    resolution = options.resolution(backbone.image_size, config.data.crop_ratio)
     if backbone.feature_dim != statistics.feature_dim:
         raise UserError(
             f"Backbone {config.backbone!r} gives {backbone.feature_dim}-d features but the statistics in "
@@ -491,7 +496,7 @@ def run_distill(config: Config, accelerator) -> Path:
 
     def fresh_images():
         return build_images(
-            options.representation, share.num_images, resolution, seed=config.seed,
+            options.representation, share.num_images, options.syn_res, seed=config.seed,
             decorrelate=options.decorrelate, index_offset=share.first_image,
         ).to(device)
 
@@ -518,12 +523,13 @@ def run_distill(config: Config, accelerator) -> Path:
         earlier_seconds = state["seconds"]
         last_loss = torch.full((), state["loss"], device=device)
         if accelerator.is_main_process:
-            print(f"Stage II: resuming from step {start_step} ({checkpoint_path.parent}).")
+            logger.info(f"Stage II: resuming from step {start_step} ({checkpoint_path.parent}).")
 
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    progress = tqdm(
+    progress = track(
         range(start_step, options.iterations), initial=start_step, total=options.iterations,
-        desc=f"Stage II: {options.method}", unit="step", disable=not accelerator.is_local_main_process,
+        desc=f"Stage II: {options.method}", unit="step", mode=config.progress,
+        enabled=accelerator.is_local_main_process,
     )
     start_time = time.perf_counter()
 
@@ -572,7 +578,7 @@ def run_distill(config: Config, accelerator) -> Path:
         labels = _all_labels(num_classes, config.ipc)
         with torch.no_grad():
             initial = build_images(
-                options.representation, num_classes * config.ipc, resolution, seed=config.seed,
+                options.representation, num_classes * config.ipc, options.syn_res, seed=config.seed,
                 decorrelate=options.decorrelate,
             )().to(device)
         unwrapped = backbone._orig_mod if hasattr(backbone, "_orig_mod") else backbone
@@ -585,12 +591,17 @@ def run_distill(config: Config, accelerator) -> Path:
         write_synthetic(folder, final, labels, statistics, config, seconds, float(last_loss), agreement,
                         inputs=inputs, saturated=saturated)
         real = agreement["random_real_images"]
-        print(
-            f"Stage II: {len(final)} images ({config.ipc}/class, {resolution}px) by {options.method} in "
+        logger.info(
+            f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px) by {options.method} in "
             f"{seconds:.1f} s over {options.iterations - start_step} steps; final loss {float(last_loss):.4f}. "
             f"cos(F*, flow): final {agreement['final_images']:.3f}, initial {agreement['initial_images']:.3f}, "
             f"random real {'n/a' if real is None else f'{real:.3f}'}. -> {folder}"
         )
+        accelerator.log({
+            "distill/final_loss": float(last_loss), "distill/seconds": seconds,
+            **{f"distill/flow_cosine/{name}": value for name, value in agreement.items() if value is not None},
+        }, step=options.iterations)
+        log_images(accelerator, {"distill/preview": folder / "preview.png"}, step=options.iterations)
         if saturated > SATURATION_WARNING:
             logger.warning(
                 "%.0f%% of the synthetic pixel values sit at 0 or 1 (saturated): the images carry little beyond "
@@ -633,7 +644,7 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "seed": config.seed,
         "backbone": config.backbone,
         "dataset": config.dataset,
-        "resolution": int(images.shape[-1]),
+        "resolution": config.distill.syn_res,
         "distill": asdict(config.distill),
         "seconds": round(seconds, 3),
         "final_loss": None if not math.isfinite(final_loss) else final_loss,

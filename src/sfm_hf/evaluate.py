@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from .augment import AugmentConfig, augment
 from .backbones import FrozenBackbone, load_backbone
@@ -59,6 +59,7 @@ from .data import DatasetError
 from . import hub
 from .errors import StageInputError, UserError
 from .probe import accuracy, fit_reference_probe
+from .progress import progress as track
 from .report import short_name
 from .utils import save_tensors_atomically, share_from_main, write_text_atomically
 from .statistics import (
@@ -70,6 +71,8 @@ from .statistics import (
     open_config_split,
     stream_features,
 )
+
+logger = get_logger(__name__)
 
 EVALUATION_DIR = "evaluation"
 PROJECTORS_DIR = "projectors"
@@ -156,7 +159,7 @@ def split_features(
         marker.unlink(missing_ok=True)
     feature_pass = stream_features(
         backbone, source, config.data, accelerator, cache_dir=cache_dir, prefix=prefix,
-        description=f"Stage III: {split} through {short_name(backbone.name)}",
+        description=f"Stage III: {split} through {short_name(backbone.name)}", progress_mode=config.progress,
     )
     if feature_pass.seen == 0:
         raise DatasetError(
@@ -771,7 +774,8 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
     mine = []
     eval_on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     validation_on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    progress = tqdm(jobs[rank::world_size], desc="Stage III", unit="model", disable=not accelerator.is_local_main_process)
+    progress = track(jobs[rank::world_size], desc="Stage III", unit="model", mode=config.progress,
+                     enabled=accelerator.is_local_main_process)
     for job in progress:
         progress.set_postfix_str(f"{job.train_set} {job.mode} -> {short_name(job.eval_backbone)} #{job.trial}")
         model = backbones[job.eval_backbone]
@@ -806,6 +810,11 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
                            int(statistics.class_counts.sum()), own_method)
         _write_outputs(config, records, statistics, distill_backbone, synthetic)
         _print_summary(config, records, len(jobs), seconds, world_size)
+        accelerator.log({
+            "evaluate/" + "/".join(short_name(str(record[key])) for key in ("train_set", "mode", "eval_backbone")
+                                   if record.get(key) is not None): record["mean"]
+            for record in records if record.get("mean") is not None
+        })
     accelerator.wait_for_everyone()
     return records
 
@@ -964,15 +973,15 @@ def _print_summary(config: Config, records: list[dict[str, Any]], trainings: int
     reference = EvaluateOptions()
     length = (f"{options.epochs} epochs each" if options.protocol == "authors"
               else f"{options.iterations} steps or more each, until the validation accuracy plateaus")
-    print(
+    logger.info(
         f"Stage III ({options.protocol} protocol): {trainings} trainings ({options.trials} trial(s), {length}) on "
         f"{world_size} process(es) in {seconds:.1f} s. -> {Path(config.output_dir) / RESULTS_FILE}"
     )
     unfinished = [f"{record['train_set']}/{record['mode']}" for record in records
                   if record.get("plateau_reached") is False]
     if unfinished:
-        print(f"Warning: no plateau within evaluate.max_iterations={options.max_iterations} for {unfinished}: "
+        logger.warning(f"no plateau within evaluate.max_iterations={options.max_iterations} for {unfinished}: "
               "raise it or the learning rates.")
     if options.trials < reference.trials:
-        print(f"Note: fewer trials than the paper's protocol ({reference.trials}), so means and stds are rougher.")
-    print(paper_tables(records))
+        logger.info(f"Note: fewer trials than the paper's protocol ({reference.trials}), so means and stds are rougher.")
+    logger.info(paper_tables(records))

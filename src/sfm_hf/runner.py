@@ -8,18 +8,20 @@ its outputs, the outputs of later stages made from the old ones are removed, so 
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
+from accelerate.logging import get_logger
+
 from .config import Config
 from .hub import check_sources
 from .statistics import FEATURES_DIR, STATISTICS_DIR, run_statistics
+from .tracking import tracker_hparams
 from .utils import OutputDirLock, file_digest, prepare_output_dir, share_from_main
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # The file whose change means a stage made new outputs, and what later stages built on the old ones.
 STAGE_OUTPUT = {"statistics": f"{STATISTICS_DIR}/statistics.safetensors", "distill": "synthetic/images.safetensors"}
@@ -109,9 +111,8 @@ def run_stages(config: Config, accelerator) -> dict[str, float]:
 
 def _run_in_order(config: Config, accelerator, available: dict[str, Callable], set_seed) -> dict[str, float]:
     output_dir = Path(config.output_dir)
-    if accelerator.trackers:
-        scalars = {key: value for key, value in _flatten(config.to_dict()).items() if isinstance(value, (int, float, str, bool))}
-        accelerator.init_trackers(config.tracker_project, config=scalars)
+    if accelerator.log_with:  # `trackers` fills only once init_trackers has run
+        accelerator.init_trackers(config.tracker_project, config=tracker_hparams(config.to_dict()))
     timings = {}
     for stage in config.stages:
         set_seed(config.seed)
@@ -124,20 +125,10 @@ def _run_in_order(config: Config, accelerator, available: dict[str, Callable], s
         if watch and _digest_or_none(output) != before:
             removed = invalidate_dependents(output_dir, stage)
             if removed:
-                print(f"Stage {stage} made new outputs; removed what was built on the old ones: "
-                      f"{', '.join(str(path) for path in removed)}.")
+                logger.info(f"Stage {stage} made new outputs; removed what was built on the old ones: "
+                            f"{', '.join(str(path) for path in removed)}.")
         accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        summary = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
-        print(f"Done ({summary}). Outputs in {output_dir.resolve()}")
+    summary = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
+    logger.info(f"Done ({summary}). Outputs in {output_dir.resolve()}")
     return timings
 
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -10,7 +10,6 @@ Outputs in ``<output_dir>/statistics/``:
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
+from accelerate.logging import get_logger
 
 from .backbones import FrozenBackbone, load_backbone
 from .config import Config, DataOptions
@@ -26,9 +25,10 @@ from .errors import StageInputError
 from .data import DatasetError, SplitSource, as_float, image_batches, open_split
 from .objectives import statistical_flow
 from .probe import accuracy, fit_reference_probe
+from .progress import progress as track
 from .utils import file_digest, save_tensors_atomically, write_text_atomically
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATISTICS_DIR = "statistics"
 FEATURES_DIR = "features"
@@ -146,6 +146,7 @@ def stream_features(
     cache_dir: Path | None = None,
     prefix: str = "train",
     description: str = "features",
+    progress_mode: str = "auto",
 ) -> FeaturePass:
     """Stream this process's share of ``source`` through ``backbone``; sums/counts are reduced over processes.
 
@@ -184,7 +185,8 @@ def stream_features(
         rows = source.num_rows if data.max_samples_per_split is None else min(source.num_rows, data.max_samples_per_split)
         total = rows * (rank + 1) // world_size - rows * rank // world_size
     start = time.perf_counter()
-    progress = tqdm(total=total, unit="img", desc=description, disable=not accelerator.is_local_main_process)
+    progress = track(total=total, unit="img", desc=description, mode=progress_mode,
+                     enabled=accelerator.is_local_main_process)
     batches = image_batches(
         source,
         image_size=backbone.image_size,
@@ -332,12 +334,14 @@ def run_statistics(config: Config, accelerator) -> Statistics:
         for name in STATISTICS_OUTPUTS:
             (output / name).unlink(missing_ok=True)
     train_pass = stream_features(
-        backbone, train, config.data, accelerator, cache_dir=cache_dir, prefix="train", description="Stage I: train"
+        backbone, train, config.data, accelerator, cache_dir=cache_dir, prefix="train", description="Stage I: train",
+        progress_mode=config.progress,
     )
     _report_skipped(train_pass, config.train_split)
     _check_classes(train_pass, train)
     eval_pass = stream_features(
-        backbone, evaluation, config.data, accelerator, cache_dir=cache_dir, prefix="eval", description="Stage I: eval"
+        backbone, evaluation, config.data, accelerator, cache_dir=cache_dir, prefix="eval", description="Stage I: eval",
+        progress_mode=config.progress,
     )
     _report_skipped(eval_pass, config.eval_split)
     if eval_pass.seen == 0:
@@ -363,10 +367,10 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             "dataset_config": config.dataset_config,
             "split": config.train_split,
             "non_target": config.statistics.non_target,
+            "normalization": config.data.normalization,
             "eval_split": config.eval_split,
             "crop_ratio": config.data.crop_ratio,
             "max_samples_per_split": config.data.max_samples_per_split,
-            "normalization": config.data.normalization,
             "images_seen": train_pass.seen,
             "images_skipped": train_pass.skipped,
             "skipped_examples": train_pass.skipped_examples,
@@ -393,13 +397,19 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             **fitted,
         }
         write_text_atomically(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
-        print(
+        logger.info(
             f"Stage I: {train_pass.seen} images of {statistics.num_classes} classes "
             f"({train_pass.skipped} skipped) through {backbone.family} (D={backbone.feature_dim}) on "
             f"{accelerator.num_processes} process(es) in {train_pass.seconds:.1f} s "
             f"({train_pass.images_per_second:.0f} img/s). Golden classifier accuracy on {config.eval_split!r}: "
             f"{golden_report['eval_accuracy']:.2%} ({len(eval_labels)} images). -> {output}"
         )
+        accelerator.log({
+            "statistics/images_per_second": train_pass.images_per_second,
+            "statistics/images": train_pass.seen,
+            "statistics/skipped": train_pass.skipped,
+            "statistics/golden_accuracy": golden_report["eval_accuracy"],
+        })
     accelerator.wait_for_everyone()
     return statistics
 
