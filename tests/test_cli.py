@@ -51,6 +51,12 @@ def test_sub_commands_get_their_own_arguments(monkeypatch):
     assert received == [["--help", "a"]]
 
 
+def test_merge_statistics_is_a_sub_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["merge-statistics", "--help"])
+    assert exit_info.value.code == 0 and "sfm-hf merge-statistics" in capsys.readouterr().out
+
+
 def test_report_to_is_the_trackers_option():
     assert cli._expand_aliases(["--report_to", "tensorboard", "--ipc", "2"]) == ["--trackers", "tensorboard", "--ipc", "2"]
     assert cli._expand_aliases(["--report_to=wandb,tensorboard"]) == ["--trackers=wandb,tensorboard"]

@@ -18,7 +18,7 @@ import logging
 import sys
 
 # Sub-commands: name -> "module:function(argv) -> exit code". Imported only when named.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {"merge-statistics": "sfm_hf.merge:main"}
 ALIASES = {"--report_to": "--trackers"}
 
 
