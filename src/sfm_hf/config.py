@@ -415,14 +415,14 @@ class Config:
         ):
             if value < 1:
                 raise ConfigError(f"`{key}` must be >= 1, got {value}.")
-        for key, value in (("distill.lr", self.distill.lr), ("golden.lr", self.golden.lr)):
-            if value <= 0:
-                raise ConfigError(f"`{key}` must be > 0, got {value}.")
         if self.distill.syn_res != "auto" and (not isinstance(self.distill.syn_res, int) or self.distill.syn_res < 1):
             raise ConfigError(f"`distill.syn_res` must be auto or an integer >= 1, got {self.distill.syn_res!r}.")
         if self.distill.decoupled_alpha is not None and not 0 <= self.distill.decoupled_alpha <= 1:
             raise ConfigError(f"`distill.decoupled_alpha` must lie in [0, 1], got {self.distill.decoupled_alpha}.")
         _check_choice("data.normalization", self.data.normalization, NORMALIZATIONS)
+        for key, value in (("distill.lr", self.distill.lr), ("golden.lr", self.golden.lr)):
+            if value <= 0:
+                raise ConfigError(f"`{key}` must be > 0, got {value}.")
         if not 0 < self.data.crop_ratio <= 1:
             raise ConfigError(f"`data.crop_ratio` must be in (0, 1], got {self.data.crop_ratio}.")
         if self.distill.checkpoint_chunk < 0:
@@ -514,11 +514,22 @@ def _from_text(text: str, hint: Any, key: str) -> Any:
     text = str(text)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        options = [option for option in typing.get_args(hint) if option is not type(None)]
-        if text.strip().lower() in NULL_WORDS:
+        options = typing.get_args(hint)
+        if type(None) in options and text.strip().lower() in NULL_WORDS:
             return None
-        (hint,) = options
-        origin = typing.get_origin(hint)
+        # The declared order decides (`int | str` reads 256 as a number, auto as text), except that
+        # bracketed text is a list where the field allows one (`str | list[str]`: '[a, b]').
+        bracketed = text.strip().startswith("[") and text.strip().endswith("]")
+        options = sorted(options, key=lambda option: not (bracketed and typing.get_origin(option) is list))
+        errors = []
+        for option_hint in options:
+            if option_hint is type(None):
+                continue
+            try:
+                return _from_text(text, option_hint, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
     if origin is list:
         (item_hint,) = typing.get_args(hint)
         inner = text.strip()
