@@ -29,11 +29,17 @@ from sfm_hf.utils import OutputDirError, OutputDirLock, atomic_path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def recipe_main():
+def recipe_main(argv: list[str]) -> int:
+    """recipes/distill.py's main() in-process; the command line's log setup is undone afterwards (caplog)."""
     spec = importlib.util.spec_from_file_location("distill_recipe", REPO / "recipes" / "distill.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    package = logging.getLogger("sfm_hf")
+    saved = package.handlers[:], package.level, package.propagate
+    try:
+        return module.main(argv)
+    finally:
+        package.handlers[:], package.level, package.propagate = saved
 
 
 def run_entry_point(config: Config, capsys, *overrides: str) -> tuple[int, str]:
@@ -41,7 +47,7 @@ def run_entry_point(config: Config, capsys, *overrides: str) -> tuple[int, str]:
     recipe = Path(config.output_dir).parent / f"{Path(config.output_dir).name}-recipe.yaml"
     config.save(recipe)
     capsys.readouterr()
-    status = recipe_main()(["--config", str(recipe), *overrides])
+    status = recipe_main(["--config", str(recipe), *overrides])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -238,7 +244,7 @@ def test_unusable_output_dir_is_one_line(digits_dir, demo_backbone, tmp_path, ca
     recipe = tmp_path / "recipe.yaml"
     config.save(recipe)
     capsys.readouterr()
-    assert recipe_main()(["--config", str(recipe)]) == 2
+    assert recipe_main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("error: ") and "`output_dir`" in err
 
