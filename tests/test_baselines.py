@@ -5,6 +5,7 @@ from sfm_hf.baselines import (
     BaselineError,
     centroid_positions,
     fetch_rows,
+    kmeans_positions,
     neighbor_positions,
     random_positions,
     require_row_indices,
@@ -19,6 +20,20 @@ def test_random_draws_ipc_distinct_images_of_each_class_per_seed():
     assert len(set(first.tolist())) == 12
     assert torch.equal(first, random_positions(labels, 3, 4, seed=3407))
     assert not torch.equal(first, random_positions(labels, 3, 4, seed=3408))
+
+
+def test_kmeans_starts_are_distinct_images_that_cover_each_class():
+    generator = torch.Generator().manual_seed(0)
+    # Class 0: three tight, far-apart clusters of 10 points; class 1: one blob. ipc 3.
+    centres = torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
+    class0 = (centres.repeat_interleave(10, dim=0) + torch.randn(30, 2, generator=generator))
+    class1 = torch.randn(30, 2, generator=generator) + 100
+    features, labels = torch.cat([class0, class1]), torch.tensor([0] * 30 + [1] * 30)
+    chosen = kmeans_positions(features, labels, 2, 3, seed=0)
+    assert labels[chosen].tolist() == [0] * 3 + [1] * 3
+    assert len(set(chosen.tolist())) == 6
+    assert sorted(int(position) // 10 for position in chosen[:3]) == [0, 1, 2]  # one image of each cluster
+    assert torch.equal(chosen, kmeans_positions(features, labels, 2, 3, seed=0))
 
 
 def test_centroids_are_the_real_images_nearest_the_class_mean():

@@ -208,3 +208,54 @@ def test_growth_on_cuda_matches_cpu() -> None:
     _grown(on_cuda, 3)
     assert all(level.is_cuda for level in on_cuda.levels)
     torch.testing.assert_close(on_cuda().cpu(), on_cpu(), atol=1e-5, rtol=1e-5)
+
+
+def _start(num_images: int, resolution: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(num_images, 3, resolution, resolution, generator=generator) * 0.9 + 0.05
+
+
+@pytest.mark.parametrize("kind, decorrelate", [("pyramid", True), ("pyramid", False), ("pixel", True)])
+def test_a_start_image_is_decoded_exactly_and_growth_keeps_it(kind: str, decorrelate: bool) -> None:
+    start = _start(4, 16)
+    images = build_images(kind, 4, 16, seed=0, decorrelate=decorrelate, start=start)
+    assert torch.allclose(images(), start, atol=1e-5, rtol=0)
+    while images.can_grow():
+        images.grow()
+        assert torch.allclose(images(), start, atol=1e-5, rtol=0)
+
+
+def test_a_start_is_clamped_inside_the_open_interval_and_can_still_be_edited() -> None:
+    from sfm_hf.pyramid import START_MARGIN
+
+    start = _start(2, 8)
+    start[:, :, :4] = 0.0
+    start[:, :, 4:6] = 1.0
+    images = PyramidImages(2, 8, seed=0, start=start)
+    decoded = images()
+    assert torch.isfinite(decoded).all()
+    assert torch.allclose(decoded, start.clamp(START_MARGIN, 1 - START_MARGIN), atol=1e-5, rtol=0)
+    _grown(images, 3)
+    optimizer = torch.optim.Adam(images.parameters(), lr=0.05)
+    for _ in range(5):
+        loss = images().mean()  # darken every pixel, saturated ones included
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (images() < decoded).all()
+
+
+def test_a_start_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match="start images must have shape"):
+        PyramidImages(2, 8, seed=0, start=torch.rand(2, 3, 16, 16))
+
+
+def test_a_start_survives_a_level_reload_as_in_a_resumed_run() -> None:
+    start = _start(3, 8)
+    trained = _grown(PyramidImages(3, 8, seed=0, start=start), 2)
+    with torch.no_grad():
+        for level in trained.levels:
+            level.add_(0.1)
+    resumed = PyramidImages(3, 8, seed=0, start=start)
+    resumed.load_levels([level.detach() for level in trained.levels])
+    assert torch.equal(resumed(), trained())

@@ -60,6 +60,45 @@ def centroid_positions(features: torch.Tensor, labels: torch.Tensor, class_means
     return torch.cat(chosen)
 
 
+def kmeans_positions(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int, seed: int, iterations: int = 20
+) -> torch.Tensor:
+    """Per class, ``ipc`` distinct real images nearest to the centres of a k-means (k = ipc) of its features.
+
+    Centres start from k-means++ (seeded) and take ``iterations`` Lloyd steps; each centre then takes the
+    nearest image no earlier centre took.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(num_classes):
+        rows = _rows_of_class(labels, label, ipc)
+        points = features[rows].float()
+        centres = _kmeans(points, ipc, generator, iterations)
+        distances = torch.cdist(centres, points)
+        taken: list[int] = []
+        for row_distances in distances:
+            row_distances = row_distances.clone()
+            row_distances[taken] = float("inf")
+            taken.append(int(torch.argmin(row_distances)))
+        chosen.append(rows[torch.tensor(taken)])
+    return torch.cat(chosen)
+
+
+def _kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int) -> torch.Tensor:
+    centres = [points[torch.randint(len(points), (1,), generator=generator)].squeeze(0)]
+    for _ in range(1, k):
+        nearest = torch.cdist(points, torch.stack(centres)).min(dim=1).values.square()
+        centres.append(points[torch.multinomial(nearest / nearest.sum(), 1, generator=generator)].squeeze(0))
+    centres = torch.stack(centres)
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centres).argmin(dim=1)
+        for index in range(k):
+            members = points[assignment == index]
+            if len(members):
+                centres[index] = members.mean(dim=0)
+    return centres
+
+
 def neighbor_positions(
     real_features: torch.Tensor,
     real_labels: torch.Tensor,

@@ -99,6 +99,13 @@ class DistillOptions:
     iterations: int = option(5000, "Optimisation steps.")
     lr: float = option(0.002, "Adam learning rate on the image parameters.")
     representation: str = option("pyramid", "Image parameterisation: pyramid (authors) or pixel.")
+    init: str = option(
+        "noise",
+        "Start of the synthetic images: noise (the paper's), centroids (real train images nearest to the k-means "
+        "centres of each class's phi_d features, k = ipc: the class mean for ipc 1) or random (ipc random train "
+        "images per class). Real starts are decoded exactly at step 0 and need Stage I's feature cache of a "
+        "non-streamed train split.",
+    )
     syn_res: int | str = option(
         "auto",
         "Side of the synthetic images in pixels (the pyramid's finest level); auto: the smallest power of two >= "
@@ -152,6 +159,7 @@ class DistillOptions:
         return 1 << max(0, math.ceil(math.log2(image_size / crop_ratio - 1e-9)))
 
 
+DISTILL_INITS = ("noise", "centroids", "random")
 EVALUATE_PROTOCOLS = ("converge", "authors")
 EVALUATE_MODES = ("vanilla", "ci", "kd", "jt", "jt_ip", "st", "st_ip")
 BASELINE_TRAIN_SETS = ("random", "centroids", "neighbors")
@@ -401,6 +409,7 @@ class Config:
             raise ConfigError(f"`golden.validation_fraction` must be in (0, 1), got {self.golden.validation_fraction}.")
         _check_choice("distill.method", self.distill.method, ("sfm", "tcdd", "ncdd", "lgm"))
         _check_choice("distill.representation", self.distill.representation, ("pyramid", "pixel"))
+        _check_choice("distill.init", self.distill.init, DISTILL_INITS)
         _check_choice("distill.lgm_w_mode", self.distill.lgm_w_mode, ("random", "fixed", "analytic"))
         _check_choice("distill.mixed_precision", self.distill.mixed_precision, ("no", "bf16"))
         for key, value in (

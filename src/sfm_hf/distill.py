@@ -26,6 +26,7 @@ from accelerate.logging import get_logger
 
 from .augment import AugmentConfig, augment
 from .backbones import FrozenBackbone, load_backbone
+from .baselines import centroid_positions, fetch_rows, kmeans_positions, random_positions, require_row_indices
 from .config import Config, DistillOptions
 from .data import BalancedRealStream, as_float
 from .errors import RunStopped, StageInputError, UserError
@@ -466,6 +467,41 @@ def check_resumable(config: Config, world_size: int) -> None:
         read_checkpoint(_checkpoint_path(Path(config.output_dir), rank), fingerprint, unresolved=unresolved)
 
 
+def start_images(config: Config, statistics: Statistics) -> torch.Tensor | None:
+    """The real train images every synthetic image starts from (all classes, class-major), or None for noise.
+
+    Chosen in Stage I's feature cache of phi_d: ``centroids`` takes the image nearest to the class mean for
+    ipc 1 (the Centroids baseline's image) and, for ipc > 1, the images nearest to the centres of a k-means
+    of the class's features (distinct images that cover the class); ``random`` draws ipc images per class.
+    Every process makes the same choice (seeded, read from the same cache) and keeps its own slice.
+    """
+    options = config.distill
+    if options.init == "noise":
+        return None
+    cache = Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR
+    try:
+        features, labels, indices = load_feature_cache(cache, "train")
+    except StageInputError:
+        raise StageInputError(
+            f"distill.init: {options.init} starts from real train images chosen in Stage I's feature cache, and "
+            f"{cache} has none: run the 'statistics' stage in this output_dir (statistics_from brings no images), "
+            "or use distill.init: noise."
+        ) from None
+    require_row_indices(indices, config.train_split)
+    num_classes = statistics.num_classes
+    if options.init == "random":
+        positions = random_positions(labels, num_classes, config.ipc, config.seed)
+    elif config.ipc == 1:
+        positions = centroid_positions(features, labels, statistics.class_means, 1)
+    else:
+        positions = kmeans_positions(features, labels, num_classes, config.ipc, config.seed)
+    images, _ = fetch_rows(
+        open_config_split(config, config.train_split), indices[positions], options.syn_res,
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers,
+    )
+    return images
+
+
 def run_distill(config: Config, accelerator) -> Path:
     """Stage II; writes ``<output_dir>/synthetic/`` and returns that folder."""
     output_dir = Path(config.output_dir)
@@ -493,11 +529,13 @@ def run_distill(config: Config, accelerator) -> Path:
     context = build_context(config, backbone, statistics, rank=rank, world_size=world_size, device=device)
     share = context.share
     shares = [class_share(num_classes, config.ipc, r, world_size) for r in range(world_size)]
+    start = start_images(config, statistics)
 
     def fresh_images():
+        local_start = None if start is None else start[share.first_image : share.first_image + share.num_images]
         return build_images(
             options.representation, share.num_images, options.syn_res, seed=config.seed,
-            decorrelate=options.decorrelate, index_offset=share.first_image,
+            decorrelate=options.decorrelate, index_offset=share.first_image, start=local_start,
         ).to(device)
 
     images = fresh_images()
@@ -579,7 +617,7 @@ def run_distill(config: Config, accelerator) -> Path:
         with torch.no_grad():
             initial = build_images(
                 options.representation, num_classes * config.ipc, options.syn_res, seed=config.seed,
-                decorrelate=options.decorrelate,
+                decorrelate=options.decorrelate, start=start,
             )().to(device)
         unwrapped = backbone._orig_mod if hasattr(backbone, "_orig_mod") else backbone
         agreement = {
@@ -592,7 +630,8 @@ def run_distill(config: Config, accelerator) -> Path:
                         inputs=inputs, saturated=saturated)
         real = agreement["random_real_images"]
         logger.info(
-            f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px) by {options.method} in "
+            f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px, from {options.init}) by "
+            f"{options.method} in "
             f"{seconds:.1f} s over {options.iterations - start_step} steps; final loss {float(last_loss):.4f}. "
             f"cos(F*, flow): final {agreement['final_images']:.3f}, initial {agreement['initial_images']:.3f}, "
             f"random real {'n/a' if real is None else f'{real:.3f}'}. -> {folder}"

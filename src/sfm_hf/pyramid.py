@@ -12,6 +12,11 @@ Two parameterisations share one interface:
 Both keep their parameters in ``levels`` (a ``ParameterList``); ``state_dict()`` /
 ``load_state_dict()`` restore them even when the number of levels differs from a freshly
 constructed instance. Random values depend only on (seed, global image index, level).
+
+Both can start from given images instead of noise (``start``): the start's logits are a fixed
+offset added after the colour mixing, every level starts at zero and levels added later start at
+zero too, so the decoded images equal the start (clamped to ``[START_MARGIN, 1 - START_MARGIN]``)
+until the optimiser moves them; the levels then learn a coarse-to-fine edit of the start.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "LUCID_COLOR_CORRELATION",
+    "START_MARGIN",
     "PixelImages",
     "PyramidImages",
     "build_images",
     "growth_due",
     "image_seed",
+    "start_logits",
 ]
 
 # Square root of the ImageNet colour covariance as used by Lucid; mixing independent
@@ -37,6 +44,16 @@ LUCID_COLOR_CORRELATION: tuple[tuple[float, float, float], ...] = (
     (0.27, 0.00, -0.05),
     (0.27, -0.09, 0.03),
 )
+
+
+# Pixels at exactly 0 or 1 have no finite logit; a start is clamped this far inside (2.55 grey levels), which
+# also keeps sigmoid's slope at saturated pixels (black MNIST background) at 2% of its peak instead of ~0.
+START_MARGIN = 0.01
+
+
+def start_logits(images: Tensor) -> Tensor:
+    """Logits ``x`` with ``sigmoid(2x)`` equal to ``images`` clamped to ``[START_MARGIN, 1 - START_MARGIN]``."""
+    return 0.5 * torch.logit(images.float().clamp(START_MARGIN, 1 - START_MARGIN))
 
 
 def _normalised_color_matrix() -> Tensor:
@@ -52,10 +69,11 @@ class _SyntheticImages(nn.Module):
     level), so a process holding a slice of the global image set creates exactly the values
     that one process holding all images would, and a resumed run grows the same new levels.
     Subclasses define the level layout (:meth:`_check_levels`) and the decoding
-    (:meth:`decode_logits`); images are ``sigmoid(2 * logits)``.
+    (:meth:`decode_logits`); images are ``sigmoid(2 * (logits + start offset))``.
     """
 
-    def __init__(self, num_images: int, resolution: int, seed: int, index_offset: int) -> None:
+    def __init__(self, num_images: int, resolution: int, seed: int, index_offset: int,
+                 start: Tensor | None = None) -> None:
         super().__init__()
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -66,6 +84,14 @@ class _SyntheticImages(nn.Module):
         self.seed = seed
         self.index_offset = index_offset
         self.levels = nn.ParameterList()
+        if start is not None and tuple(start.shape) != (num_images, 3, resolution, resolution):
+            raise ValueError(
+                f"start images must have shape {(num_images, 3, resolution, resolution)}, got {tuple(start.shape)}"
+            )
+        # Not persistent: a run rebuilds its start from the data, so checkpoints hold only the levels.
+        offset = start_logits(start) if start is not None else torch.zeros(())
+        self.register_buffer("start_offset", offset, persistent=False)
+        self.has_start = start is not None
 
     @property
     def level_sizes(self) -> list[int]:
@@ -86,7 +112,14 @@ class _SyntheticImages(nn.Module):
 
     def forward(self) -> Tensor:
         """Decoded images ``[N, 3, resolution, resolution]`` in ``[0, 1]``."""
-        return torch.sigmoid(2.0 * self.decode_logits())
+        logits = self.decode_logits()
+        return torch.sigmoid(2.0 * (logits + self.start_offset.to(logits.dtype)))
+
+    def _initial_level(self, level: int, *shape: int) -> Tensor:
+        """A new level's values: zeros over a start image (the decode must stay the start), else noise."""
+        if self.has_start:
+            return torch.zeros(self.num_images, *shape, **self._level_placement())
+        return self._randn(level, *shape)
 
     def _randn(self, level: int, *shape: int) -> Tensor:
         """Standard normals ``[N, *shape]`` for ``level``, one seeded CPU generator per image.
@@ -159,6 +192,10 @@ class PyramidImages(_SyntheticImages):
         seed: with the image's global index, seeds the initial level and every later one.
         index_offset: global index of the first image (a process holding a slice of the set).
         decorrelate: mix channels through Lucid's colour matrix before the sigmoid.
+        start: images ``[N, 3, resolution, resolution]`` in [0, 1] to start from instead of noise.
+            Their logits are added after the colour mixing (equivalent to adding the inverse-mixed
+            logits to the sum of levels, without inverting the matrix), so decorrelation still shapes
+            every later edit.
     """
 
     def __init__(
@@ -169,11 +206,12 @@ class PyramidImages(_SyntheticImages):
         seed: int = 0,
         decorrelate: bool = True,
         index_offset: int = 0,
+        start: Tensor | None = None,
     ) -> None:
-        super().__init__(num_images, resolution, seed, index_offset)
+        super().__init__(num_images, resolution, seed, index_offset, start)
         self.decorrelate = decorrelate
         self.register_buffer("color_matrix", _normalised_color_matrix(), persistent=False)
-        self.levels.append(nn.Parameter(self._randn(0, 3, 1, 1)))
+        self.levels.append(nn.Parameter(self._initial_level(0, 3, 1, 1)))
 
     def can_grow(self) -> bool:
         """False once a level twice the newest size would exceed ``resolution``."""
@@ -184,8 +222,9 @@ class PyramidImages(_SyntheticImages):
 
         Existing levels are scaled by ``old_len / new_len`` and the new level is
         ``randn / new_len``, as in the authors' code, so the decoded logits keep a
-        comparable scale. The new level is a new ``Parameter``: rebuild the optimiser
-        (the authors re-create Adam, discarding its moments).
+        comparable scale; over a start image the new level is zeros (no noise on a real
+        image). The new level is a new ``Parameter``: rebuild the optimiser (the authors
+        re-create Adam, discarding its moments).
         """
         if not self.can_grow():
             raise RuntimeError(
@@ -198,7 +237,7 @@ class PyramidImages(_SyntheticImages):
         with torch.no_grad():
             for level in self.levels:
                 level.mul_(old_len / new_len)
-        new_level = self._randn(old_len, 3, new_size, new_size) / new_len
+        new_level = self._initial_level(old_len, 3, new_size, new_size) / new_len
         self.levels.append(nn.Parameter(new_level))
 
     def decode_logits(self) -> Tensor:
@@ -235,12 +274,13 @@ class PixelImages(_SyntheticImages):
     """Plain per-pixel synthetic images: one level ``[N, 3, res, res]``, no growth.
 
     Initialised with ``0.1 * randn`` (so images start near mid-grey) from a generator
-    seeded with ``seed``; images are ``sigmoid(2x)``.
+    seeded with ``seed``, or at zero over ``start`` images; images are ``sigmoid(2x)``.
     """
 
-    def __init__(self, num_images: int, resolution: int, *, seed: int = 0, index_offset: int = 0) -> None:
-        super().__init__(num_images, resolution, seed, index_offset)
-        self.levels.append(nn.Parameter(0.1 * self._randn(0, 3, resolution, resolution)))
+    def __init__(self, num_images: int, resolution: int, *, seed: int = 0, index_offset: int = 0,
+                 start: Tensor | None = None) -> None:
+        super().__init__(num_images, resolution, seed, index_offset, start)
+        self.levels.append(nn.Parameter(0.1 * self._initial_level(0, 3, resolution, resolution)))
 
     def decode_logits(self) -> Tensor:
         """The pixel parameters themselves."""
@@ -261,6 +301,7 @@ def build_images(
     seed: int,
     decorrelate: bool = True,
     index_offset: int = 0,
+    start: Tensor | None = None,
 ) -> PyramidImages | PixelImages:
     """Construct synthetic images by name.
 
@@ -272,13 +313,14 @@ def build_images(
         index_offset: global index of the first image.
         decorrelate: colour decorrelation for the pyramid; plain pixels have none, so it
             is ignored for ``"pixel"``.
+        start: images in [0, 1] to start from (decoded exactly at step 0); None starts from noise.
     """
     if kind == "pyramid":
         return PyramidImages(
-            num_images, resolution, seed=seed, decorrelate=decorrelate, index_offset=index_offset
+            num_images, resolution, seed=seed, decorrelate=decorrelate, index_offset=index_offset, start=start
         )
     if kind == "pixel":
-        return PixelImages(num_images, resolution, seed=seed, index_offset=index_offset)
+        return PixelImages(num_images, resolution, seed=seed, index_offset=index_offset, start=start)
     raise ValueError(f"unknown image parameterisation {kind!r}; expected 'pyramid' or 'pixel'")
 
 

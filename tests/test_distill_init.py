@@ -1,0 +1,72 @@
+"""distill.init: noise | centroids | random, end to end on the digits (the pyramid side is in test_pyramid.py)."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from sfm_hf.baselines import centroid_positions, fetch_rows
+from sfm_hf.distill import start_images
+from sfm_hf.errors import StageInputError
+from sfm_hf.pyramid import START_MARGIN
+from sfm_hf.runner import run_stages
+from sfm_hf.statistics import FEATURES_DIR, STATISTICS_DIR, Statistics, load_feature_cache, open_config_split
+
+
+def config_for(statistics_run, digits_dir, demo_backbone, tmp_path, name, **options):
+    output = tmp_path / name
+    if not output.exists():
+        shutil.copytree(statistics_run, output)
+    ipc = options.pop("ipc", 1)
+    config = tiny_config(digits_dir, demo_backbone, output, **options)
+    config.ipc = ipc
+    config.stages = ["distill"]
+    return config
+
+
+def test_centroid_start_at_ipc_one_is_the_centroids_baseline(statistics_run, digits_dir, demo_backbone, tmp_path):
+    config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "c1", init="centroids")
+    statistics = Statistics.load(statistics_run / STATISTICS_DIR)
+    features, labels, indices = load_feature_cache(statistics_run / STATISTICS_DIR / FEATURES_DIR, "train")
+    rows = indices[centroid_positions(features, labels, statistics.class_means, 1)]
+    expected, expected_labels = fetch_rows(open_config_split(config, "train"), rows, config.distill.syn_res)
+    assert expected_labels.tolist() == list(range(10))
+    assert torch.equal(start_images(config, statistics), expected)
+
+
+@pytest.mark.parametrize("init", ["centroids", "random"])
+def test_real_starts_at_ipc_three_are_distinct_images_of_their_class(
+    statistics_run, digits_dir, demo_backbone, tmp_path, init
+):
+    config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, init, init=init, ipc=3)
+    statistics = Statistics.load(statistics_run / STATISTICS_DIR)
+    images = start_images(config, statistics)
+    assert images.shape == (30, 3, 16, 16)
+    flat = images.flatten(1)
+    assert len({tuple(row.tolist()) for row in flat}) == 30
+    assert torch.equal(images, start_images(config, statistics))
+
+
+def test_a_run_from_centroids_starts_at_them_and_edits_them(
+    statistics_run, digits_dir, demo_backbone, tmp_path, accelerator
+):
+    runs = {}
+    for init in ("noise", "centroids"):
+        config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, init, init=init, iterations=30,
+                            lr=0.02)
+        run_stages(config, accelerator)
+        runs[init] = load_file(tmp_path / init / "synthetic" / "images.safetensors")["images"]
+    start = start_images(config, Statistics.load(statistics_run / STATISTICS_DIR))
+    start = start.clamp(START_MARGIN, 1 - START_MARGIN)
+    moved = (runs["centroids"] - start).abs()
+    assert moved.max() > 1e-3  # the optimiser edited them
+    assert moved.mean() < (runs["noise"] - start).abs().mean() / 2  # ... and they stay near their start
+
+
+def test_a_real_start_without_stage_one_features_is_a_clear_error(digits_dir, demo_backbone, tmp_path):
+    config = tiny_config(digits_dir, demo_backbone, tmp_path / "empty", init="random")
+    with pytest.raises(StageInputError, match="distill.init: random"):
+        start_images(config, Statistics(class_means=torch.zeros(10, 4), class_counts=torch.ones(10),
+                                        class_names=[str(c) for c in range(10)]))
