@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import time
@@ -49,6 +50,8 @@ from .statistics import (
     train_golden_classifier,
 )
 from .utils import save_tensors_atomically, write_text_atomically
+
+logger = logging.getLogger(__name__)
 
 MERGED_FROM_KEY = "merged_from"
 MERGE_KEY = "merge_key"
@@ -371,7 +374,7 @@ def merge_for_run(config: Config, folders: list[Path]) -> Path:
     if PartialState().is_main_process:
         if not is_up_to_date(folders, output, config.golden, config.seed):
             statistics = _write_merge(shards, names, output, config.golden, config.seed)
-            print(summary(statistics, output))
+            logger.info(summary(statistics, output))
         return output
     # Should the main process fail, the launcher stops this one too.
     while not is_up_to_date(folders, output, config.golden, config.seed):
