@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import io  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -123,6 +124,16 @@ def make_image_folder(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def restore_package_logging():
+    """The command line points sfm_hf's logger at the stdout of the moment; a test's captured stdout is closed
+    afterwards, so the next message would fail to print (and caplog would see nothing)."""
+    package = logging.getLogger("sfm_hf")
+    saved = package.handlers[:], package.level, package.propagate
+    yield
+    package.handlers[:], package.level, package.propagate = saved
 
 
 @pytest.fixture

@@ -402,7 +402,7 @@ def test_push_makes_one_commit_per_repo_without_token_or_local_paths(exported, d
         ("acme/sfm-digits10-tinyvit-statistics", "model", True, True),
     ]
     assert [repo_id for repo_id, _ in hub.of("create_commit")] == [repo_id for repo_id, _ in created]
-    config_name = slug(demo_backbone)
+    config_name = "tinyvit"  # hub.backbone_name names the dataset config
     dataset_repo = hub.repo("acme/sfm-digits10-ipc1", "dataset")
     files = {path.relative_to(dataset_repo).as_posix() for path in dataset_repo.rglob("*") if path.is_file()}
     assert {f"data/{config_name}/{name}" for name in ("images.safetensors", "synthetic.json", "results.json",

@@ -925,6 +925,14 @@ def hub_dataset_card_data(api, repo_id: str, revision: str | None):
     return DatasetCard.load(path).data
 
 
+def _describe_failure(error: Exception) -> str:
+    """The error's class and text, with the HTTP status when the text leaves it out (the Hub's often does)."""
+    text = f"{error.__class__.__name__}: {error}"
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    return text if status is None or str(status) in text else f"{text} (HTTP {status})"
+
+
 def publish(config: Config, names: RepoNames, facts: RunFacts, folders: dict[str, Path | None],
             license_name: str | None) -> list[str]:
     """One commit per exported folder (create_repo(exist_ok=True) first); returns the repo or pull-request URLs.
@@ -962,7 +970,7 @@ def publish(config: Config, names: RepoNames, facts: RunFacts, folders: dict[str
             prefix = "datasets/" if upload.repo_type == "dataset" else ""
             done.append(getattr(commit, "pr_url", None) or f"https://huggingface.co/{prefix}{upload.repo_id}")
         except (HfHubHTTPError, HTTPError, OSError, ValueError) as error:
-            failed.append(f"{upload.what} -> {upload.repo_id}: {error.__class__.__name__}: {error}")
+            failed.append(f"{upload.what} -> {upload.repo_id}: {_describe_failure(error)}")
     if failed:
         raise PublishError(
             "Upload failed for " + "; ".join(failed) + f". The local folders in {facts.output_dir} are intact; after "
