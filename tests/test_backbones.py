@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, FEATURE_DIMS
-from sfm_hf.backbones import IMAGENET_MEAN, OPENAI_CLIP_MEAN, BackboneError, load_backbone
+from sfm_hf.backbones import BackboneError, load_backbone
+from sfm_hf.modeling_sfm import IMAGENET_MEAN, OPENAI_CLIP_MEAN
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -36,7 +36,7 @@ def bundle_for(name: str, *, num_classes: int = 3, distill_dim: int = 5, backbon
 
 @pytest.mark.parametrize("family", TRANSFORMERS_FAMILIES)
 def test_features_match_backbones_py(tiny_backbone, family):
-    """modeling_sfm.py repeats backbones.py's per-family feature rule; both must give the same phi_e(x)."""
+    """backbones.py and the bundle read the same family table; both must give the same phi_e(x)."""
     model, backbone = bundle_for(tiny_backbone(family))
     images = torch.rand(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """Frozen vision encoders behind one small interface.
 
-This is the only module that knows model families. Everything else sees a
+This module loads them; what differs between model families (encoder class, which output is the
+feature, default normalisation) is one table, ``ENCODER_FAMILIES`` in :mod:`sfm_hf.modeling_sfm`,
+which the exported bundle's remote code reads too. Everything else sees a
 :class:`FrozenBackbone`: images in [0, 1] go in, one feature vector per image comes out,
 and the preprocessing in between (resize + normalise with the backbone's own statistics)
 is made of differentiable torch ops, because Stage II back-propagates into the pixels.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -18,11 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 OPEN_CLIP_PREFIXES = ("hf-hub:", "local-dir:")
 
@@ -105,16 +103,8 @@ class FrozenBackbone(nn.Module):
         return asdict(self.info)
 
 
-def _pooler(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return model(pixel_values=pixels).pooler_output
-
-
-def _cls_token(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return model(pixel_values=pixels).last_hidden_state[:, 0]
-
-
-def _image_embeds(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return model(pixel_values=pixels).image_embeds
+def _transformers_features(read_feature: Callable, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return read_feature(model(pixel_values=pixels))
 
 
 def _open_clip_image(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -166,7 +156,7 @@ def _config_image_size(config) -> int | None:
 
 
 def _load_transformers(name: str, dtype: torch.dtype | None, attn_implementation: str | None) -> FrozenBackbone:
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name)
@@ -177,57 +167,34 @@ def _load_transformers(name: str, dtype: torch.dtype | None, attn_implementation
             else "it is neither a local folder nor a reachable Hub model (offline? gated? typo?)"
         )
         raise BackboneError(f"Cannot load backbone {name!r}: {hint}. ({error.__class__.__name__}: {error})") from None
-    model_type = config.model_type
+    from .modeling_sfm import encoder_family, encoder_features, load_encoder
+
+    family = encoder_family(config.model_type)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    stats = None
-    if model_type == "clip":
-        from transformers import CLIPVisionModelWithProjection
-
-        model = CLIPVisionModelWithProjection.from_pretrained(name, **kwargs)
-        family, feature, extract = "clip", "image_embeds (projected CLS)", _image_embeds
-        default_stats = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    elif model_type == "siglip":
-        from transformers import SiglipVisionModel
-
-        model = SiglipVisionModel.from_pretrained(name, **kwargs)
-        family, feature, extract = model_type, "pooler_output (attention-pooled)", _pooler
-        default_stats = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    elif model_type in ("vit", "deit"):
-        model = AutoModel.from_pretrained(name, add_pooling_layer=False, **kwargs)
-        family, feature, extract = model_type, "CLS token after the final LayerNorm", _cls_token
-        default_stats = (IMAGENET_MEAN, IMAGENET_STD)
-    elif model_type == "timm_wrapper":
-        model = AutoModel.from_pretrained(name, **kwargs)
-        pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
-        family, feature, extract = "timm", "pooler_output (timm pre-logits)", _pooler
-        if "mean" in pretrained_cfg and "std" in pretrained_cfg:
-            stats = (tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"]))
-        default_stats = (IMAGENET_MEAN, IMAGENET_STD)
-    else:
-        model = AutoModel.from_pretrained(name, **kwargs)
-        family = model_type
-        if "dinov2" in model_type or "dinov3" in model_type:
-            feature = "pooler_output (CLS after the final LayerNorm)"
-        else:
-            feature = "pooler_output"
-        extract = _pooler
-        default_stats = (IMAGENET_MEAN, IMAGENET_STD)
+    model = load_encoder(config, name, **kwargs)
     processor = _processor_config(name)
-    stats = _processor_stats(processor) or stats or default_stats
-    image_size = _processor_image_size(processor) or (
-        _timm_image_size(config) if model_type == "timm_wrapper" else _config_image_size(config)
-    )
+    mean, std = _processor_stats(processor) or _timm_stats(config) or (family.mean, family.std)
+    image_size = _processor_image_size(processor) or _timm_image_size(config) or _config_image_size(config)
     if image_size is None:
-        raise BackboneError(f"Backbone {name!r} ({model_type}) does not say its input image size.")
-    backbone = FrozenBackbone(
-        model, extract, name=name, family=family, feature=feature, image_size=image_size, mean=stats[0], std=stats[1]
+        raise BackboneError(f"Backbone {name!r} ({config.model_type}) does not say its input image size.")
+    return FrozenBackbone(
+        model, partial(_transformers_features, partial(encoder_features, feature=family.feature)), name=name, family=family.name,
+        feature=family.description, image_size=image_size, mean=mean, std=std,
     )
-    return backbone
+
+
+def _timm_stats(config) -> tuple[tuple, tuple] | None:
+    """The mean/std a timm checkpoint's ``pretrained_cfg`` records (other families have none)."""
+    pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
+    if "mean" in pretrained_cfg and "std" in pretrained_cfg:
+        return tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"])
+    return None
 
 
 def _timm_image_size(config) -> int | None:
+    """The input size a timm checkpoint's ``model_args`` / ``pretrained_cfg`` record (other families have none)."""
     model_args = getattr(config, "model_args", None) or {}
     if "img_size" in model_args:
         size = model_args["img_size"]
@@ -239,6 +206,8 @@ def _timm_image_size(config) -> int | None:
 
 
 def _load_open_clip(name: str, dtype: torch.dtype | None) -> FrozenBackbone:
+    from .modeling_sfm import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
     try:
         import open_clip
     except ImportError:
@@ -285,6 +254,8 @@ def load_backbone(
     else:
         backbone = _load_transformers(name, dtype, attn_implementation)
     if normalization == "imagenet":
+        from .modeling_sfm import IMAGENET_MEAN, IMAGENET_STD
+
         backbone.mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         backbone.std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     if device is not None:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .config import Config
 
 DIGITS_IMAGE_SIZE = 32
@@ -97,6 +96,8 @@ def pretrain_on_glyphs(model, *, steps: int = 500, seed: int = 0) -> None:
     encoder has features that mean something, as a real self-supervised backbone would."""
     import torch.nn.functional as F
 
+    from .modeling_sfm import IMAGENET_MEAN, IMAGENET_STD
+
     images, labels = glyph_images(seed=seed)
     head = torch.nn.Linear(model.config.hidden_size, int(labels.max()) + 1)
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=2e-3)
@@ -119,6 +120,8 @@ def build_tiny_vit(folder: Path, *, seed: int = 0, hidden_size: int = 64, image_
     """A 2-layer DINOv2-family encoder from a config with a fixed seed, pre-trained for a few seconds
     on procedural glyphs, saved like a Hub checkpoint."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from .modeling_sfm import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(seed)
     config = Dinov2Config(

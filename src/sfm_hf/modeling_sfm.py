@@ -8,6 +8,8 @@ This file travels to the Hub as remote code beside the weights, so it imports on
 transformers and its sibling ``configuration_sfm``; loading it never needs ``sfm_hf``.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -18,37 +20,87 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_sfm import SFMConfig
 
-# Which encoder class each checkpoint family loads as, and which of its outputs is the feature.
-# This duplicates the per-family rule of sfm_hf/backbones.py on purpose: this file may not import
-# sfm_hf. tests/test_modeling.py checks, family by family, that both give the same features.
-# Class names, resolved on use: importing every family's modelling code up front costs seconds.
-ENCODER_CLASSES = {"clip_vision_model": "CLIPVisionModelWithProjection", "siglip_vision_model": "SiglipVisionModel"}
-ENCODER_KWARGS = {"vit": {"add_pooling_layer": False}, "deit": {"add_pooling_layer": False}}
-FEATURE_OUTPUTS = {"clip_vision_model": "image_embeds", "vit": "cls_token", "deit": "cls_token"}
-DEFAULT_FEATURE_OUTPUT = "pooler_output"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class EncoderFamily(NamedTuple):
+    """How the checkpoints of one family load as a frozen encoder, and which of its outputs is the feature.
+
+    The one table of model families: ``sfm_hf.backbones`` loads every transformers backbone through it
+    and the bundle below rebuilds its encoder from it (this file may import nothing from sfm_hf, so the
+    table lives here).
+    """
+
+    # ``config.model_type`` of the family's checkpoints and of their vision sub-config (the bundle saves the latter).
+    model_types: tuple[str, ...]
+    # The output used as phi(x): an attribute of the model output, or "cls_token" (last_hidden_state[:, 0]).
+    feature: str
+    # What the feature is, as statistics.json and the cards say it.
+    description: str
+    # The transformers class the encoder loads as (resolved on use: importing every family's modelling code up
+    # front costs seconds); None: AutoModel.
+    encoder_class: str | None = None
+    encoder_kwargs: dict | None = None
+    # What the family is recorded as; None: the checkpoint's model_type.
+    name: str | None = None
+    # Normalisation when the checkpoint ships no image processor saying its own.
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+ENCODER_FAMILIES = (
+    EncoderFamily(("clip", "clip_vision_model"), "image_embeds", "image_embeds (projected CLS)",
+                  "CLIPVisionModelWithProjection", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+    EncoderFamily(("siglip", "siglip_vision_model"), "pooler_output", "pooler_output (attention-pooled)",
+                  "SiglipVisionModel", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    EncoderFamily(("vit", "deit"), "cls_token", "CLS token after the final LayerNorm",
+                  encoder_kwargs={"add_pooling_layer": False}),
+    EncoderFamily(("timm_wrapper",), "pooler_output", "pooler_output (timm pre-logits)", name="timm"),
+    EncoderFamily(("dinov2", "dinov2_with_registers", "dinov3_vit", "dinov3_convnext"), "pooler_output",
+                  "pooler_output (CLS after the final LayerNorm)"),
+)
+# Any other AutoModel vision encoder.
+OTHER_ENCODERS = EncoderFamily((), "pooler_output", "pooler_output")
+
+
+def encoder_family(model_type: str) -> EncoderFamily:
+    """The family of a checkpoint's (or vision sub-config's) ``model_type``, named as it is recorded."""
+    family = next((family for family in ENCODER_FAMILIES if model_type in family.model_types), OTHER_ENCODERS)
+    return family if family.name else family._replace(name=model_type)
 
 
 def feature_output(model_type: str) -> str:
-    """The encoder output used as phi_e(x): image_embeds (CLIP), the CLS token (ViT/DeiT) or pooler_output."""
-    return FEATURE_OUTPUTS.get(model_type, DEFAULT_FEATURE_OUTPUT)
+    """The encoder output used as phi_e(x): image_embeds (CLIP), cls_token (ViT/DeiT) or pooler_output."""
+    return encoder_family(model_type).feature
+
+
+def encoder_features(outputs, feature: str) -> torch.Tensor:
+    """The feature ``feature`` (an EncoderFamily's) from an encoder's outputs."""
+    if feature == "cls_token":
+        return outputs.last_hidden_state[:, 0]
+    return getattr(outputs, feature)
+
+
+def _encoder_class(family: EncoderFamily):
+    return getattr(transformers, family.encoder_class) if family.encoder_class else AutoModel
 
 
 def build_encoder(vision_config) -> nn.Module:
     """A randomly initialised encoder of the checkpoint family described by ``vision_config``."""
-    model_type = vision_config.model_type
-    kwargs = ENCODER_KWARGS.get(model_type, {})
-    if model_type in ENCODER_CLASSES:
-        return getattr(transformers, ENCODER_CLASSES[model_type])(vision_config, **kwargs)
-    return AutoModel.from_config(vision_config, **kwargs)
+    family = encoder_family(vision_config.model_type)
+    encoder_class = _encoder_class(family)
+    if encoder_class is AutoModel:
+        return AutoModel.from_config(vision_config, **(family.encoder_kwargs or {}))
+    return encoder_class(vision_config, **(family.encoder_kwargs or {}))
 
 
-def load_encoder(vision_config, checkpoint: str, **kwargs) -> nn.Module:
-    """The pretrained encoder of ``checkpoint``, loaded as the same class ``build_encoder`` gives."""
-    model_type = vision_config.model_type
-    kwargs = {**ENCODER_KWARGS.get(model_type, {}), **kwargs}
-    if model_type in ENCODER_CLASSES:
-        return getattr(transformers, ENCODER_CLASSES[model_type]).from_pretrained(checkpoint, **kwargs)
-    return AutoModel.from_pretrained(checkpoint, **kwargs)
+def load_encoder(config, checkpoint: str, **kwargs) -> nn.Module:
+    """The pretrained encoder of ``checkpoint`` (``config``: its config or vision sub-config), as ``build_encoder``'s class."""
+    family = encoder_family(config.model_type)
+    return _encoder_class(family).from_pretrained(checkpoint, **{**(family.encoder_kwargs or {}), **kwargs})
 
 
 class SFMForImageClassification(PreTrainedModel):
@@ -95,10 +147,7 @@ class SFMForImageClassification(PreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """phi_e(x): [B, feature_dim] features of preprocessed (resized, normalised) images."""
-        outputs = self.vision_model(pixel_values=pixel_values)
-        if self.feature_output == "cls_token":
-            return outputs.last_hidden_state[:, 0]
-        return getattr(outputs, self.feature_output)
+        return encoder_features(self.vision_model(pixel_values=pixel_values), self.feature_output)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
         features = self.get_image_features(pixel_values)
