@@ -12,7 +12,8 @@ from sfm_hf.distill import start_images
 from sfm_hf.errors import StageInputError
 from sfm_hf.pyramid import START_MARGIN
 from sfm_hf.runner import run_stages
-from sfm_hf.statistics import FEATURES_DIR, STATISTICS_DIR, Statistics, load_feature_cache, open_config_split
+from sfm_hf.layout import FEATURES_DIR, STATISTICS_DIR
+from sfm_hf.statistics import Statistics, load_feature_cache, open_config_split
 
 
 def config_for(statistics_run, digits_dir, demo_backbone, tmp_path, name, **options):

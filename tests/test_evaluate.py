@@ -22,6 +22,8 @@ from sfm_hf.evaluate import (
     score_projector,
     train_trial,
 )
+from sfm_hf.layout import projector_path
+from sfm_hf.names import backbone_slug
 from sfm_hf.probe import accuracy
 from sfm_hf.runner import run_stages
 from sfm_hf.statistics import load_feature_cache, load_golden_classifier, stream_features
@@ -103,7 +105,7 @@ def test_results_reference_rows_projector_and_report(distilled_run, digits_dir, 
     assert full["l2"] in config.golden.l2_grid and golden["l2"] == stage_one["l2"]
 
     projector = load_file(output / ci["projector"])
-    assert ci["projector"] == evaluate.projector_path(demo_backbone)
+    assert ci["projector"] == projector_path(demo_backbone)
     assert projector["weight"].shape == (64, 64) and projector["bias"].shape == (64,)
     assert ci["projector_accuracy"] == ci["per_trial"][0]
     assert score_projector(config, accelerator, output / ci["projector"], demo_backbone) == pytest.approx(
@@ -254,7 +256,7 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     assert [train_labels[row] for row in rows] == list(range(10))
     projector = load_file(output / records[("sfm", other, "ci")]["projector"])
     assert projector["weight"].shape == (64, 32)
-    cache = output / "evaluation" / "features" / evaluate.backbone_slug(other)
+    cache = output / "evaluation" / "features" / backbone_slug(other)
     assert json.loads((cache / "eval.json").read_text())["images"] == 450
     assert json.loads((cache / "train.json").read_text())["images"] == 1347
     assert "Table 4 style" in (output / "results.md").read_text()
@@ -309,7 +311,7 @@ def test_two_processes_score_every_eval_image_once_and_agree_with_one(distilled_
             config.save(recipe)
             launch(recipe, num_processes=2)
         results[name] = records_by_key(tmp_path / name)
-    cache = tmp_path / "two" / "evaluation" / "features" / evaluate.backbone_slug(other)
+    cache = tmp_path / "two" / "evaluation" / "features" / backbone_slug(other)
     assert sorted(path.name for path in cache.glob("eval-rank*")) == ["eval-rank00-00000.safetensors",
                                                                        "eval-rank01-00000.safetensors"]
     features, labels, indices = load_feature_cache(cache, "eval")

@@ -13,7 +13,8 @@ from sfm_hf.errors import StageInputError
 from sfm_hf.hub import hub_sources, statistics_dir
 from sfm_hf.merge import main, merge_statistics
 from sfm_hf.runner import run_stages
-from sfm_hf.statistics import FEATURES_DIR, Statistics, load_feature_cache, load_golden_classifier
+from sfm_hf.layout import FEATURES_DIR
+from sfm_hf.statistics import Statistics, load_feature_cache, load_golden_classifier
 from sfm_hf.utils import save_tensors_atomically
 
 BACKBONE = {"name": "acme/tiny", "family": "vit", "feature": "cls", "feature_dim": 2, "image_size": 28,

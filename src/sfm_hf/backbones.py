@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-
-OPEN_CLIP_PREFIXES = ("hf-hub:", "local-dir:")
-
+from .names import OPEN_CLIP_PREFIXES
 
 class BackboneError(UserError):
     """A backbone id or folder that cannot be loaded as a vision encoder."""

@@ -369,11 +369,15 @@ class Config:
     )
     hub: HubOptions = option(help="Export and publishing to the Hugging Face Hub.", factory=HubOptions)
 
-    def validate(self) -> None:
-        reads_real_data = bool({"statistics", "evaluate"} & set(self.stages)) or (
+    @property
+    def reads_real_data(self) -> bool:
+        """Whether the stages read images of the dataset: Stage I and III always, distill for LGM or a real start."""
+        return bool({"statistics", "evaluate"} & set(self.stages)) or (
             "distill" in self.stages and (self.distill.method == "lgm" or self.distill.init != "noise")
         )
-        if not self.dataset and (reads_real_data or not self.statistics_from):
+
+    def validate(self) -> None:
+        if not self.dataset and (self.reads_real_data or not self.statistics_from):
             raise ConfigError(
                 "`dataset` is empty: give a Hub id or a local folder (only SFM distillation from noise "
                 "(`distill.init: noise`) and export from `statistics_from` need no real data)."

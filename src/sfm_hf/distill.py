@@ -35,15 +35,16 @@ from .objectives import (
 )
 from .progress import progress as track
 from .pyramid import build_images, growth_due
-from .statistics import STATISTICS_DIR, FEATURES_DIR, Statistics, load_feature_cache, open_config_split
+from .layout import (
+    FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, STATISTICS_DIR, STATISTICS_TENSORS, SYNTHETIC_DIR, SYNTHETIC_JSON, RunLayout,
+)
+from .statistics import Statistics, load_feature_cache, open_config_split
 from .tracking import log_images
 from .utils import atomic_path, save_tensors_atomically, write_text_atomically
 from .visualize import save_preview
 
 logger = get_logger(__name__)
 
-SYNTHETIC_DIR = "synthetic"
-CHECKPOINT_DIR = "checkpoints"
 # Offsets that keep the synthetic and the real augmentation streams apart.
 SYNTHETIC_STREAM, REAL_STREAM = 0, 1 << 20
 
@@ -226,10 +227,6 @@ def compute_loss(context: DistillContext, images: torch.Tensor, step: int) -> to
 # Checkpoints: pyramid levels, optimiser state, step, RNG states; one file per process.
 
 
-def _checkpoint_path(output_dir: Path, rank: int) -> Path:
-    return output_dir / CHECKPOINT_DIR / f"rank{rank:02d}.pt"
-
-
 class CheckpointError(UserError):
     """A checkpoint that cannot be read, or that was made from other inputs or settings than this run's."""
 
@@ -401,10 +398,10 @@ def _load_statistics(config: Config) -> Statistics:
     from .hub import statistics_dir
 
     directory = statistics_dir(config)
-    if not (directory / "statistics.safetensors").is_file():
+    if not (directory / STATISTICS_TENSORS).is_file():
         raise StageInputError(
             f"Stages {[stage for stage in config.stages if stage != 'statistics']} need "
-            f"{directory}/statistics.safetensors: run the 'statistics' stage first (add it to --stages)."
+            f"{directory}/{STATISTICS_TENSORS}: run the 'statistics' stage first (add it to --stages)."
         )
     return Statistics.load(directory)
 
@@ -429,7 +426,7 @@ def flow_agreement(backbone, images: torch.Tensor, labels: torch.Tensor, statist
 
 def _random_real_agreement(config: Config, statistics: Statistics) -> float | None:
     """The same cosine for ``ipc`` random real train images per class, from the Stage I feature cache."""
-    cache = Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR
+    cache = RunLayout(config.output_dir).statistics_dir / FEATURES_DIR
     try:
         features, labels, _ = load_feature_cache(cache, "train")
     except StageInputError:
@@ -447,10 +444,10 @@ def _random_real_agreement(config: Config, statistics: Statistics) -> float | No
 def _up_to_date(folder: Path, inputs: dict) -> bool:
     """Whether ``folder`` already holds the images of exactly these inputs (a finished, unchanged run)."""
     try:
-        metadata = json.loads((folder / "synthetic.json").read_text())
+        metadata = json.loads((folder / SYNTHETIC_JSON).read_text())
     except (OSError, ValueError):
         return False
-    return metadata.get("inputs") == inputs and (folder / "images.safetensors").is_file()
+    return metadata.get("inputs") == inputs and (folder / IMAGES_FILE).is_file()
 
 
 def check_resumable(config: Config, world_size: int) -> None:
@@ -464,7 +461,7 @@ def check_resumable(config: Config, world_size: int) -> None:
     # syn_res auto is resolved from the backbone only when distillation starts; run_distill checks it then.
     unresolved = ("distill.syn_res",) if config.distill.syn_res == "auto" else ()
     for rank in range(world_size):
-        read_checkpoint(_checkpoint_path(Path(config.output_dir), rank), fingerprint, unresolved=unresolved)
+        read_checkpoint(RunLayout(config.output_dir).checkpoint(rank), fingerprint, unresolved=unresolved)
 
 
 def start_images(config: Config, statistics: Statistics) -> torch.Tensor | None:
@@ -543,7 +540,7 @@ def run_distill(config: Config, accelerator) -> Path:
     images = fresh_images()
     optimizer = make_optimizer(images, options.lr, device)
     fingerprint = _fingerprint(config, statistics, world_size)
-    checkpoint_path = _checkpoint_path(output_dir, rank)
+    checkpoint_path = RunLayout(output_dir).checkpoint(rank)
     start_step, earlier_seconds = 0, 0.0
     last_loss = torch.full((), float("nan"), device=device)
     saved_step = None
@@ -642,7 +639,7 @@ def run_distill(config: Config, accelerator) -> Path:
             "distill/final_loss": float(last_loss), "distill/seconds": seconds,
             **{f"distill/flow_cosine/{name}": value for name, value in agreement.items() if value is not None},
         }, step=options.iterations)
-        log_images(accelerator, {"distill/preview": folder / "preview.png"}, step=options.iterations)
+        log_images(accelerator, {"distill/preview": folder / PREVIEW_FILE}, step=options.iterations)
         if saturated > SATURATION_WARNING:
             logger.warning(
                 "%.0f%% of the synthetic pixel values sit at 0 or 1 (saturated): the images carry little beyond "
@@ -673,10 +670,8 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
     folder.mkdir(parents=True, exist_ok=True)
     # The record goes first and comes back last: a crash in between leaves images without a record
     # (re-made by the next run), never a record describing other images.
-    (folder / "synthetic.json").unlink(missing_ok=True)
-    save_tensors_atomically(
-        {"images": images.float().contiguous(), "labels": labels.contiguous()}, folder / "images.safetensors"
-    )
+    (folder / SYNTHETIC_JSON).unlink(missing_ok=True)
+    save_tensors_atomically({"images": images.float().contiguous(), "labels": labels.contiguous()}, folder / IMAGES_FILE)
     metadata = {
         "class_names": statistics.class_names,
         "ipc": config.ipc,
@@ -694,5 +689,5 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         # What these images were made from: a later run compares it to decide whether they are current.
         "inputs": inputs,
     }
-    write_text_atomically(folder / "synthetic.json", json.dumps(metadata, indent=2))
-    save_preview(images, labels, statistics.class_names, folder / "preview.png")
+    write_text_atomically(folder / SYNTHETIC_JSON, json.dumps(metadata, indent=2))
+    save_preview(images, labels, statistics.class_names, folder / PREVIEW_FILE)

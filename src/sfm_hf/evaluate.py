@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +56,15 @@ from .config import SYNTHETIC_TRAIN_SETS, Config, EvaluateOptions
 from .data import DatasetError
 from . import hub
 from .errors import StageInputError, UserError
-from .probe import accuracy, fit_reference_probe
+from .probe import accuracy, fit_reference_probe, uniform_linear
 from .progress import progress as track
-from .report import short_name
-from .utils import save_tensors_atomically, share_from_main, write_text_atomically
+from .names import short_name
+from .utils import gather_lists, save_tensors_atomically, share_from_main, write_text_atomically
+from .layout import (
+    CURVES_PLOT, FEATURES_DIR, FLOW_PLOT, GOLDEN_JSON, IMAGES_FILE, STATISTICS_JSON, SYNTHETIC_DIR, SYNTHETIC_JSON,
+    RunLayout, projector_path,
+)
 from .statistics import (
-    FEATURES_DIR,
-    STATISTICS_DIR,
     Statistics,
     load_feature_cache,
     load_golden_classifier,
@@ -74,9 +74,6 @@ from .statistics import (
 
 logger = get_logger(__name__)
 
-EVALUATION_DIR = "evaluation"
-PROJECTORS_DIR = "projectors"
-RESULTS_FILE = "results.json"
 FULL_DATASET = "full_dataset"
 # LGM's evaluation views: flip + random-resized-crop, no noise.
 TRAIN_AUGMENTATION = AugmentConfig(noise_p=0.0)
@@ -88,14 +85,6 @@ class EvaluationError(UserError):
 
 class ProjectorMismatchError(EvaluationError):
     """A saved projector whose shape does not fit the eval backbone or the golden classifier."""
-
-
-def backbone_slug(name: str) -> str:
-    """A file-name-safe id of a backbone: ``org--model`` for Hub ids, ``<folder>-<hash>`` otherwise."""
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
-        return name.replace("/", "--")
-    stem = re.sub(r"[^\w.-]+", "-", Path(name.split(":", 1)[-1]).name).strip("-") or "backbone"
-    return f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,10 +100,10 @@ class FeatureSet:
 
 def _stage_one_cache_matches(config: Config, split: str, prefix: str) -> bool:
     """Whether Stage I's cache of phi_d holds ``split`` of this dataset (the eval split may have changed since)."""
-    directory = Path(config.output_dir) / STATISTICS_DIR
+    directory = RunLayout(config.output_dir).statistics_dir
     try:
-        statistics = json.loads((directory / "statistics.json").read_text())
-        golden = json.loads((directory / "golden_classifier.json").read_text())
+        statistics = json.loads((directory / STATISTICS_JSON).read_text())
+        golden = json.loads((directory / GOLDEN_JSON).read_text())
     except FileNotFoundError:
         return False
     cached_split = statistics.get("split") if prefix == "train" else golden.get("eval_split")
@@ -131,8 +120,8 @@ def split_features(
     shards, so every image counts exactly once whatever the number of processes.
     """
     if backbone.name == config.backbone and _stage_one_cache_matches(config, split, prefix):
-        return FeatureSet(*load_feature_cache(Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR, prefix))
-    cache_dir = Path(config.output_dir) / EVALUATION_DIR / FEATURES_DIR / backbone_slug(backbone.name)
+        return FeatureSet(*load_feature_cache(RunLayout(config.output_dir).statistics_dir / FEATURES_DIR, prefix))
+    cache_dir = RunLayout(config.output_dir).feature_cache(backbone.name)
     marker = cache_dir / f"{prefix}.json"
     key = {
         "backbone": backbone.name,
@@ -167,7 +156,7 @@ def split_features(
             f"{feature_pass.skipped_examples})."
         )
     if accelerator.is_main_process:
-        marker.write_text(json.dumps({"key": key, "images": feature_pass.seen}, indent=2))
+        write_text_atomically(marker, json.dumps({"key": key, "images": feature_pass.seen}, indent=2))
     accelerator.wait_for_everyone()
     cached = FeatureSet(*load_feature_cache(cache_dir, prefix))
     if len(cached.labels) != feature_pass.seen:
@@ -295,13 +284,7 @@ def mode_labels(modes: list[str], kd_alphas: list[float]) -> list[str]:
 
 
 def _linear(in_features: int, out_features: int, generator: torch.Generator, device) -> nn.Linear:
-    """Uniform(+-1/sqrt(in)) weights, zero bias, drawn from ``generator`` so a seed fixes the start."""
-    layer = nn.Linear(in_features, out_features)
-    with torch.no_grad():
-        bound = 1.0 / math.sqrt(in_features)
-        layer.weight.copy_(torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator))
-        layer.bias.zero_()
-    return layer.to(device)
+    return uniform_linear(in_features, out_features, generator).to(device)
 
 
 class _AugmentedFeatures:
@@ -522,14 +505,14 @@ class SyntheticSet:
 
 def load_synthetic(folder: Path) -> SyntheticSet:
     """A Stage II output folder (``images.safetensors`` + ``synthetic.json``)."""
-    tensors = load_file(str(folder / "images.safetensors"))
-    metadata = json.loads((folder / "synthetic.json").read_text())
+    tensors = load_file(str(folder / IMAGES_FILE))
+    metadata = json.loads((folder / SYNTHETIC_JSON).read_text())
     return SyntheticSet(metadata["method"], tensors["images"].float(), tensors["labels"].long(), metadata, folder)
 
 
 def _synthetic_folder(path: Path) -> Path | None:
-    for folder in (path / "synthetic", path):
-        if (folder / "images.safetensors").is_file() and (folder / "synthetic.json").is_file():
+    for folder in (path / SYNTHETIC_DIR, path):
+        if (folder / IMAGES_FILE).is_file() and (folder / SYNTHETIC_JSON).is_file():
             return folder
     return None
 
@@ -635,7 +618,7 @@ def _baseline_rows(
     wanted: list[str],
 ) -> dict[str, Any]:
     """Row numbers of the chosen real train images: per trial for random, once for the others."""
-    train = load_feature_cache(Path(config.output_dir) / STATISTICS_DIR / FEATURES_DIR, "train")
+    train = load_feature_cache(RunLayout(config.output_dir).statistics_dir / FEATURES_DIR, "train")
     features, labels, indices = train
     require_row_indices(indices, config.train_split)
     options = config.evaluate
@@ -687,12 +670,6 @@ class JobResult:
 def _population_std(values: list[float]) -> float:
     mean = sum(values) / len(values)
     return math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
-
-
-def _gather_results(accelerator, results: list[JobResult]) -> list[JobResult]:
-    from accelerate.utils import gather_object
-
-    return gather_object(results) if accelerator.num_processes > 1 else results
 
 
 @dataclass
@@ -799,10 +776,10 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
                            eval_features, eval_labels, options, seed, *validation)
         outcome = train_trial(setup, job.mode)
         if job.train_set == own_method and job.mode == "ci" and job.trial == 0:
-            save_projector(outcome.projector, output_dir / projector_path(job.eval_backbone),
+            save_projector(outcome.projector, RunLayout(output_dir).projector(job.eval_backbone),
                            eval_backbone=job.eval_backbone, distill_backbone=config.backbone)
         mine.append(JobResult(job, outcome.accuracy, outcome.curve, outcome.seconds, len(images), outcome.details))
-    results = _gather_results(accelerator, mine)
+    results = gather_lists(accelerator, mine)
     seconds = time.perf_counter() - start
     records: list[dict[str, Any]] = []
     if accelerator.is_main_process:
@@ -817,11 +794,6 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
         })
     accelerator.wait_for_everyone()
     return records
-
-
-def projector_path(eval_backbone: str) -> str:
-    """Where the trial-0 CI projector of an eval backbone is saved, relative to output_dir."""
-    return f"{EVALUATION_DIR}/{PROJECTORS_DIR}/{backbone_slug(eval_backbone)}.safetensors"
 
 
 def _full_dataset_trial(config: Config, job: Job, model: EvalBackbone, num_classes: int, eval_features: torch.Tensor,
@@ -916,7 +888,7 @@ def _records(
                 records.append(record)
     start = time.perf_counter()
     golden_accuracy = accuracy(golden, distill_evaluation.features.to(device), distill_evaluation.labels.to(device))
-    golden_file = hub.statistics_dir(config) / "golden_classifier.json"
+    golden_file = hub.statistics_dir(config) / GOLDEN_JSON
     fitted = json.loads(golden_file.read_text()) if golden_file.is_file() else {}
     records.append({
         "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": config.backbone,
@@ -950,19 +922,19 @@ def _write_outputs(
 ) -> None:
     from .report import plot_accuracy_curves, plot_flow_pca, write_markdown
 
-    output_dir = Path(config.output_dir)
-    folder = output_dir / EVALUATION_DIR
+    layout = RunLayout(config.output_dir)
+    folder = layout.evaluation_dir
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(output_dir / RESULTS_FILE, json.dumps(records, indent=2))
-    for stale in ("accuracy_curves.png", "flow_pca.png"):
+    write_text_atomically(layout.results_file, json.dumps(records, indent=2))
+    for stale in (CURVES_PLOT, FLOW_PLOT):
         (folder / stale).unlink(missing_ok=True)
-    plot_accuracy_curves(records, folder / "accuracy_curves.png")
+    plot_accuracy_curves(records, folder / CURVES_PLOT)
     if synthetic:
         flows = {method: (_features_of(distill_backbone, chosen.images), chosen.labels)
                  for method, chosen in synthetic.items()}
         plot_flow_pca(statistics.class_means, statistics.class_counts, flows, statistics.class_names,
-                      folder / "flow_pca.png", non_target=config.statistics.non_target)
-    write_markdown(records, output_dir / "results.md", title=f"Results: {Path(config.dataset).name}, ipc {config.ipc}")
+                      folder / FLOW_PLOT, non_target=config.statistics.non_target)
+    write_markdown(records, layout.results_markdown, title=f"Results: {short_name(config.dataset)}, ipc {config.ipc}")
 
 
 def _print_summary(config: Config, records: list[dict[str, Any]], trainings: int, seconds: float,
@@ -975,7 +947,7 @@ def _print_summary(config: Config, records: list[dict[str, Any]], trainings: int
               else f"{options.iterations} steps or more each, until the validation accuracy plateaus")
     logger.info(
         f"Stage III ({options.protocol} protocol): {trainings} trainings ({options.trials} trial(s), {length}) on "
-        f"{world_size} process(es) in {seconds:.1f} s. -> {Path(config.output_dir) / RESULTS_FILE}"
+        f"{world_size} process(es) in {seconds:.1f} s. -> {RunLayout(config.output_dir).results_file}"
     )
     unfinished = [f"{record['train_set']}/{record['mode']}" for record in records
                   if record.get("plateau_reached") is False]

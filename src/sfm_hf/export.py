@@ -34,22 +34,22 @@ from safetensors.torch import load_file
 
 from accelerate.logging import get_logger
 
-from .backbones import OPEN_CLIP_PREFIXES, FrozenBackbone, load_backbone
+from .backbones import FrozenBackbone, load_backbone
 from .config import Config
-from .distill import SYNTHETIC_DIR
 from .errors import StageInputError, UserError
 from .hub import statistics_dir
-from .statistics import FEATURES_DIR, golden_classifier_file
+from .names import OPEN_CLIP_PREFIXES, is_hub_id, public_name, slug
+from .layout import (
+    CARD_FILE, CONFIG_FILE, FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, IMAGES_FILE, PREVIEW_FILE,
+    RESULTS_FILE, STATISTICS_JSON, STATISTICS_TENSORS, SYNTHETIC_JSON, VARIANTS_DIR, RunLayout,
+)
+from .statistics import golden_classifier_file
 
 logger = get_logger(__name__)
 
-MODEL_DIR = "model"
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.yaml"
-VARIANTS_DIR = "data"
 PARQUET_NAME = "train-00000-of-00001.parquet"
 # Stage II's working copies at the root of synthetic/: the Hub gets them per config under data/<config>/.
-SYNTHETIC_LOCAL_ONLY = ["images.safetensors", "synthetic.json", "preview.png", "*.tmp", "*.tmp.png"]
+SYNTHETIC_LOCAL_ONLY = [IMAGES_FILE, SYNTHETIC_JSON, PREVIEW_FILE, "*.tmp", "*.tmp.png"]
 STATISTICS_LOCAL_ONLY = [f"{FEATURES_DIR}/*", "*.tmp"]
 PAPER = "Statistical Flow Matching (SFM) with classifier inheritance (CI)"
 
@@ -64,17 +64,6 @@ class PublishError(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # Names
-
-
-def slug(name: str) -> str:
-    """A short repo-name-safe form of a Hub id or folder: its last part, lowercased, odd characters -> '-'."""
-    for prefix in OPEN_CLIP_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    last = name.rstrip("/").split("/")[-1]
-    cleaned = re.sub(r"[^a-z0-9._-]+", "-", last.lower())
-    cleaned = re.sub(r"[-.]{2,}", "-", cleaned).strip("-.")
-    return cleaned or "run"
 
 
 @dataclass
@@ -122,33 +111,6 @@ def repo_names(config: Config, source_dataset: str) -> RepoNames:
 def bundle_backbone(config: Config) -> str:
     """The evaluation backbone held by the model bundle."""
     return config.hub.eval_backbone or config.evaluation_backbones[0]
-
-
-def is_hub_id(name: str) -> bool:
-    """A Hub repo id rather than a local folder (cards link and cite only Hub ids)."""
-    from huggingface_hub.utils import validate_repo_id
-
-    if not name or Path(name).exists() or name.startswith(OPEN_CLIP_PREFIXES):
-        return False
-    try:
-        validate_repo_id(name)
-    except ValueError:
-        return False
-    return "/" in name
-
-
-def public_name(name: str) -> str:
-    """What a published file may say about a dataset, backbone or folder: a Hub id as it is, a local path by its
-    folder's base name (the absolute path says nothing to a reader and tells about the publisher's machine)."""
-    for prefix in OPEN_CLIP_PREFIXES:
-        if name.startswith(prefix):
-            rest = name[len(prefix):]
-            return prefix + (rest if prefix == "hf-hub:" else public_name(rest))
-    if not name or is_hub_id(name):
-        return name
-    if Path(name).exists() or "/" in name or name.startswith(("~", ".")):
-        return Path(name).name or name
-    return name
 
 
 class PathRedactor:
@@ -220,7 +182,7 @@ class RunFacts:
 
 
 def read_results(output_dir: Path) -> list[dict[str, Any]]:
-    path = output_dir / RESULTS_FILE
+    path = RunLayout(output_dir).results_file
     if not path.is_file():
         return []
     records = json.loads(path.read_text())
@@ -231,17 +193,18 @@ def read_results(output_dir: Path) -> list[dict[str, Any]]:
 
 def gather_facts(config: Config) -> RunFacts:
     output_dir = Path(config.output_dir)
-    synthetic_json = output_dir / SYNTHETIC_DIR / "synthetic.json"
-    if not synthetic_json.is_file() or not (output_dir / SYNTHETIC_DIR / "images.safetensors").is_file():
+    synthetic_dir = RunLayout(output_dir).synthetic_dir
+    synthetic_json = synthetic_dir / SYNTHETIC_JSON
+    if not synthetic_json.is_file() or not (synthetic_dir / IMAGES_FILE).is_file():
         raise StageInputError(
-            f"Stage 'export' needs {output_dir / SYNTHETIC_DIR}/images.safetensors and synthetic.json: run the "
+            f"Stage 'export' needs {synthetic_dir}/{IMAGES_FILE} and {SYNTHETIC_JSON}: run the "
             "'distill' stage first (add it to --stages)."
         )
     stats_dir = statistics_dir(config)
-    if not (stats_dir / "statistics.json").is_file():
-        raise StageInputError(f"Stage 'export' needs {stats_dir}/statistics.json: run the 'statistics' stage first.")
-    golden_json = stats_dir / "golden_classifier.json"
-    statistics = json.loads((stats_dir / "statistics.json").read_text())
+    if not (stats_dir / STATISTICS_JSON).is_file():
+        raise StageInputError(f"Stage 'export' needs {stats_dir}/{STATISTICS_JSON}: run the 'statistics' stage first.")
+    golden_json = stats_dir / GOLDEN_JSON
+    statistics = json.loads((stats_dir / STATISTICS_JSON).read_text())
     return RunFacts(
         config=config,
         output_dir=output_dir,
@@ -393,10 +356,10 @@ def write_variant(folder: Path, images: torch.Tensor, labels: torch.Tensor, clas
     pixels = quantise(images)
     rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in pixels], "label": labels.tolist()}
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / PARQUET_NAME))
-    _link_or_copy(source / "images.safetensors", folder / "images.safetensors")
-    (folder / "synthetic.json").write_text(facts.redact((source / "synthetic.json").read_text()))
-    if (source / "preview.png").is_file():
-        shutil.copy2(source / "preview.png", folder / "preview.png")
+    _link_or_copy(source / IMAGES_FILE, folder / IMAGES_FILE)
+    (folder / SYNTHETIC_JSON).write_text(facts.redact((source / SYNTHETIC_JSON).read_text()))
+    if (source / PREVIEW_FILE).is_file():
+        shutil.copy2(source / PREVIEW_FILE, folder / PREVIEW_FILE)
     (folder / RESULTS_FILE).write_text(facts.redact(json.dumps(results, indent=2)))
     (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
     return folder
@@ -420,8 +383,8 @@ def read_variant(folder: Path) -> DatasetVariant:
         dataset_size=num_bytes,
         config_name=folder.name,
     )
-    float_path = folder / "images.safetensors"
-    synthetic_path, results_path = folder / "synthetic.json", folder / RESULTS_FILE
+    float_path = folder / IMAGES_FILE
+    synthetic_path, results_path = folder / SYNTHETIC_JSON, folder / RESULTS_FILE
     return DatasetVariant(
         name=folder.name,
         info=info,
@@ -436,7 +399,7 @@ def _include_runs(config: Config, variants_root: Path, own: str) -> list[str]:
     """Copy the exported configs of ``hub.include_runs`` into this dataset folder; returns their names."""
     names = []
     for run in config.hub.include_runs:
-        other_root = Path(run) / SYNTHETIC_DIR / VARIANTS_DIR
+        other_root = RunLayout(run).synthetic_dir / VARIANTS_DIR
         found = sorted(path for path in other_root.glob("*") if (path / PARQUET_NAME).is_file()) if other_root.is_dir() else []
         if not found:
             raise ExportError(
@@ -523,8 +486,8 @@ def dataset_card(variants: list[DatasetVariant], facts: RunFacts, names: RepoNam
 
 def export_dataset(facts: RunFacts, names: RepoNames, license_name: str | None) -> Path:
     """synthetic/: this run's config under data/<config>/, included runs' configs, and the card."""
-    folder = facts.output_dir / SYNTHETIC_DIR
-    tensors = load_file(folder / "images.safetensors")
+    folder = RunLayout(facts.output_dir).synthetic_dir
+    tensors = load_file(folder / IMAGES_FILE)
     images, labels = tensors["images"], tensors["labels"]
     variants_root = folder / VARIANTS_DIR
     write_variant(variants_root / names.dataset_config, images, labels, facts.class_names, folder,
@@ -539,7 +502,7 @@ def export_dataset(facts: RunFacts, names: RepoNames, license_name: str | None) 
         else:
             stale.unlink()
     variants = [read_variant(variants_root / name) for name in [names.dataset_config, *included]]
-    dataset_card(variants, facts, names, license_name=license_name).save(folder / "README.md")
+    dataset_card(variants, facts, names, license_name=license_name).save(folder / CARD_FILE)
     return folder
 
 
@@ -585,7 +548,7 @@ def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Proje
                          "golden classifier's own accuracy from Stage I")
     raise ExportError(
         f"The model bundle for evaluation backbone {eval_name!r} needs the projector that the 'evaluate' stage "
-        f"trains (mode ci on train set {facts.config.distill.method!r}), and {facts.output_dir / RESULTS_FILE} has "
+        f"trains (mode ci on train set {facts.config.distill.method!r}), and {RunLayout(facts.output_dir).results_file} has "
         "none: run the 'evaluate' stage with `evaluate.modes` including ci, or set `hub.eval_backbone` to the "
         "distillation backbone."
     )
@@ -692,7 +655,7 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
             f"features and the golden classifier reads {distill_dim}-d: results.json belongs to another run."
         )
     model = build_bundle(facts, eval_name, backbone, projector, golden)
-    folder = facts.output_dir / MODEL_DIR
+    folder = RunLayout(facts.output_dir).model_dir
     if folder.exists():
         shutil.rmtree(folder)
     SFMConfig.register_for_auto_class()
@@ -713,7 +676,7 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
         measured_geometry=describe_geometry(stage_geometry(backbone.image_size, config.data.crop_ratio)),
         variant=variant, head_parameters=head_parameters, encoder_parameters=encoder_parameters,
         encoder_bytes=encoder_bytes,
-    ).save(folder / "README.md")
+    ).save(folder / CARD_FILE)
     (folder / CONFIG_FILE).write_text(public_config_yaml(config, facts.redact))
     return folder
 
@@ -788,17 +751,17 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
         return None
     folder = facts.statistics_dir
     (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
-    tensors = load_file(folder / "statistics.safetensors")
+    tensors = load_file(folder / STATISTICS_TENSORS)
     files = sorted(
         (path.relative_to(folder).as_posix(), path.stat().st_size)
-        for path in folder.iterdir() if path.is_file() and not path.name.endswith(".tmp") and path.name != "README.md"
+        for path in folder.iterdir() if path.is_file() and not path.name.endswith(".tmp") and path.name != CARD_FILE
     )
-    golden_path = folder / "golden_classifier.safetensors"
+    golden_path = folder / GOLDEN_TENSORS
     contents = {
-        "statistics.safetensors": _describe_tensors(tensors),
-        "statistics.json": "class names, backbone, dataset, image counts, preprocessing",
-        "golden_classifier.safetensors": _describe_tensors(load_file(golden_path)) if golden_path.is_file() else "",
-        "golden_classifier.json": "how the golden classifier was trained, its accuracy",
+        STATISTICS_TENSORS: _describe_tensors(tensors),
+        STATISTICS_JSON: "class names, backbone, dataset, image counts, preprocessing",
+        GOLDEN_TENSORS: _describe_tensors(load_file(golden_path)) if golden_path.is_file() else "",
+        GOLDEN_JSON: "how the golden classifier was trained, its accuracy",
         CONFIG_FILE: "the sfm-hf config of the run",
     }
     cache = folder / FEATURES_DIR
@@ -828,7 +791,7 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
         dataset_repo=names.dataset,
         paper=PAPER,
     )
-    card.save(folder / "README.md")
+    card.save(folder / CARD_FILE)
     return folder
 
 
@@ -919,7 +882,7 @@ def hub_dataset_card_data(api, repo_id: str, revision: str | None):
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        path = api.hf_hub_download(repo_id=repo_id, filename="README.md", repo_type="dataset", revision=revision)
+        path = api.hf_hub_download(repo_id=repo_id, filename=CARD_FILE, repo_type="dataset", revision=revision)
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         return None
     return DatasetCard.load(path).data
@@ -961,7 +924,7 @@ def publish(config: Config, names: RepoNames, facts: RunFacts, folders: dict[str
                     variants_root = upload.folder / VARIANTS_DIR
                     local = [read_variant(path) for path in sorted(variants_root.iterdir()) if path.is_dir()]
                     card = dataset_card(local, facts, names, license_name=license_name, hub_card_data=hub_card_data)
-                    replace["README.md"] = str(card).encode()
+                    replace[CARD_FILE] = str(card).encode()
             commit = api.create_commit(
                 repo_id=upload.repo_id, repo_type=upload.repo_type, revision=hub.revision, create_pr=hub.create_pr,
                 operations=commit_operations(api, upload, facts.redact, hub.revision, replace),
@@ -1009,7 +972,7 @@ def snippets(folders: dict[str, Path | None]) -> dict[str, list[str]]:
     if folders.get("statistics"):
         lines["statistics"] = [
             "from safetensors.torch import load_file",
-            f"statistics = load_file({str(folders['statistics'] / 'statistics.safetensors')!r})",
+            f"statistics = load_file({str(folders['statistics'] / STATISTICS_TENSORS)!r})",
         ]
     return lines
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .config import Config
 from .errors import StageInputError, UserError
-from .statistics import STATISTICS_DIR, STATISTICS_OUTPUTS
+from .layout import CARD_FILE, STATISTICS_OUTPUTS, STATISTICS_TENSORS, RunLayout
 
-STATISTICS_FILES = (*STATISTICS_OUTPUTS, "README.md")
+STATISTICS_FILES = (*STATISTICS_OUTPUTS, CARD_FILE)
 
 
 class HubAccessError(UserError):
@@ -39,8 +39,7 @@ def hub_sources(config: Config) -> list[tuple[str, str, str]]:
     """(what, repo id, repo type) of every Hub repo the configured stages will read."""
     stages = set(config.stages)
     sources = []
-    reads_data = bool({"statistics", "evaluate"} & stages) or ("distill" in stages and config.distill.method == "lgm")
-    if config.dataset and reads_data:
+    if config.dataset and config.reads_real_data:
         sources.append(("dataset", config.dataset, "dataset"))
     if {"statistics", "distill", "evaluate"} & stages:
         sources.append(("backbone", config.backbone, "model"))
@@ -122,14 +121,14 @@ def statistics_dir(config: Config) -> Path:
 
         return merge_for_run(config, [_statistics_source(source) for source in statistics_sources(config)])
     if not config.statistics_from:
-        return Path(config.output_dir) / STATISTICS_DIR
+        return RunLayout(config.output_dir).statistics_dir
     return _statistics_source(config.statistics_from)
 
 
 def _statistics_source(source: str) -> Path:
     """The local folder of one ``statistics_from`` entry (downloading a Hub id)."""
     if Path(source).is_dir():
-        if not (Path(source) / "statistics.safetensors").is_file():
+        if not (Path(source) / STATISTICS_TENSORS).is_file():
             present = sorted(path.name for path in Path(source).iterdir())
             raise StageInputError(
                 f"`statistics_from` folder {source!r} has no statistics.safetensors (it holds {present[:10]}); "
@@ -148,6 +147,6 @@ def _statistics_source(source: str) -> Path:
             f"Cannot fetch the statistics repo {source!r} (not a local folder; from the Hub: "
             f"{error.__class__.__name__}: {error}). Offline without a cached copy, private, or misspelt?"
         ) from None
-    if not (folder / "statistics.safetensors").is_file():
+    if not (folder / STATISTICS_TENSORS).is_file():
         raise StageInputError(f"The Hub repo {source!r} holds no statistics.safetensors: it is not a statistics repo.")
     return folder

@@ -39,17 +39,18 @@ from safetensors.torch import load_file
 from .config import Config, GoldenOptions
 from .errors import UserError
 from .probe import accuracy
+from .layout import (
+    FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, MERGING_MARKER, STATISTICS_JSON, STATISTICS_TENSORS, RunLayout,
+)
 from .statistics import (
-    FEATURES_DIR,
     GOLDEN_MISSING_KEY,
     ROWS_PER_SHARD,
-    STATISTICS_DIR,
     Statistics,
     load_feature_cache,
     save_golden_classifier,
     train_golden_classifier,
 )
-from .utils import save_tensors_atomically, write_text_atomically
+from .utils import file_digest, save_tensors_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Shard:
     @classmethod
     def load(cls, folder: str | Path) -> "Shard":
         folder = Path(folder)
-        tensor_path, json_path = folder / "statistics.safetensors", folder / "statistics.json"
+        tensor_path, json_path = folder / STATISTICS_TENSORS, folder / STATISTICS_JSON
         if not tensor_path.is_file() or not json_path.is_file():
             raise MergeError(
                 f"{folder} holds no Stage I statistics (statistics.safetensors + statistics.json): give the "
@@ -90,7 +91,7 @@ class Shard:
                 "'statistics' stage of that shard with this version of sfm-hf."
             )
         metadata = json.loads(json_path.read_text())
-        golden_path = folder / "golden_classifier.json"
+        golden_path = folder / GOLDEN_JSON
         golden = json.loads(golden_path.read_text()) if golden_path.is_file() else None
         return cls(folder, tensors["class_sums"], tensors["class_counts"], metadata.pop("class_names"), metadata, golden)
 
@@ -140,9 +141,9 @@ def _check_folders(folders: Sequence[Path], output: Path) -> None:
     if output.resolve() in resolved:
         raise MergeError(f"The output {output} is one of the folders to merge: write the merge to a new folder.")
     if output.is_dir() and any(output.iterdir()):
-        previous = output / "statistics.json"
+        previous = output / STATISTICS_JSON
         is_merge = previous.is_file() and MERGED_FROM_KEY in json.loads(previous.read_text())
-        if not is_merge and not (output / "merging").is_file():
+        if not is_merge and not (output / MERGING_MARKER).is_file():
             raise MergeError(
                 f"The output folder {output} already holds files that are not an earlier merge: choose an empty or "
                 "new folder (nothing there was changed)."
@@ -155,23 +156,15 @@ def _remap(shard: Shard, names: list[str]) -> torch.Tensor:
     return torch.tensor([position[name] for name in shard.class_names], dtype=torch.int64)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def merge_key(folders: Sequence[Path], golden: GoldenOptions, seed: int) -> str:
     """Identifies a merge by its inputs: the shards' exact statistics and the golden classifier's settings."""
-    parts = [(str(Path(folder).resolve()), _file_digest(Path(folder) / "statistics.safetensors")) for folder in folders]
+    parts = [(str(Path(folder).resolve()), file_digest(Path(folder) / STATISTICS_TENSORS)) for folder in folders]
     payload = json.dumps({"shards": parts, "golden": dataclasses.asdict(golden), "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def is_up_to_date(folders: Sequence[Path], output: Path, golden: GoldenOptions, seed: int) -> bool:
-    path = output / "statistics.json"
+    path = output / STATISTICS_JSON
     if not path.is_file():
         return False
     return json.loads(path.read_text()).get(MERGE_KEY) == merge_key(folders, golden, seed)
@@ -339,8 +332,8 @@ def _write_merge(shards: list[Shard], names: list[str], output: Path, golden: Go
 
     # statistics.json is written last and marks a finished merge; until then `merging` marks an unfinished one.
     output.mkdir(parents=True, exist_ok=True)
-    (output / "merging").write_text("a merge into this folder started and has not finished\n")
-    for stale in ("statistics.json", "golden_classifier.safetensors", "golden_classifier.json"):
+    (output / MERGING_MARKER).write_text("a merge into this folder started and has not finished\n")
+    for stale in (STATISTICS_JSON, GOLDEN_TENSORS, GOLDEN_JSON):
         (output / stale).unlink(missing_ok=True)
     shutil.rmtree(output / FEATURES_DIR, ignore_errors=True)
     without_cache = [str(shard.folder) for shard in shards if not shard.has_cache("train")]
@@ -352,10 +345,10 @@ def _write_merge(shards: list[Shard], names: list[str], output: Path, golden: Go
         )
     else:
         golden_report = _refit_golden(shards, names, output, golden, seed)
-        write_text_atomically(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
+        write_text_atomically(output / GOLDEN_JSON, json.dumps(golden_report, indent=2))
     metadata[MERGE_KEY] = merge_key([shard.folder for shard in shards], golden, seed)
     statistics.save(output, class_sums=class_sums)
-    (output / "merging").unlink()
+    (output / MERGING_MARKER).unlink()
     return statistics
 
 
@@ -369,7 +362,7 @@ def merge_for_run(config: Config, folders: list[Path]) -> Path:
     """
     from accelerate import PartialState
 
-    output = Path(config.output_dir) / STATISTICS_DIR
+    output = RunLayout(config.output_dir).statistics_dir
     shards, names = prepare_merge(folders, output)
     if PartialState().is_main_process:
         if not is_up_to_date(folders, output, config.golden, config.seed):
@@ -384,7 +377,7 @@ def merge_for_run(config: Config, folders: list[Path]) -> Path:
 
 def summary(statistics: Statistics, output: Path) -> str:
     shards = statistics.metadata[MERGED_FROM_KEY]
-    golden_path = output / "golden_classifier.json"
+    golden_path = output / GOLDEN_JSON
     if golden_path.is_file():
         report = json.loads(golden_path.read_text())
         golden = "golden classifier refitted on the shards' features"

@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 CHUNK_ROWS = 65536
 
 
+def uniform_linear(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
+    """A linear layer with uniform(+-1/sqrt(in)) weights drawn from ``generator`` and a zero bias: a seed fixes the start."""
+    layer = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(in_features)
+        layer.weight.copy_(torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator))
+        layer.bias.zero_()
+    return layer
+
+
 def train_linear_head(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -46,14 +56,13 @@ def train_linear_head(
     generator = torch.Generator().manual_seed(seed)
     features = features.to(device, torch.float32)
     labels = labels.to(device)
-    head = nn.Linear(features.shape[1], num_classes)
-    with torch.no_grad():
-        if init_std is None:
-            bound = 1.0 / math.sqrt(features.shape[1])
-            head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=generator))
-        else:
+    if init_std is None:
+        head = uniform_linear(features.shape[1], num_classes, generator)
+    else:
+        head = nn.Linear(features.shape[1], num_classes)
+        with torch.no_grad():
             head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * init_std)
-        head.bias.zero_()
+            head.bias.zero_()
     head = head.to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))

@@ -23,7 +23,11 @@ from typing import Any, Iterable
 import torch
 
 from .config import SYNTHETIC_TRAIN_SETS
+from .layout import CURVES_PLOT, EVALUATION_DIR, FLOW_PLOT, RunLayout
+from .names import short_name
 from .objectives import class_centres, flow_cosine, statistical_flow
+from .utils import write_text_atomically
+from .visualize import pyplot, save_figure
 
 Record = dict[str, Any]
 
@@ -35,11 +39,6 @@ BASE_ORDER = ["random", "centroids", "neighbors_lgm", "neighbors_tcdd", "neighbo
 MAIN_MODES = ("vanilla", "ci", "golden")
 STRATEGY_LABELS = {"vanilla": "Vanilla", "jt": "JT (w/o IP)", "jt_ip": "JT (w/ IP)", "st": "ST (w/o IP)",
                    "st_ip": "ST (w/ IP)", "ci": "Our CI"}
-
-
-def short_name(backbone: str) -> str:
-    """The last part of a Hub id, folder or open_clip id: what tables and plots call a backbone."""
-    return Path(backbone.split(":", 1)[-1].rstrip("/")).name or backbone
 
 
 def _base_label(train_set: str) -> str:
@@ -182,29 +181,11 @@ def write_markdown(records: list[Record], path: Path, *, title: str = "Results")
         paper_tables(records),
         "",
     ]
-    for picture, caption in (("evaluation/accuracy_curves.png", "accuracy vs iteration"),
-                             ("evaluation/flow_pca.png", "statistical vs synthetic flows")):
+    for picture, caption in ((f"{EVALUATION_DIR}/{CURVES_PLOT}", "accuracy vs iteration"),
+                             (f"{EVALUATION_DIR}/{FLOW_PLOT}", "statistical vs synthetic flows")):
         if (path.parent / picture).is_file():
             lines += [f"![{caption}]({picture})", ""]
-    path.write_text("\n".join(lines))
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    _pyplot().close(figure)
-    temporary.replace(path)
+    write_text_atomically(path, "\n".join(lines))
     return path
 
 
@@ -216,7 +197,7 @@ def plot_accuracy_curves(records: list[Record], path: Path) -> Path | None:
     curves = [r for r in records if r.get("curve") and r["train_set"] in SYNTHETIC_TRAIN_SETS]
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     panels = _unique(r["eval_backbone"] for r in curves)
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     styles = {"vanilla": "-", "ci": "--"}
@@ -236,7 +217,7 @@ def plot_accuracy_curves(records: list[Record], path: Path) -> Path | None:
         axis.legend(fontsize=7)
     figure.suptitle("Accuracy vs iteration (grey: full-dataset probe / golden classifier)", fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path, dpi=110)
 
 
 def _pca_basis(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,7 +258,7 @@ def plot_flow_pca(
     same flow vectors from a common origin (PCA of the flows), where their directions compare
     directly. The cosine in the title is Eq. 9's, over all classes.
     """
-    plt = _pyplot()
+    plt = pyplot()
     num_classes = len(class_means)
     shown = torch.linspace(0, num_classes - 1, min(max_classes, num_classes)).round().long().unique()
     colours = [plt.get_cmap("tab20")(position % 20) for position in range(len(shown))]
@@ -319,14 +300,14 @@ def plot_flow_pca(
             axis.set_ylabel("PC 2")
     figure.suptitle(f"Statistical flow (solid) vs synthetic flow (dashed), {len(shown)} classes", fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path, dpi=110)
 
 
 def load_records(paths: Iterable[str | Path]) -> list[Record]:
     """Records of several runs: each path is a run's output_dir or a results.json file."""
     records = []
     for path in map(Path, paths):
-        file = path / "results.json" if path.is_dir() else path
+        file = RunLayout(path).results_file if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"No results.json at {path}: run the 'evaluate' stage there first.")
         records.extend(json.loads(file.read_text()))

@@ -17,17 +17,21 @@ from accelerate.logging import get_logger
 
 from .config import Config
 from .hub import check_sources
-from .statistics import FEATURES_DIR, STATISTICS_DIR, run_statistics
+from .layout import (
+    CHECKPOINTS_DIR, EVALUATION_DIR, FEATURES_DIR, IMAGES_FILE, MODEL_DIR, STATISTICS_DIR, STATISTICS_TENSORS,
+    SYNTHETIC_DIR, RunLayout,
+)
+from .statistics import run_statistics
 from .tracking import tracker_hparams
 from .utils import OutputDirLock, file_digest, prepare_output_dir, share_from_main
 
 logger = get_logger(__name__)
 
 # The file whose change means a stage made new outputs, and what later stages built on the old ones.
-STAGE_OUTPUT = {"statistics": f"{STATISTICS_DIR}/statistics.safetensors", "distill": "synthetic/images.safetensors"}
+STAGE_OUTPUT = {"statistics": f"{STATISTICS_DIR}/{STATISTICS_TENSORS}", "distill": f"{SYNTHETIC_DIR}/{IMAGES_FILE}"}
 DEPENDENT_OUTPUTS = {
-    "statistics": ["checkpoints", "synthetic", "evaluation", "model"],
-    "distill": ["evaluation", "model"],
+    "statistics": [CHECKPOINTS_DIR, SYNTHETIC_DIR, EVALUATION_DIR, MODEL_DIR],
+    "distill": [EVALUATION_DIR, MODEL_DIR],
 }
 # Feature caches are keyed by what they were computed from, so they stay valid.
 KEPT_INSIDE_DEPENDENTS = (FEATURES_DIR,)
@@ -97,7 +101,7 @@ def run_stages(config: Config, accelerator) -> dict[str, float]:
         lock.acquire()
         try:
             check_inputs(config, accelerator.num_processes)
-            config.save(output_dir / "config.yaml")
+            config.save(RunLayout(output_dir).config_file)
         except BaseException:
             lock.release()
             raise

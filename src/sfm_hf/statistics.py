@@ -22,21 +22,20 @@ from accelerate.logging import get_logger
 from .backbones import FrozenBackbone, load_backbone
 from .config import Config, DataOptions
 from .errors import StageInputError
+from .layout import (
+    FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, STATISTICS_JSON, STATISTICS_OUTPUTS, STATISTICS_TENSORS, RunLayout,
+)
 from .data import DatasetError, SplitSource, as_float, image_batches, open_split
 from .objectives import statistical_flow
 from .probe import accuracy, fit_reference_probe
 from .progress import progress as track
-from .utils import file_digest, save_tensors_atomically, write_text_atomically
+from .utils import file_digest, gather_lists, save_tensors_atomically, write_text_atomically
 
 logger = get_logger(__name__)
 
-STATISTICS_DIR = "statistics"
-FEATURES_DIR = "features"
 ROWS_PER_SHARD = 16384
-GOLDEN_FILE = "golden_classifier.safetensors"
 # statistics.json key saying why a statistics folder has no golden classifier (merged statistics without features).
 GOLDEN_MISSING_KEY = "golden_classifier_missing"
-STATISTICS_OUTPUTS = ("statistics.safetensors", "statistics.json", GOLDEN_FILE, "golden_classifier.json")
 
 
 class StatisticsFileError(StageInputError):
@@ -72,16 +71,16 @@ class Statistics:
         tensors = {"class_means": self.class_means.float().contiguous(), "class_counts": self.class_counts}
         if class_sums is not None:
             tensors["class_sums"] = class_sums
-        save_tensors_atomically(tensors, directory / "statistics.safetensors")
-        self.digest = file_digest(directory / "statistics.safetensors")
+        save_tensors_atomically(tensors, directory / STATISTICS_TENSORS)
+        self.digest = file_digest(directory / STATISTICS_TENSORS)
         payload = {"class_names": self.class_names, **self.metadata, "digest": self.digest}
-        write_text_atomically(directory / "statistics.json", json.dumps(payload, indent=2))
+        write_text_atomically(directory / STATISTICS_JSON, json.dumps(payload, indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Statistics":
         """Read a Stage I folder; anything unreadable or inconsistent is a :class:`StatisticsFileError`."""
         directory = Path(directory)
-        tensor_path, json_path = directory / "statistics.safetensors", directory / "statistics.json"
+        tensor_path, json_path = directory / STATISTICS_TENSORS, directory / STATISTICS_JSON
         if not tensor_path.is_file():
             raise StageInputError(
                 f"No statistics in {directory}: run the 'statistics' stage first (or point at a statistics folder)."
@@ -220,7 +219,7 @@ def stream_features(
     sums = accelerator.reduce(sums, reduction="sum")
     counts = accelerator.reduce(counts, reduction="sum")
     tallies = accelerator.reduce(tallies, reduction="sum")
-    examples = [example for per_rank in _gather_objects(accelerator, skipped_examples) for example in per_rank][:5]
+    examples = gather_lists(accelerator, skipped_examples)[:5]
     return FeaturePass(
         class_sums=sums.cpu(),
         class_counts=counts.cpu(),
@@ -229,14 +228,6 @@ def stream_features(
         skipped_examples=examples,
         seconds=time.perf_counter() - start,
     )
-
-
-def _gather_objects(accelerator, value: Any) -> list[Any]:
-    if accelerator.num_processes == 1:
-        return [value]
-    from accelerate.utils import gather_object
-
-    return gather_object([value])
 
 
 def load_feature_cache(cache_dir: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -322,7 +313,7 @@ def open_config_split(config: Config, split: str) -> SplitSource:
 
 def run_statistics(config: Config, accelerator) -> Statistics:
     """Stage I. Every process reads a disjoint share; the results do not depend on how many there are."""
-    output = Path(config.output_dir) / STATISTICS_DIR
+    output = RunLayout(config.output_dir).statistics_dir
     cache_dir = output / FEATURES_DIR
     backbone = load_backbone(config.backbone, device=accelerator.device, normalization=config.data.normalization)
     train = open_config_split(config, config.train_split)
@@ -396,7 +387,7 @@ def run_statistics(config: Config, accelerator) -> Statistics:
             "trained_on": f"cached centre-crop features of all {train_pass.seen} {config.train_split!r} images",
             **fitted,
         }
-        write_text_atomically(output / "golden_classifier.json", json.dumps(golden_report, indent=2))
+        write_text_atomically(output / GOLDEN_JSON, json.dumps(golden_report, indent=2))
         logger.info(
             f"Stage I: {train_pass.seen} images of {statistics.num_classes} classes "
             f"({train_pass.skipped} skipped) through {backbone.family} (D={backbone.feature_dim}) on "
@@ -423,16 +414,16 @@ def train_golden_classifier(config: Config, cache_dir: Path, num_classes: int) -
 def save_golden_classifier(head: torch.nn.Linear, directory: Path) -> None:
     save_tensors_atomically(
         {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
-        directory / GOLDEN_FILE,
+        directory / GOLDEN_TENSORS,
     )
 
 
 def golden_classifier_file(directory: str | Path) -> Path:
     """The golden classifier of a statistics folder; when there is none, a StageInputError that says why."""
-    path = Path(directory) / GOLDEN_FILE
+    path = Path(directory) / GOLDEN_TENSORS
     if not path.is_file():
         reason = "run the 'statistics' stage first"
-        metadata = Path(directory) / "statistics.json"
+        metadata = Path(directory) / STATISTICS_JSON
         if metadata.is_file():
             reason = json.loads(metadata.read_text()).get(GOLDEN_MISSING_KEY, reason)
         raise StageInputError(f"No golden classifier in {directory}: {reason}.")

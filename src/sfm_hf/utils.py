@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import UserError
-
-LOCK_FILE = ".lock"
+from .layout import LOCK_FILE
 
 
 def quiet_libraries() -> None:
@@ -145,3 +144,12 @@ def share_from_main(accelerator, compute: Callable[[], Any]) -> Any:
     if isinstance(payload[0], UserError):
         raise payload[0]
     return payload[0]
+
+
+def gather_lists(accelerator, items: list) -> list:
+    """Every process's ``items`` (picklable), concatenated in process order, on every process."""
+    if accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
