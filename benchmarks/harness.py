@@ -323,3 +323,64 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def print_json_last(payload: dict) -> None:
     """The final line of output: one JSON object (machine-readable figures)."""
     print(json.dumps(payload, default=float), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The digits demo setting with two tiny backbones (quality benchmarks: ci_projector.py, multi_backbone.py).
+
+
+def digits_assets(root: Path) -> tuple[str, str, str]:
+    """The demo's digits dataset and tiny ViT (A: hidden 64, seed 0), plus a second tiny ViT pre-trained the same
+    way with another seed and size (B: hidden 48, seed 1); built once under ``root``."""
+    from sfm_hf.demo import build_tiny_vit, prepare_demo_assets
+
+    dataset, first = prepare_demo_assets(root)
+    second = root / "tiny-vit-b"
+    if not (second / "preprocessor_config.json").is_file():
+        build_tiny_vit(second, seed=1, hidden_size=48)
+    return str(dataset), str(first), str(second)
+
+
+def digits_parser(description: str):
+    """The options the digits quality benchmarks share."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=DEFAULT_CACHE / "digits", help="Assets and runs (reused).")
+    parser.add_argument("--ipcs", default="1,10", help="Images per class to measure, comma-separated.")
+    parser.add_argument("--trials", type=int, default=5, help="evaluate.trials.")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="Make the last output line one JSON object.")
+    return parser
+
+
+def digits_config(root: Path, backbone, ipc: int, output_dir: Path):
+    """The demo recipe (``sfm_hf.demo.demo_config``) for ``backbone`` (a name or a list) at ``ipc``."""
+    from sfm_hf.demo import demo_config
+
+    config = demo_config(root, str(output_dir))
+    config.backbone, config.ipc = backbone, ipc
+    return config
+
+
+def ensure_distilled(config, accelerator) -> None:
+    """Stages I and II of ``config`` unless its synthetic set exists already (reruns reuse them)."""
+    from sfm_hf.runner import run_stages
+
+    if (Path(config.output_dir) / "synthetic" / "synthetic.json").is_file():
+        return
+    config.stages = ["statistics", "distill"]
+    config.validate()
+    run_stages(config, accelerator)
+
+
+def evaluate_records(config, accelerator, **options) -> list[dict]:
+    """Stage III of ``config`` with ``evaluate.<key>`` overrides; its records."""
+    from sfm_hf.runner import run_stages
+
+    config.stages = ["evaluate"]
+    for key, value in options.items():
+        setattr(config.evaluate, key, value)
+    config.validate()
+    run_stages(config, accelerator)
+    return json.loads((Path(config.output_dir) / "results.json").read_text())

@@ -174,6 +174,30 @@ def test_sequential_training_starts_as_ci_and_inherits_the_golden_head(trial_par
         assert 0.0 <= outcome.accuracy <= 1.0 and outcome.projector.weight.shape == (64, 64)
 
 
+def test_ridge_projector_on_the_distillation_backbone_is_the_identity(trial_parts):
+    backbone, golden, features, labels, _ = trial_parts
+    outcome = train_trial(make_setup(trial_parts, projector="ridge", ridge_views=200), "ci")
+    torch.testing.assert_close(outcome.projector.weight, torch.eye(64), atol=1e-4, rtol=0)
+    assert outcome.accuracy == pytest.approx(accuracy(golden, features, labels), abs=1 / len(labels))
+    assert outcome.curve == [] and outcome.details["projector_fit"] == "ridge" and outcome.details["steps"] == 0
+
+
+def test_ridge_projector_between_backbones_of_different_size(trial_parts, tiny_backbone):
+    backbone, golden, _, _, images = trial_parts
+    other = load_backbone(tiny_backbone("dinov2"))
+    own_features = other(images)
+    settings = EvaluateOptions(curve_points=0, projector="ridge", ridge_views=100)
+    setup = TrialSetup(images, torch.arange(10), other, backbone, golden, own_features, torch.arange(10), settings,
+                       seed=3407)
+    fitted = evaluate.fit_ridge_projector(setup)[0]
+    assert fitted.weight.shape == (64, 32)
+    # An overwhelming penalty leaves the zero prior (dimensions differ): P maps everything to the mean phi_d.
+    setup.options = EvaluateOptions(curve_points=0, projector="ridge", ridge_views=100, ridge_lambdas=[1e12])
+    flat, chosen = evaluate.fit_ridge_projector(setup)
+    assert flat.weight.abs().max() < 1e-6 and chosen["ridge_lambda"] > 0 and chosen["ridge_views"] == 100
+    assert not torch.allclose(fitted.weight, flat.weight)
+
+
 def test_a_bad_eval_split_is_a_clear_error(distilled_run, digits_dir, demo_backbone, tmp_path, accelerator):
     config = evaluate_config(distilled_run, digits_dir, demo_backbone, tmp_path)
     config.eval_split = "validation"
@@ -267,7 +291,11 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     monkeypatch.setattr(evaluate, "stream_features", no_second_pass)
     config.evaluate.train_sets = ["sfm"]
     config.evaluate.modes = ["ci"]
+    config.evaluate.projector = "ridge"
+    config.evaluate.ridge_views = 100
     run_stages(config, accelerator)
+    ridge = records_by_key(output)[("sfm", other, "ci")]
+    assert ridge["projector_fit"] == "ridge" and len(ridge["ridge_lambda"]) == 1 and "projector_lr" not in ridge
 
 
 @pytest.mark.parametrize("options, message", [

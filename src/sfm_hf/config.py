@@ -221,6 +221,22 @@ class EvaluateOptions:
     projector_lr: float = option(
         0.01, "Adam learning rate of projectors (ci, jt, st; cosine); authors: scaled by min(batch, N)/256."
     )
+    projector: str = option(
+        "sgd",
+        "How the projector of ci / st / st_ip is fitted: sgd (Eq. 10, Adam under `protocol`) or ridge (one "
+        "closed-form least-squares solve over ridge_views augmented views, regularised towards the identity when "
+        "phi_e and phi_d have the same size, towards zero otherwise).",
+    )
+    ridge_views: int = option(
+        4000, "ridge: augmented views of the train images (drawn like the SGD projector's) that the solve uses."
+    )
+    ridge_lambdas: list[float] = option(
+        help="ridge: candidate penalties, relative to the mean per-dimension variance of phi_e; the one with the "
+        "least held-out error when the views of each of ridge_folds groups of classes are held out in turn is "
+        "used (never the eval split).",
+        factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
+    )
+    ridge_folds: int = option(5, "ridge: groups of classes held out in turn to choose the penalty (at most C).")
     kd_temperature: float = option(4.0, "Temperature of the golden classifier's soft labels for kd (authors: 4).")
     kd_alphas: list[float] = option(
         help="Weights alpha of the KL term in alpha*KL + (1-alpha)*CE; kd runs once per value (Fig. 3 left).",
@@ -476,6 +492,14 @@ class Config:
             )
         if options.plateau_tolerance < 0:
             raise ConfigError(f"`evaluate.plateau_tolerance` must be >= 0, got {options.plateau_tolerance}.")
+        _check_choice("evaluate.projector", options.projector, ("sgd", "ridge"))
+        if options.ridge_views < 1 or options.ridge_folds < 2:
+            raise ConfigError(
+                f"`evaluate.ridge_views` must be >= 1 and `evaluate.ridge_folds` >= 2, got {options.ridge_views} and "
+                f"{options.ridge_folds}."
+            )
+        if not options.ridge_lambdas or any(value < 0 for value in options.ridge_lambdas):
+            raise ConfigError(f"`evaluate.ridge_lambdas` needs values >= 0, got {options.ridge_lambdas}.")
         if options.curve_points < 0:
             raise ConfigError(f"`evaluate.curve_points` must be >= 0, got {options.curve_points}.")
         if any(not 0 <= alpha <= 1 for alpha in options.kd_alphas):

@@ -59,6 +59,7 @@ from .errors import StageInputError, UserError
 from .probe import accuracy, fit_reference_probe, uniform_linear
 from .progress import progress as track
 from .names import short_name
+from .ridge import RidgeMoments, choose_lambda, fit_ridge, lambda_grid, prior_map
 from .utils import gather_lists, save_tensors_atomically, share_from_main, write_text_atomically
 from .layout import (
     CURVES_PLOT, FEATURES_DIR, FLOW_PLOT, GOLDEN_JSON, IMAGES_FILE, STATISTICS_JSON, SYNTHETIC_DIR, SYNTHETIC_JSON,
@@ -403,6 +404,33 @@ def _optimise(
         steps *= 2
 
 
+def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
+    """The projector P: D_e -> D_d in one solve (``evaluate.projector: ridge``); returns it and what was chosen.
+
+    The views are those the SGD projector would see (same augmentation, same view through both
+    backbones). The penalty is the one with the least held-out error over ``ridge_folds`` groups
+    of classes, each held out in turn: a choice made on the train images' views alone.
+    """
+    options = setup.options
+    eval_dim, distill_dim = setup.eval_backbone.feature_dim, setup.golden.in_features
+    batches = _AugmentedFeatures(setup, need_distill=True)
+    folds = min(options.ridge_folds, setup.golden.out_features)
+    moments = RidgeMoments.zeros(folds, eval_dim, distill_dim)
+    draws = math.ceil(options.ridge_views / batches.batch)
+    for step in range(draws):
+        eval_features, distill_features, labels = batches(step)
+        moments.add(eval_features, distill_features, labels % folds)
+    prior = prior_map(eval_dim, distill_dim)
+    penalty, _ = choose_lambda(moments, lambda_grid(moments, options.ridge_lambdas), prior)
+    weight, bias = fit_ridge(moments, penalty, prior)
+    projector = nn.Linear(eval_dim, distill_dim)
+    with torch.no_grad():
+        projector.weight.copy_(weight)
+        projector.bias.copy_(bias)
+    chosen = {"ridge_lambda": penalty, "ridge_views": draws * batches.batch, "ridge_batches": draws}
+    return projector.to(setup.images.device), chosen
+
+
 def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
     """Train one model of ``mode`` on ``setup.images`` and score its final iteration on the eval split."""
     start = time.perf_counter()
@@ -416,6 +444,7 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
     golden = setup.golden
     projector = None
     phases: list[_Phase] = []
+    ridge: dict[str, Any] = {}
 
     def classifier(in_features: int, inherit: bool) -> nn.Linear:
         if inherit:
@@ -442,6 +471,9 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
 
         phases.append(_optimise(setup, [{"params": head.parameters(), "lr": head_lr}], head_loss, predictor,
                                 need_distill=kind == "kd"))
+    elif kind == "ci" and options.projector == "ridge":
+        projector, ridge = fit_ridge_projector(setup)
+        predictor = nn.Sequential(projector, golden)
     elif kind == "ci":
         projector = _linear(eval_dim, distill_dim, generator, device)
         predictor = nn.Sequential(projector, golden)
@@ -460,9 +492,12 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
                   {"params": head.parameters(), "lr": head_lr}]
         phases.append(_optimise(setup, groups, joint_loss, predictor, need_distill=True))
     elif kind in ("st", "st_ip"):
-        projector = _linear(eval_dim, distill_dim, generator, device)
-        phases.append(_optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
-                                nn.Sequential(projector, golden), need_distill=True))
+        if options.projector == "ridge":
+            projector, ridge = fit_ridge_projector(setup)
+        else:
+            projector = _linear(eval_dim, distill_dim, generator, device)
+            phases.append(_optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}],
+                                    projection_loss, nn.Sequential(projector, golden), need_distill=True))
         projector.requires_grad_(False)
         head = classifier(distill_dim, inherit=kind == "st_ip")
         predictor = nn.Sequential(projector, head)
@@ -471,7 +506,8 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
             return F.cross_entropy(head(projector(eval_features)), labels)
 
         phases.append(_optimise(setup, [{"params": head.parameters(), "lr": head_lr}], sequential_loss, predictor,
-                                need_distill=False, step_offset=phases[0].steps))
+                                need_distill=False,
+                                step_offset=phases[0].steps if phases else ridge["ridge_batches"]))
     else:
         raise ValueError(f"unknown evaluation mode {mode!r}")
     final = accuracy(predictor, setup.eval_features, setup.eval_labels)
@@ -479,10 +515,14 @@ def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
         settings.pop("projector_lr")
     if kind == "ci":
         settings.pop("head_lr")
-    details = {**settings, "steps": sum(phase.steps for phase in phases)}
+    if ridge:
+        settings.pop("projector_lr")
+    details = {**settings, "steps": sum(phase.steps for phase in phases), **ridge}
+    if kind in ("ci", "st", "st_ip"):
+        details["projector_fit"] = options.projector
     if options.protocol == "authors":
         details["epochs"] = options.epochs
-    if all(phase.plateau is not None for phase in phases):
+    if phases and all(phase.plateau is not None for phase in phases):
         details["plateau"] = all(phase.plateau for phase in phases)
         details["validation_accuracy"] = phases[-1].validation_accuracy
     curve = [point for phase in phases[-1:] for point in phase.curve]
@@ -863,8 +903,10 @@ def _records(
                     "images": trials[0].images,
                     "seeds": [options.seed_base + trial.job.trial for trial in trials],
                     **{key: value for key, value in trials[0].details.items()
-                       if key not in ("steps", "plateau", "validation_accuracy")},
+                       if key not in ("steps", "plateau", "validation_accuracy", "ridge_lambda")},
                 }
+                if "ridge_lambda" in trials[0].details:
+                    record["ridge_lambda"] = [trial.details["ridge_lambda"] for trial in trials]
                 if "plateau" in trials[0].details:
                     record["plateau_reached"] = all(trial.details["plateau"] for trial in trials)
                     record["validation_accuracy"] = sum(
