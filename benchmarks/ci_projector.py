@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
     from accelerate import Accelerator
 
-    from sfm_hf.report import short_name
+    from sfm_hf.names import short_name
 
     args = parse_args(argv)
     configure_threads(args.threads, torch.device("cpu"))
@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for ipc in [int(value) for value in args.ipcs.split(",")]:
         for distill, other in ((first, second), (second, first)):
-            output_dir = args.root / "runs" / f"{short_name(distill)}-ipc{ipc}"
-            ensure_distilled(digits_config(args.root, distill, ipc, output_dir), accelerator)
+            ensure_distilled(digits_config(args.root, distill, ipc, args.distill_iterations), accelerator)
             for projector in ("sgd", "ridge"):
-                config = digits_config(args.root, distill, ipc, output_dir)
+                config = digits_config(args.root, distill, ipc, args.distill_iterations)
                 config.eval_backbones = [distill, other]
                 records = evaluate_records(config, accelerator, projector=projector, train_sets=["sfm"],
                                            modes=["ci"], full_dataset=False, trials=args.trials)

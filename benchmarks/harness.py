@@ -349,17 +349,25 @@ def digits_parser(description: str):
     parser.add_argument("--root", type=Path, default=DEFAULT_CACHE / "digits", help="Assets and runs (reused).")
     parser.add_argument("--ipcs", default="1,10", help="Images per class to measure, comma-separated.")
     parser.add_argument("--trials", type=int, default=5, help="evaluate.trials.")
+    parser.add_argument("--distill-iterations", type=int, default=None,
+                        help="distill.iterations (default: the demo recipe's); runs are reused only at the same value.")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="Make the last output line one JSON object.")
     return parser
 
 
-def digits_config(root: Path, backbone, ipc: int, output_dir: Path):
-    """The demo recipe (``sfm_hf.demo.demo_config``) for ``backbone`` (a name or a list) at ``ipc``."""
+def digits_config(root: Path, backbone, ipc: int, iterations: int | None = None):
+    """The demo recipe (``sfm_hf.demo.demo_config``) for ``backbone`` (a name or a list) at ``ipc``, in a run
+    folder under ``root/runs`` named after them (so the benchmarks share runs)."""
     from sfm_hf.demo import demo_config
+    from sfm_hf.names import short_name
 
-    config = demo_config(root, str(output_dir))
+    config = demo_config(root)
     config.backbone, config.ipc = backbone, ipc
+    if iterations:
+        config.distill.iterations = iterations
+    names = "+".join(short_name(name) for name in config.backbones)
+    config.output_dir = str(root / "runs" / f"{names}-ipc{ipc}-steps{config.distill.iterations}")
     return config
 
 

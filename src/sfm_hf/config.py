@@ -351,7 +351,12 @@ class Config:
     eval_split: str = option("test", "Split used only for reporting accuracy; never for selection.")
     image_column: str | None = option(None, "Image column; null detects the first Image feature.")
     label_column: str | None = option(None, "Label column; null detects the first ClassLabel feature or a 'label' column.")
-    backbone: str = option("", "Distillation backbone phi_d: Hub id, local folder, or open_clip 'hf-hub:'/'local-dir:' id.")
+    backbone: str | list[str] = option(
+        "",
+        "Distillation backbone phi_d: Hub id, local folder, or open_clip 'hf-hub:'/'local-dir:' id. A list distils "
+        "one joint synthetic set for all of them (mean of their SFM losses); each listed backbone then gets its own "
+        "run folder <output_dir>/backbones/<slug>/ with its statistics, golden classifier and evaluation.",
+    )
     eval_backbones: list[str] = option(
         help="Evaluation backbones phi_e; empty means the distillation backbone only.", factory=list
     )
@@ -404,6 +409,8 @@ class Config:
             )
         if not self.backbone:
             raise ConfigError("`backbone` is empty: give a Hub id or a local model folder.")
+        if isinstance(self.backbone, list):
+            self._validate_backbone_list()
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"Unknown stage(s) {unknown}; valid stages are {list(STAGES)}.")
@@ -460,6 +467,29 @@ class Config:
             )
         self._validate_evaluate()
         self.hub.validate()
+
+    def _validate_backbone_list(self) -> None:
+        if len(self.backbone) == 1:
+            self.backbone = self.backbone[0]
+            return
+        if any(not name for name in self.backbone) or len(set(self.backbone)) != len(self.backbone):
+            raise ConfigError(f"`backbone` lists an empty or repeated name: {self.backbone}; list each backbone once.")
+        if self.statistics_from:
+            raise ConfigError(
+                "`statistics_from` holds the statistics of one backbone; with a list of backbones, run the "
+                "'statistics' stage (each backbone's goes to <output_dir>/backbones/<slug>/statistics)."
+            )
+        extra = [folder for folder in self.hub.folders if folder != "dataset"]
+        if "export" in self.stages and extra:
+            raise ConfigError(
+                f"A joint synthetic set exports only its dataset (`hub.folders: [dataset]`), not {extra}: export each "
+                "backbone's statistics and model from its own run."
+            )
+
+    @property
+    def backbones(self) -> list[str]:
+        """The distillation backbone(s) as a list (one item for a single backbone)."""
+        return list(self.backbone) if isinstance(self.backbone, list) else [self.backbone]
 
     def _validate_evaluate(self) -> None:
         options = self.evaluate
@@ -521,7 +551,7 @@ class Config:
 
     @property
     def evaluation_backbones(self) -> list[str]:
-        return self.eval_backbones or [self.backbone]
+        return self.eval_backbones or self.backbones
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -36,8 +36,10 @@ from .objectives import (
 from .progress import progress as track
 from .pyramid import build_images, growth_due
 from .layout import (
-    FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, STATISTICS_DIR, STATISTICS_TENSORS, SYNTHETIC_DIR, SYNTHETIC_JSON, RunLayout,
+    FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, STATISTICS_TENSORS, SYNTHETIC_DIR, SYNTHETIC_JSON, RunLayout,
 )
+from .multi import is_joint, member_configs
+from .names import short_name
 from .statistics import Statistics, load_feature_cache, open_config_split
 from .tracking import log_images
 from .utils import atomic_path, save_tensors_atomically, write_text_atomically
@@ -231,18 +233,23 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read, or that was made from other inputs or settings than this run's."""
 
 
-def _fingerprint(config: Config, statistics: Statistics, world_size: int) -> dict:
-    """The inputs and settings a checkpoint is only valid for (iterations may grow; logging may change)."""
+def _fingerprint(config: Config, statistics: list[Statistics], world_size: int) -> dict:
+    """The inputs and settings a checkpoint is only valid for (iterations may grow; logging may change).
+
+    ``statistics``: those of every distillation backbone, in the order of ``config.backbones``; a joint
+    set records each member's digest by backbone, so that a change in any of them is seen.
+    """
     options = {f"distill.{key}": value for key, value in asdict(config.distill).items()}
     for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "compile", "checkpoint_chunk"):
         options.pop(f"distill.{free}")
+    digests = [member.digest for member in statistics]
     return {**options, "ipc": config.ipc, "seed": config.seed, "backbone": config.backbone,
             "statistics.non_target": config.statistics.non_target, "world_size": world_size,
-            "statistics": statistics.digest, "dataset": config.dataset, "dataset_config": config.dataset_config,
-            "train_split": config.train_split}
+            "statistics": dict(zip(config.backbones, digests)) if is_joint(config) else digests[0],
+            "dataset": config.dataset, "dataset_config": config.dataset_config, "train_split": config.train_split}
 
 
-def synthetic_inputs(config: Config, statistics: Statistics) -> dict:
+def synthetic_inputs(config: Config, statistics: list[Statistics]) -> dict:
     """What the synthetic images are a function of: the checkpoint's inputs and the number of steps.
 
     The number of processes is left out: 1 and N processes make the same images.
@@ -393,6 +400,62 @@ def train_step(context: DistillContext, images, optimizer: torch.optim.Adam, ste
     return loss.detach()
 
 
+def joint_train_step(contexts: list[DistillContext], images, optimizer: torch.optim.Adam, step: int) -> torch.Tensor:
+    """One update of a joint synthetic set against several backbones; returns the mean loss, detached.
+
+    The images are decoded once; each backbone's loss / n is back-propagated to them in turn, so
+    only one backbone's activations are alive at a time, and the summed gradient (that of the mean
+    loss) then flows once through the image parameterisation.
+    """
+    pixels = images()
+    leaf = pixels.detach().requires_grad_(True)
+    total = torch.zeros((), device=pixels.device)
+    for context in contexts:
+        loss = compute_loss(context, leaf, step)
+        (loss / (len(contexts) * context.world_size)).backward()
+        total = total + loss.detach()
+    pixels.backward(leaf.grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(contexts)
+
+
+@dataclass
+class DistillTarget:
+    """A distillation backbone with its Stage I statistics and the (member) config they belong to."""
+
+    config: Config
+    backbone: FrozenBackbone
+    statistics: Statistics
+
+
+def distill_targets(config: Config, device: torch.device) -> list[DistillTarget]:
+    """The backbone(s) the images are distilled for: one, or every member of a joint run (sfm_hf.multi)."""
+    return [
+        DistillTarget(member, load_backbone(member.backbone, device=device, normalization=member.data.normalization),
+                      _load_statistics(member))
+        for member in member_configs(config)
+    ]
+
+
+def check_targets(targets: list[DistillTarget]) -> None:
+    """Every member's statistics must come from its backbone, and all of them from the same classes."""
+    first = targets[0]
+    for target in targets:
+        backbone, statistics = target.backbone, target.statistics
+        if backbone.feature_dim != statistics.feature_dim:
+            raise UserError(
+                f"Backbone {target.config.backbone!r} gives {backbone.feature_dim}-d features but the statistics in "
+                f"{RunLayout(target.config.output_dir).statistics_dir} are {statistics.feature_dim}-d: they come from "
+                "another backbone."
+            )
+        if statistics.class_names != first.statistics.class_names:
+            raise UserError(
+                f"The statistics of {target.config.backbone!r} have other classes than those of "
+                f"{first.config.backbone!r}: re-run the 'statistics' stage for every listed backbone on the same dataset."
+            )
+
+
 def _load_statistics(config: Config) -> Statistics:
     """Stage I's statistics: <output_dir>/statistics, or the folder / Hub repo named by ``statistics_from``."""
     from .hub import statistics_dir
@@ -456,7 +519,7 @@ def check_resumable(config: Config, world_size: int) -> None:
     Only meaningful when the statistics already exist (the 'statistics' stage is not part of this
     run; if it is, it invalidates the checkpoints itself when it changes the statistics).
     """
-    statistics = _load_statistics(config)
+    statistics = [_load_statistics(member) for member in member_configs(config)]
     fingerprint = _fingerprint(config, statistics, world_size)
     # syn_res auto is resolved from the backbone only when distillation starts; run_distill checks it then.
     unresolved = ("distill.syn_res",) if config.distill.syn_res == "auto" else ()
@@ -505,28 +568,31 @@ def run_distill(config: Config, accelerator) -> Path:
     """Stage II; writes ``<output_dir>/synthetic/`` and returns that folder."""
     output_dir = Path(config.output_dir)
     folder = output_dir / SYNTHETIC_DIR
-    statistics = _load_statistics(config)
-    backbone = load_backbone(config.backbone, device=accelerator.device, normalization=config.data.normalization)
-    # From here on syn_res is a number (auto resolved for this backbone), also in synthetic.json and the fingerprint.
-    config = replace(config, distill=replace(
-        config.distill, syn_res=config.distill.resolution(backbone.image_size, config.data.crop_ratio)))
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    targets = distill_targets(config, device)
+    # From here on syn_res is a number (auto: the largest any listed backbone needs, so none upsamples), also in
+    # synthetic.json and the fingerprint.
+    resolved = replace(config.distill, syn_res=max(
+        config.distill.resolution(target.backbone.image_size, config.data.crop_ratio) for target in targets))
+    config = replace(config, distill=resolved)
+    for target in targets:
+        target.config = replace(target.config, distill=resolved)
     options = config.distill
-    inputs = synthetic_inputs(config, statistics)
+    all_statistics = [target.statistics for target in targets]
+    inputs = synthetic_inputs(config, all_statistics)
     if _up_to_date(folder, inputs):
         if accelerator.is_main_process:
             logger.info(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
         return folder
-    if backbone.feature_dim != statistics.feature_dim:
-        raise UserError(
-            f"Backbone {config.backbone!r} gives {backbone.feature_dim}-d features but the statistics in "
-            f"{output_dir / STATISTICS_DIR} are {statistics.feature_dim}-d: they come from another backbone."
-        )
+    check_targets(targets)
     if options.compile:
-        backbone = torch.compile(backbone)
-    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        for target in targets:
+            target.backbone = torch.compile(target.backbone)
+    statistics = targets[0].statistics
     num_classes = statistics.num_classes
-    context = build_context(config, backbone, statistics, rank=rank, world_size=world_size, device=device)
-    share = context.share
+    contexts = [build_context(target.config, target.backbone, target.statistics, rank=rank, world_size=world_size,
+                              device=device) for target in targets]
+    share = contexts[0].share
     shares = [class_share(num_classes, config.ipc, r, world_size) for r in range(world_size)]
     start = start_images(config, statistics)
 
@@ -539,7 +605,7 @@ def run_distill(config: Config, accelerator) -> Path:
 
     images = fresh_images()
     optimizer = make_optimizer(images, options.lr, device)
-    fingerprint = _fingerprint(config, statistics, world_size)
+    fingerprint = _fingerprint(config, all_statistics, world_size)
     checkpoint_path = RunLayout(output_dir).checkpoint(rank)
     start_step, earlier_seconds = 0, 0.0
     last_loss = torch.full((), float("nan"), device=device)
@@ -585,7 +651,10 @@ def run_distill(config: Config, accelerator) -> Path:
 
     for step in progress:
         optimizer = grow_if_due(images, optimizer, step, config, device)
-        detached = train_step(context, images, optimizer, step)
+        if len(contexts) == 1:
+            detached = train_step(contexts[0], images, optimizer, step)
+        else:
+            detached = joint_train_step(contexts, images, optimizer, step)
         first_bad_step = torch.where(
             (first_bad_step < 0) & ~torch.isfinite(detached), torch.full_like(first_bad_step, step), first_bad_step
         )
@@ -618,27 +687,34 @@ def run_distill(config: Config, accelerator) -> Path:
                 options.representation, num_classes * config.ipc, options.syn_res, seed=config.seed,
                 decorrelate=options.decorrelate, start=start,
             )().to(device)
-        unwrapped = backbone._orig_mod if hasattr(backbone, "_orig_mod") else backbone
-        agreement = {
-            "final_images": flow_agreement(unwrapped, final.to(device), labels, statistics),
-            "initial_images": flow_agreement(unwrapped, initial, labels, statistics),
-            "random_real_images": _random_real_agreement(config, statistics),
-        }
+        agreements = {}
+        for target in targets:
+            unwrapped = target.backbone._orig_mod if hasattr(target.backbone, "_orig_mod") else target.backbone
+            agreements[target.config.backbone] = {
+                "final_images": flow_agreement(unwrapped, final.to(device), labels, target.statistics),
+                "initial_images": flow_agreement(unwrapped, initial, labels, target.statistics),
+                "random_real_images": _random_real_agreement(target.config, target.statistics),
+            }
         saturated = saturated_fraction(final)
-        write_synthetic(folder, final, labels, statistics, config, seconds, float(last_loss), agreement,
+        write_synthetic(folder, final, labels, statistics, config, seconds, float(last_loss), agreements,
                         inputs=inputs, saturated=saturated)
-        real = agreement["random_real_images"]
+        flows = "; ".join(
+            ("" if len(targets) == 1 else f"{short_name(name)} ") + f"final {values['final_images']:.3f}, initial "
+            f"{values['initial_images']:.3f}, random real "
+            + ("n/a" if values["random_real_images"] is None else f"{values['random_real_images']:.3f}")
+            for name, values in agreements.items()
+        )
         logger.info(
             f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px, from {options.init}) by "
             f"{options.method} in "
             f"{seconds:.1f} s over {options.iterations - start_step} steps; final loss {float(last_loss):.4f}. "
-            f"cos(F*, flow): final {agreement['final_images']:.3f}, initial {agreement['initial_images']:.3f}, "
-            f"random real {'n/a' if real is None else f'{real:.3f}'}. -> {folder}"
+            f"cos(F*, flow): {flows}. -> {folder}"
         )
-        accelerator.log({
-            "distill/final_loss": float(last_loss), "distill/seconds": seconds,
-            **{f"distill/flow_cosine/{name}": value for name, value in agreement.items() if value is not None},
-        }, step=options.iterations)
+        logged = {"distill/final_loss": float(last_loss), "distill/seconds": seconds}
+        for backbone_name, values in agreements.items():
+            prefix = "distill/flow_cosine" + ("" if len(targets) == 1 else f"/{short_name(backbone_name)}")
+            logged.update({f"{prefix}/{name}": value for name, value in values.items() if value is not None})
+        accelerator.log(logged, step=options.iterations)
         log_images(accelerator, {"distill/preview": folder / PREVIEW_FILE}, step=options.iterations)
         if saturated > SATURATION_WARNING:
             logger.warning(
@@ -666,7 +742,9 @@ def _all_labels(num_classes: int, ipc: int) -> torch.Tensor:
 
 
 def write_synthetic(folder: Path, images, labels, statistics: Statistics, config: Config, seconds: float,
-                    final_loss: float, agreement: dict, *, inputs: dict, saturated: float) -> None:
+                    final_loss: float, agreements: dict[str, dict], *, inputs: dict, saturated: float) -> None:
+    """``agreements``: the flow cosines per distillation backbone; a joint set records them by backbone
+    (``flow_cosine_by_backbone``), a single-backbone set as ``flow_cosine``."""
     folder.mkdir(parents=True, exist_ok=True)
     # The record goes first and comes back last: a crash in between leaves images without a record
     # (re-made by the next run), never a record describing other images.
@@ -684,7 +762,8 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "distill": asdict(config.distill),
         "seconds": round(seconds, 3),
         "final_loss": None if not math.isfinite(final_loss) else final_loss,
-        "flow_cosine": agreement,
+        **({"flow_cosine_by_backbone": agreements} if is_joint(config)
+           else {"flow_cosine": agreements[config.backbone]}),
         "saturated_fraction": round(saturated, 4),
         # What these images were made from: a later run compares it to decide whether they are current.
         "inputs": inputs,

@@ -557,11 +557,12 @@ def _synthetic_folder(path: Path) -> Path | None:
     return None
 
 
-def synthetic_sets(config: Config, class_names: list[str]) -> dict[str, SyntheticSet]:
-    """The synthetic sets ``evaluate.train_sets`` asks for, by method: this run's, then ``extra_synthetic``."""
+def synthetic_sets(config: Config, class_names: list[str], own_root: Path | None = None) -> dict[str, SyntheticSet]:
+    """The synthetic sets ``evaluate.train_sets`` asks for, by method: this run's (in ``own_root``, by default
+    output_dir), then ``extra_synthetic``."""
     wanted = [name for name in config.evaluate.train_sets if name in SYNTHETIC_TRAIN_SETS]
     found: dict[str, SyntheticSet] = {}
-    own = _synthetic_folder(Path(config.output_dir))
+    own = _synthetic_folder(own_root or Path(config.output_dir))
     candidates = ([own] if own is not None else []) + [Path(path) for path in config.evaluate.extra_synthetic]
     for candidate in candidates:
         folder = _synthetic_folder(candidate)
@@ -575,7 +576,8 @@ def synthetic_sets(config: Config, class_names: list[str]) -> dict[str, Syntheti
             )
         if synthetic.metadata["class_names"] != class_names:
             raise EvaluationError(f"The synthetic set in {folder} has other classes than this run's statistics.")
-        if synthetic.metadata["backbone"] != config.backbone:
+        distilled_for = synthetic.metadata["backbone"]
+        if config.backbone not in (distilled_for if isinstance(distilled_for, list) else [distilled_for]):
             raise EvaluationError(
                 f"The synthetic set in {folder} was distilled with {synthetic.metadata['backbone']!r}, this run with "
                 f"{config.backbone!r}: its golden classifier and baselines belong to another backbone. Evaluate it "
@@ -742,8 +744,16 @@ def _eval_backbones(
     return backbones
 
 
-def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
-    """Stage III; writes ``results.json``, ``results.md``, plots and projectors; returns the records."""
+def run_evaluate(config: Config, accelerator, synthetic_root: Path | None = None) -> list[dict[str, Any]]:
+    """Stage III; writes ``results.json``, ``results.md``, plots and projectors; returns the records.
+
+    ``synthetic_root``: the run folder whose ``synthetic/`` is this run's own set (default output_dir; a
+    member of a joint run evaluates the joint set).
+    """
+    if isinstance(config.backbone, list):
+        from .multi import run_joint_evaluate
+
+        return run_joint_evaluate(config, accelerator)
     options = config.evaluate
     output_dir = Path(config.output_dir)
     statistics_dir = hub.statistics_dir(config)
@@ -762,7 +772,7 @@ def run_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
             f"{statistics_dir} are {statistics.feature_dim}-d: they come from another backbone."
         )
     golden = golden.to(device)
-    synthetic = synthetic_sets(config, statistics.class_names)
+    synthetic = synthetic_sets(config, statistics.class_names, synthetic_root)
     train_sets = build_train_sets(config, accelerator, statistics, distill_backbone, synthetic)
 
     backbones = _eval_backbones(config, accelerator, distill_backbone, statistics.class_names)

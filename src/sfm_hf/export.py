@@ -43,6 +43,7 @@ from .layout import (
     CARD_FILE, CONFIG_FILE, FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, IMAGES_FILE, PREVIEW_FILE,
     RESULTS_FILE, STATISTICS_JSON, STATISTICS_TENSORS, SYNTHETIC_JSON, VARIANTS_DIR, RunLayout,
 )
+from .multi import member_config
 from .statistics import golden_classifier_file
 
 logger = get_logger(__name__)
@@ -82,7 +83,8 @@ def repo_names(config: Config, source_dataset: str) -> RepoNames:
     values = {
         "org": hub.org or "your-org",
         "dataset": hub.dataset_name or slug(source_dataset),
-        "backbone": hub.backbone_name or slug(config.backbone),
+        # A joint set (several backbones) is its own dataset config, `multi` unless hub.backbone_name says otherwise.
+        "backbone": hub.backbone_name or ("multi" if isinstance(config.backbone, list) else slug(config.backbone)),
         "eval_backbone": slug(bundle_backbone(config)),
         "ipc": config.ipc,
         "method": config.distill.method,
@@ -117,7 +119,7 @@ class PathRedactor:
     """Replaces the run's local input and output paths by their public names in text that will be published."""
 
     def __init__(self, config: Config, *extra: str):
-        names = [config.dataset, config.backbone, *config.eval_backbones, config.hub.eval_backbone or "",
+        names = [config.dataset, *config.backbones, *config.eval_backbones, config.hub.eval_backbone or "",
                  config.statistics_from or "", config.output_dir, *config.evaluate.extra_synthetic,
                  *config.hub.include_runs, *extra]
         replacements = {}
@@ -177,7 +179,7 @@ class RunFacts:
         """Stage III rows about this run's synthetic set or its real baselines at this ipc."""
         return [
             record for record in self.results
-            if record.get("distill_backbone") == self.config.backbone and record.get("ipc") in (None, self.config.ipc)
+            if record.get("distill_backbone") in self.config.backbones and record.get("ipc") in (None, self.config.ipc)
         ]
 
 
@@ -200,7 +202,8 @@ def gather_facts(config: Config) -> RunFacts:
             f"Stage 'export' needs {synthetic_dir}/{IMAGES_FILE} and {SYNTHETIC_JSON}: run the "
             "'distill' stage first (add it to --stages)."
         )
-    stats_dir = statistics_dir(config)
+    # A joint set's members share the classes; the first member's statistics describe the dataset.
+    stats_dir = statistics_dir(member_config(config, config.backbones[0]) if isinstance(config.backbone, list) else config)
     if not (stats_dir / STATISTICS_JSON).is_file():
         raise StageInputError(f"Stage 'export' needs {stats_dir}/{STATISTICS_JSON}: run the 'statistics' stage first.")
     golden_json = stats_dir / GOLDEN_JSON
@@ -463,7 +466,8 @@ def dataset_card(variants: list[DatasetVariant], facts: RunFacts, names: RepoNam
     own = next(variant for variant in variants if variant.name == names.dataset_config)
     card_data["sfm"] = {
         "source_dataset": public_name(source),
-        "backbone": public_name(facts.config.backbone),
+        "backbone": [public_name(name) for name in facts.config.backbone] if isinstance(facts.config.backbone, list)
+        else public_name(facts.config.backbone),
         "method": own.synthetic.get("method") if own.synthetic else facts.config.distill.method,
         "ipc": facts.config.ipc,
         "iterations": own.synthetic.get("iterations") if own.synthetic else None,

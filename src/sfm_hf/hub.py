@@ -42,7 +42,7 @@ def hub_sources(config: Config) -> list[tuple[str, str, str]]:
     if config.dataset and config.reads_real_data:
         sources.append(("dataset", config.dataset, "dataset"))
     if {"statistics", "distill", "evaluate"} & stages:
-        sources.append(("backbone", config.backbone, "model"))
+        sources.extend(("backbone", name, "model") for name in config.backbones)
     if {"evaluate", "export"} & stages:
         eval_names = config.evaluation_backbones if "evaluate" in stages else []
         if "export" in stages and "model" in config.hub.folders:

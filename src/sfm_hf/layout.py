@@ -14,6 +14,9 @@
       evaluation/                 Stage III: accuracy_curves.png, flow_pca.png, projectors/<backbone>.safetensors,
                                   features/<backbone>/ (eval-backbone feature caches)
       model/                      export: the classifier bundle
+      backbones/<slug>/           a joint run (`backbone: [A, B]`) only: one member folder per listed backbone,
+                                  laid out like an output_dir (statistics/, results.json, results.md, evaluation/);
+                                  synthetic/ and checkpoints/ stay in output_dir (sfm_hf.multi)
 
 A statistics folder has the same files wherever it is (``statistics_from`` points at another one), so
 its file names are module constants; paths inside an output_dir come from :class:`RunLayout`.
@@ -59,6 +62,9 @@ FLOW_PLOT = "flow_pca.png"
 VARIANTS_DIR = "data"
 MODEL_DIR = "model"
 
+# A joint run's member folders.
+MEMBERS_DIR = "backbones"
+
 
 def projector_path(eval_backbone: str) -> str:
     """Where the trial-0 CI projector of an eval backbone is saved, relative to output_dir (results.json says it)."""
@@ -94,3 +100,7 @@ class RunLayout:
 
     def projector(self, eval_backbone: str) -> Path:
         return self.root / projector_path(eval_backbone)
+
+    def member_dir(self, backbone: str) -> Path:
+        """A joint run's folder for one of its listed backbones."""
+        return self.root / MEMBERS_DIR / backbone_slug(backbone)

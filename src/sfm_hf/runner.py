@@ -21,6 +21,7 @@ from .layout import (
     CHECKPOINTS_DIR, EVALUATION_DIR, FEATURES_DIR, IMAGES_FILE, MODEL_DIR, STATISTICS_DIR, STATISTICS_TENSORS,
     SYNTHETIC_DIR, RunLayout,
 )
+from .multi import member_configs, run_folders
 from .statistics import run_statistics
 from .tracking import tracker_hparams
 from .utils import OutputDirLock, file_digest, prepare_output_dir, share_from_main
@@ -29,6 +30,8 @@ logger = get_logger(__name__)
 
 # The file whose change means a stage made new outputs, and what later stages built on the old ones.
 STAGE_OUTPUT = {"statistics": f"{STATISTICS_DIR}/{STATISTICS_TENSORS}", "distill": f"{SYNTHETIC_DIR}/{IMAGES_FILE}"}
+# Stages whose output lives in each member folder of a joint run (sfm_hf.multi), not in output_dir.
+PER_MEMBER_STAGES = ("statistics",)
 DEPENDENT_OUTPUTS = {
     "statistics": [CHECKPOINTS_DIR, SYNTHETIC_DIR, EVALUATION_DIR, MODEL_DIR],
     "distill": [EVALUATION_DIR, MODEL_DIR],
@@ -56,14 +59,24 @@ def check_inputs(config: Config, world_size: int) -> None:
     from .distill import _load_statistics, check_resumable
     from .statistics import check_ipc_fits
 
-    statistics = _load_statistics(config)
-    check_ipc_fits(config, statistics.class_counts, statistics.class_names)
+    for member in member_configs(config):
+        statistics = _load_statistics(member)
+        check_ipc_fits(member, statistics.class_counts, statistics.class_names)
     if "distill" in config.stages:
         check_resumable(config, world_size)
 
 
 def _digest_or_none(path: Path) -> str | None:
     return file_digest(path) if path.is_file() else None
+
+
+def stage_outputs(config: Config, stage: str) -> list[Path]:
+    """The files whose change means ``stage`` made new outputs (a joint run's statistics: every member's)."""
+    if stage not in STAGE_OUTPUT:
+        return []
+    folders = [Path(member.output_dir) for member in member_configs(config)] if stage in PER_MEMBER_STAGES else [
+        Path(config.output_dir)]
+    return [folder / STAGE_OUTPUT[stage] for folder in folders]
 
 
 def invalidate_dependents(output_dir: Path, stage: str) -> list[Path]:
@@ -120,14 +133,14 @@ def _run_in_order(config: Config, accelerator, available: dict[str, Callable], s
     timings = {}
     for stage in config.stages:
         set_seed(config.seed)
-        output = output_dir / STAGE_OUTPUT[stage] if stage in STAGE_OUTPUT else None
-        watch = output is not None and accelerator.is_main_process
-        before = _digest_or_none(output) if watch else None
+        outputs = stage_outputs(config, stage) if accelerator.is_main_process else []
+        before = [_digest_or_none(output) for output in outputs]
         start = time.perf_counter()
         available[stage](config, accelerator)
         timings[stage] = time.perf_counter() - start
-        if watch and _digest_or_none(output) != before:
-            removed = invalidate_dependents(output_dir, stage)
+        if [_digest_or_none(output) for output in outputs] != before:
+            # A joint set and its evaluations on every member were built on all members' statistics.
+            removed = [path for folder in run_folders(config) for path in invalidate_dependents(folder, stage)]
             if removed:
                 logger.info(f"Stage {stage} made new outputs; removed what was built on the old ones: "
                             f"{', '.join(str(path) for path in removed)}.")
