@@ -87,7 +87,7 @@ def test_joint_run_writes_per_backbone_statistics_one_set_and_its_evaluation(
     config.data.max_samples_per_split = 300
     config.stages = ["statistics", "distill", "evaluate", "export"]
     config.evaluate.trials = 1
-    config.evaluate.iterations = 5
+    config.evaluate.iterations = config.evaluate.max_iterations = 5
     config.evaluate.train_sets = ["centroids", "sfm"]
     config.evaluate.full_dataset = False
     config.hub.folders = ["dataset"]
