@@ -594,7 +594,8 @@ def run_distill(config: Config, accelerator) -> Path:
                               device=device) for target in targets]
     share = contexts[0].share
     shares = [class_share(num_classes, config.ipc, r, world_size) for r in range(world_size)]
-    start = start_images(config, statistics)
+    # A joint set starts from the images chosen in its first backbone's feature cache.
+    start = start_images(targets[0].config, statistics)
 
     def fresh_images():
         local_start = None if start is None else start[share.first_image : share.first_image + share.num_images]
