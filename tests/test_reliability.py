@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from sfm_hf import distill
 from sfm_hf.config import Config, ConfigError, load_recipe, parse_config
 from sfm_hf.data import DatasetError, load_rgb, open_split
 from sfm_hf.errors import UserError
+from sfm_hf.multi import member_dir
 from sfm_hf.runner import run_stages
 from sfm_hf.statistics import Statistics, StatisticsFileError
 from sfm_hf.utils import OutputDirError, OutputDirLock, atomic_path
@@ -419,6 +421,114 @@ def test_saturated_images_warn(statistics_run, digits_dir, demo_backbone, tmp_pa
     assert "sit at 0 or 1" in caplog.text
     assert distill.saturated_fraction(torch.full((2, 3, 4, 4), 0.5)) == 0.0
     assert distill.saturated_fraction(torch.tensor([0.0, 1.0, 0.5, 0.999])) == 0.75
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint runs (`backbone: [A, B]`): every guarantee above holds for each member's statistics.
+
+
+@pytest.fixture(scope="module")
+def joint_backbones(demo_backbone, tiny_backbone) -> list[str]:
+    return [demo_backbone, tiny_backbone("dinov2")]  # 64-d and 32-d features
+
+
+def joint_config(dataset, backbones, output, **options) -> Config:
+    config = distill_config(dataset, backbones[0], output, **options)
+    config.backbone = list(backbones)
+    config.data.max_samples_per_split = 300
+    return config
+
+
+@pytest.fixture(scope="module")
+def joint_statistics_run(tmp_path_factory, digits_dir, joint_backbones):
+    """Stage I of a joint run, once; later tests copy its output_dir."""
+    from accelerate import Accelerator
+
+    output = tmp_path_factory.mktemp("joint-statistics")
+    config = joint_config(digits_dir, joint_backbones, output)
+    config.stages = ["statistics"]
+    run_stages(config, Accelerator(cpu=True))
+    return output
+
+
+def member_statistics(config: Config, backbone: str) -> Path:
+    return member_dir(config, backbone) / "statistics"
+
+
+def test_joint_set_records_every_members_statistics_and_is_not_rewritten(joint_statistics_run, joint_backbones,
+                                                                         digits_dir, tmp_path, accelerator):
+    output = copy_statistics(joint_statistics_run, tmp_path)
+    config = joint_config(digits_dir, joint_backbones, output)
+    run_stages(config, accelerator)
+    record = output / "synthetic" / "synthetic.json"
+    first = record.read_text()
+    metadata = json.loads(first)
+    assert metadata["inputs"]["backbone"] == joint_backbones
+    assert metadata["inputs"]["statistics"] == {
+        name: json.loads((member_statistics(config, name) / "statistics.json").read_text())["digest"]
+        for name in joint_backbones
+    }
+    assert 0 <= metadata["saturated_fraction"] <= 1
+    run_stages(joint_config(digits_dir, joint_backbones, output), accelerator)
+    assert record.read_text() == first
+
+
+def test_joint_checkpoint_is_refused_when_one_members_statistics_change(joint_statistics_run, joint_backbones,
+                                                                        digits_dir, tmp_path, accelerator, capsys):
+    output = copy_statistics(joint_statistics_run, tmp_path)
+    config = joint_config(digits_dir, joint_backbones, output)
+    run_stages(config, accelerator)
+    saved = (output / "config.yaml").read_text()
+    images = (output / "synthetic" / "images.safetensors").read_bytes()
+    tensor_path = member_statistics(config, joint_backbones[1]) / "statistics.safetensors"
+    tensors = load_file(tensor_path)
+    save_file({**tensors, "class_means": tensors["class_means"] + 0.01}, str(tensor_path))
+    status, error = run_entry_point(joint_config(digits_dir, joint_backbones, output), capsys)
+    assert status == 2 and "different settings or inputs (statistics)" in error
+    assert (output / "config.yaml").read_text() == saved
+    assert (output / "synthetic" / "images.safetensors").read_bytes() == images
+
+
+def test_new_statistics_of_one_member_invalidate_the_joint_set_and_every_members_evaluation(
+    joint_statistics_run, joint_backbones, digits_dir, tmp_path, accelerator
+):
+    output = copy_statistics(joint_statistics_run, tmp_path)
+    config = joint_config(digits_dir, joint_backbones, output)
+    run_stages(config, accelerator)
+    folders = [output, *(member_dir(config, name) for name in joint_backbones)]
+    for folder in folders:
+        (folder / "evaluation" / "features").mkdir(parents=True)
+        (folder / "evaluation" / "projectors.safetensors").write_text("made from the old joint set")
+        (folder / "evaluation" / "features" / "cache.safetensors").write_text("keyed by its own inputs")
+    first, second = (member_statistics(config, name) / "statistics.safetensors" for name in joint_backbones)
+    tensors = load_file(first)
+    save_file({**tensors, "class_means": tensors["class_means"] + 0.01}, str(first))
+    untouched = second.read_bytes()
+    config.stages = ["statistics"]
+    run_stages(config, accelerator)  # remakes the first member's statistics only
+    assert second.read_bytes() == untouched
+    assert not (output / "synthetic" / "synthetic.json").exists() and not (output / "checkpoints" / "rank00.pt").exists()
+    for folder in folders:
+        assert not (folder / "evaluation" / "projectors.safetensors").exists()
+        assert (folder / "evaluation" / "features" / "cache.safetensors").is_file()
+
+
+def test_joint_members_statistics_are_checked_per_member(joint_statistics_run, joint_backbones, digits_dir,
+                                                         tmp_path, accelerator, capsys):
+    output = copy_statistics(joint_statistics_run, tmp_path)
+    config = joint_config(digits_dir, joint_backbones, output)
+    saved = (output / "config.yaml").read_text()
+    wide, narrow = (member_statistics(config, name) for name in joint_backbones)
+    shutil.rmtree(narrow)
+    status, error = run_entry_point(joint_config(digits_dir, joint_backbones, output), capsys)
+    assert status == 2 and f"{narrow}/statistics.safetensors" in error and "run the 'statistics' stage" in error
+    assert (output / "config.yaml").read_text() == saved
+    shutil.copytree(wide, narrow)
+    message = (f"Backbone '{joint_backbones[1]}' gives 32-d features but the statistics in {narrow} are 64-d: they "
+               "come from another backbone")
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_stages(joint_config(digits_dir, joint_backbones, output), accelerator)
+    assert not (output / "synthetic").exists()
 
 
 # ---------------------------------------------------------------------------------------------
