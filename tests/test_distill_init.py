@@ -1,14 +1,15 @@
-"""distill.init: noise | centroids | random, end to end on the digits (the pyramid side is in test_pyramid.py)."""
+"""distill.init: auto | noise | centroids | random, end to end on the digits (the pyramid side is in test_pyramid.py)."""
 
+import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
 from sfm_hf.baselines import centroid_positions, fetch_rows
-from sfm_hf.distill import start_images
+from sfm_hf.distill import resolve_init, start_images
 from sfm_hf.errors import StageInputError
 from sfm_hf.pyramid import START_MARGIN
 from sfm_hf.runner import run_stages
@@ -81,3 +82,28 @@ def test_a_real_start_needs_the_dataset_even_with_published_statistics():
     config.distill.init = "centroids"
     with pytest.raises(ConfigError, match="distill.init: noise"):
         config.validate()
+
+
+def test_auto_starts_from_centroids_where_stage_one_cached_the_train_rows(
+    statistics_run, digits_dir, demo_backbone, tmp_path, accelerator
+):
+    config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "auto", init="auto", iterations=2)
+    assert resolve_init(config) == "centroids"
+    run_stages(config, accelerator)
+    metadata = json.loads((tmp_path / "auto" / "synthetic" / "synthetic.json").read_text())
+    assert metadata["distill"]["init"] == "centroids" and metadata["inputs"]["distill.init"] == "centroids"
+
+
+def test_auto_falls_back_to_noise_without_cached_rows(statistics_run, digits_dir, demo_backbone, tmp_path):
+    config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "streamed", init="auto")
+    cache = tmp_path / "streamed" / STATISTICS_DIR / FEATURES_DIR
+    for shard in cache.glob("train-*.safetensors"):  # what a streamed split leaves: rows without numbers
+        tensors = load_file(shard)
+        tensors["indices"] = torch.full_like(tensors["indices"], -1)
+        save_file(tensors, shard)
+    assert resolve_init(config) == "noise"
+    shutil.rmtree(cache)
+    assert resolve_init(config) == "noise"
+    published = tiny_config(digits_dir, demo_backbone, tmp_path / "published", init="auto")
+    published.statistics_from = "acme/stats"
+    assert resolve_init(published) == "noise"

@@ -40,7 +40,7 @@ from .layout import (
 )
 from .multi import is_joint, member_configs
 from .names import short_name
-from .statistics import Statistics, load_feature_cache, open_config_split
+from .statistics import Statistics, cached_row_indices, load_feature_cache, open_config_split
 from .tracking import log_images
 from .utils import atomic_path, save_tensors_atomically, write_text_atomically
 from .visualize import save_preview
@@ -520,11 +520,25 @@ def check_resumable(config: Config, world_size: int) -> None:
     run; if it is, it invalidates the checkpoints itself when it changes the statistics).
     """
     statistics = [_load_statistics(member) for member in member_configs(config)]
+    config = replace(config, distill=replace(config.distill, init=resolve_init(member_configs(config)[0])))
     fingerprint = _fingerprint(config, statistics, world_size)
     # syn_res auto is resolved from the backbone only when distillation starts; run_distill checks it then.
     unresolved = ("distill.syn_res",) if config.distill.syn_res == "auto" else ()
     for rank in range(world_size):
         read_checkpoint(RunLayout(config.output_dir).checkpoint(rank), fingerprint, unresolved=unresolved)
+
+
+def resolve_init(config: Config) -> str:
+    """``distill.init`` with ``auto`` replaced: centroids where Stage I cached the train split's features
+    with row numbers (a local or non-streamed split), noise otherwise."""
+    from .hub import statistics_dir
+
+    if config.distill.init != "auto":
+        return config.distill.init
+    if config.statistics_from:
+        return "noise"
+    indices = cached_row_indices(statistics_dir(config) / FEATURES_DIR, "train")
+    return "centroids" if indices is not None and bool((indices >= 0).all()) else "noise"
 
 
 def start_images(config: Config, statistics: Statistics) -> torch.Tensor | None:
@@ -570,10 +584,11 @@ def run_distill(config: Config, accelerator) -> Path:
     folder = output_dir / SYNTHETIC_DIR
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     targets = distill_targets(config, device)
-    # From here on syn_res is a number (auto: the largest any listed backbone needs, so none upsamples), also in
-    # synthetic.json and the fingerprint.
+    # From here on syn_res is a number (auto: the largest any listed backbone needs, so none upsamples) and init a
+    # concrete start, also in synthetic.json and the fingerprint.
     resolved = replace(config.distill, syn_res=max(
-        config.distill.resolution(target.backbone.image_size, config.data.crop_ratio) for target in targets))
+        config.distill.resolution(target.backbone.image_size, config.data.crop_ratio) for target in targets),
+        init=resolve_init(targets[0].config))
     config = replace(config, distill=resolved)
     for target in targets:
         target.config = replace(target.config, distill=resolved)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from accelerate.logging import get_logger
 
@@ -228,6 +229,19 @@ def stream_features(
         skipped_examples=examples,
         seconds=time.perf_counter() - start,
     )
+
+
+def cached_row_indices(cache_dir: Path, prefix: str) -> torch.Tensor | None:
+    """The row numbers of a split's cached features (-1 where it was streamed), or None without a cache;
+    reads the index tensors only, not the features."""
+    shards = sorted(cache_dir.glob(f"{prefix}-rank*-*.safetensors"))
+    if not shards:
+        return None
+    parts = []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            parts.append(handle.get_tensor("indices"))
+    return torch.cat(parts)
 
 
 def load_feature_cache(cache_dir: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
