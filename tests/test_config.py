@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from sfm_hf.config import Config, ConfigError, iter_options, load_recipe, parse_config
+from sfm_hf.registry import DISTILL_METHODS, EVALUATION_MODES
 
 
 def write_recipe(tmp_path, **values):
@@ -59,6 +60,15 @@ def test_missing_recipe_and_empty_dataset(tmp_path):
 def test_every_option_is_documented():
     undocumented = [key for key, f in iter_options() if not f.metadata.get("help")]
     assert undocumented == []
+
+
+def test_every_registered_method_and_mode_names_code_that_exists_and_is_a_valid_choice(tmp_path):
+    for method in DISTILL_METHODS.values():
+        assert callable(method.loss_function()), method.name
+        parse_config(["--config", str(write_recipe(tmp_path)), "--distill.method", method.name])
+    for mode in EVALUATION_MODES.values():
+        assert callable(mode.train_function()), mode.name
+        parse_config(["--config", str(write_recipe(tmp_path)), "--evaluate.modes", mode.name])
 
 
 def test_saved_config_loads_back_identically(tmp_path):

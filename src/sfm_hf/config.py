@@ -3,6 +3,10 @@
 Every key a recipe may contain is a field below with a ``help`` text; ``--help`` on the
 command line prints them all. Overrides use dotted paths: ``--ipc 2``,
 ``--distill.iterations 50``, ``--stages statistics,distill``.
+
+Each section checks its own values (its ``validate``) and ``Config.validate`` what spans sections. A
+config is filled after construction (recipe, then command line), so the checks run once it is
+complete (``parse_config``), not in ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .registry import DISTILL_METHODS, EVALUATION_MODES
 
 NORMALIZATIONS = ("backbone", "imagenet")
+DISTILL_INITS = ("auto", "noise", "centroids", "random")
+# Starts that must read train images (auto falls back to noise where it cannot).
+REAL_STARTS = ("centroids", "random")
 STAGES = ("statistics", "distill", "evaluate", "export")
 
 
@@ -55,6 +63,12 @@ class DataOptions:
         None, "Read at most this many examples of each split (quick trials); null reads everything."
     )
 
+    def validate(self) -> None:
+        _check_at_least_one("data", self, ("batch_size",))
+        _check_choice("data.normalization", self.normalization, NORMALIZATIONS)
+        if not 0 < self.crop_ratio <= 1:
+            raise ConfigError(f"`data.crop_ratio` must be in (0, 1], got {self.crop_ratio}.")
+
 
 @dataclass
 class StatisticsOptions:
@@ -64,6 +78,9 @@ class StatisticsOptions:
         "code, default) or 'sample' = mean of all real samples outside the class (the paper's Eq. 7 derivation). "
         "They agree on balanced data.",
     )
+
+    def validate(self) -> None:
+        _check_choice("statistics.non_target", self.non_target, ("class_mean", "sample"))
 
 
 GOLDEN_RECIPES = ("converged", "authors")
@@ -92,10 +109,21 @@ class GoldenOptions:
     batch_size: int = option(128, "authors: mini-batch size.")
     weight_decay: float = option(0.0, "authors: weight decay.")
 
+    def validate(self) -> None:
+        _check_choice("golden.recipe", self.recipe, GOLDEN_RECIPES)
+        if not self.l2_grid or any(l2 < 0 for l2 in self.l2_grid):
+            raise ConfigError(f"`golden.l2_grid` must hold L2 strengths >= 0, got {self.l2_grid}.")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"`golden.validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
+        _check_at_least_one("golden", self, ("epochs", "batch_size", "max_iterations"))
+        _check_positive("golden", self, ("lr",))
+
 
 @dataclass
 class DistillOptions:
-    method: str = option("sfm", "Objective: sfm (Eq. 9), tcdd / ncdd (Tab. 3 ablations) or lgm (the baseline).")
+    method: str = option(
+        "sfm", "Objective: " + ", ".join(f"{method.name} ({method.summary})" for method in DISTILL_METHODS.values()) + "."
+    )
     iterations: int = option(5000, "Optimisation steps.")
     lr: float = option(0.002, "Adam learning rate on the image parameters.")
     representation: str = option("pyramid", "Image parameterisation: pyramid (authors) or pixel.")
@@ -147,12 +175,27 @@ class DistillOptions:
     preview_every: int = option(0, "Write preview.png of the current images every this many steps (0: only at the end).")
     log_every: int = option(50, "Report the loss to the progress bar and trackers every this many steps.")
 
+    def validate(self) -> None:
+        _check_choice("distill.method", self.method, tuple(DISTILL_METHODS))
+        _check_choice("distill.representation", self.representation, ("pyramid", "pixel"))
+        _check_choice("distill.init", self.init, DISTILL_INITS)
+        _check_choice("distill.lgm_w_mode", self.lgm_w_mode, ("random", "fixed", "analytic"))
+        _check_choice("distill.mixed_precision", self.mixed_precision, ("no", "bf16"))
+        _check_at_least_one("distill", self, ("iterations", "pyramid_every", "aug_rounds", "log_every"))
+        if self.syn_res != "auto" and (not isinstance(self.syn_res, int) or self.syn_res < 1):
+            raise ConfigError(f"`distill.syn_res` must be auto or an integer >= 1, got {self.syn_res!r}.")
+        if self.decoupled_alpha is not None and not 0 <= self.decoupled_alpha <= 1:
+            raise ConfigError(f"`distill.decoupled_alpha` must lie in [0, 1], got {self.decoupled_alpha}.")
+        _check_positive("distill", self, ("lr",))
+        if self.checkpoint_chunk < 0:
+            raise ConfigError(f"`distill.checkpoint_chunk` must be >= 0 (0 disables), got {self.checkpoint_chunk}.")
+
     @property
     def resolved_alpha(self) -> float:
         """alpha of the decoupled tcdd / ncdd loss."""
         if self.decoupled_alpha is not None:
             return self.decoupled_alpha
-        return 1.0 if self.method == "tcdd" else 0.0
+        return DISTILL_METHODS[self.method].decoupled_alpha
 
     def resolution(self, image_size: int, crop_ratio: float) -> int:
         """The synthetic side in pixels: ``syn_res``, or for auto the smallest power of two >= image_size / crop_ratio."""
@@ -161,27 +204,20 @@ class DistillOptions:
         return 1 << max(0, math.ceil(math.log2(image_size / crop_ratio - 1e-9)))
 
 
-DISTILL_INITS = ("auto", "noise", "centroids", "random")
-# Starts that must read train images (auto falls back to noise where it cannot).
-REAL_STARTS = ("centroids", "random")
 EVALUATE_PROTOCOLS = ("converge", "authors")
-EVALUATE_MODES = ("vanilla", "ci", "kd", "jt", "jt_ip", "st", "st_ip")
 BASELINE_TRAIN_SETS = ("random", "centroids", "neighbors")
-SYNTHETIC_TRAIN_SETS = ("sfm", "tcdd", "ncdd", "lgm")
 
 
 @dataclass
 class EvaluateOptions:
     modes: list[str] = option(
-        help="Ways to train on each synthetic set: vanilla (linear head), ci (classifier inheritance, Eq. 10-11), "
-        "kd (soft labels of the golden classifier, one run per kd_alphas value), jt / jt_ip (projector and head "
-        "trained jointly, head random / inherited from the golden classifier), st / st_ip (projector first, then "
-        "head). Tab. 5 and Fig. 3.",
+        help="Ways to train on each synthetic set: "
+        + ", ".join(f"{mode.name} ({mode.summary})" for mode in EVALUATION_MODES.values()) + ". Tab. 5 and Fig. 3.",
         factory=lambda: ["vanilla", "ci"],
     )
     train_sets: list[str] = option(
         help="Train sets: random, centroids, neighbors (real images; neighbors of every evaluated synthetic set) and "
-        "synthetic sets named by their distillation method (sfm, lgm, tcdd, ncdd): this run's synthetic/ folder, or "
+        f"synthetic sets named by their distillation method ({', '.join(DISTILL_METHODS)}): this run's synthetic/ folder, or "
         "one from extra_synthetic. The full-dataset probe and the golden classifier are always reported as "
         "reference rows.",
         factory=lambda: ["random", "centroids", "sfm"],
@@ -256,6 +292,48 @@ class EvaluateOptions:
         "Points of the accuracy-vs-iteration curve kept for the plot (scored on the eval split for the plot only; "
         "nothing is ever selected on it). 0: no curve.",
     )
+
+    def validate(self) -> None:
+        for key, values, choices in (
+            ("evaluate.modes", self.modes, tuple(EVALUATION_MODES)),
+            ("evaluate.baseline_modes", self.baseline_modes, tuple(EVALUATION_MODES)),
+            ("evaluate.train_sets", self.train_sets, BASELINE_TRAIN_SETS + tuple(DISTILL_METHODS)),
+        ):
+            for value in values:
+                _check_choice(key, value, choices)
+        _check_at_least_one(
+            "evaluate", self, ("trials", "iterations", "max_iterations", "epochs", "validation_images", "batch_size")
+        )
+        _check_positive("evaluate", self, ("lr", "projector_lr", "kd_temperature"))
+        _check_choice("evaluate.protocol", self.protocol, EVALUATE_PROTOCOLS)
+        if self.max_iterations < self.iterations:
+            raise ConfigError(
+                f"`evaluate.max_iterations` ({self.max_iterations}) must be >= `evaluate.iterations` ({self.iterations})."
+            )
+        if self.plateau_tolerance < 0:
+            raise ConfigError(f"`evaluate.plateau_tolerance` must be >= 0, got {self.plateau_tolerance}.")
+        _check_choice("evaluate.projector", self.projector, ("sgd", "ridge"))
+        if self.ridge_views < 1 or self.ridge_folds < 2:
+            raise ConfigError(
+                f"`evaluate.ridge_views` must be >= 1 and `evaluate.ridge_folds` >= 2, got {self.ridge_views} and "
+                f"{self.ridge_folds}."
+            )
+        if not self.ridge_lambdas or any(value < 0 for value in self.ridge_lambdas):
+            raise ConfigError(f"`evaluate.ridge_lambdas` needs values >= 0, got {self.ridge_lambdas}.")
+        if self.curve_points < 0:
+            raise ConfigError(f"`evaluate.curve_points` must be >= 0, got {self.curve_points}.")
+        if any(not 0 <= alpha <= 1 for alpha in self.kd_alphas):
+            raise ConfigError(f"`evaluate.kd_alphas` must lie in [0, 1], got {self.kd_alphas}.")
+        per_alpha = [name for name in self.modes + self.baseline_modes if EVALUATION_MODES[name].per_alpha]
+        if per_alpha and not self.kd_alphas:
+            raise ConfigError(f"Mode {per_alpha[0]} needs at least one value in `evaluate.kd_alphas`.")
+        if "neighbors" in self.train_sets and not self.synthetic_train_sets:
+            raise ConfigError("Train set `neighbors` needs a synthetic set in `evaluate.train_sets` (e.g. sfm).")
+
+    @property
+    def synthetic_train_sets(self) -> list[str]:
+        """The train sets that are synthetic sets, named by their distillation method."""
+        return [name for name in self.train_sets if name in DISTILL_METHODS]
 
 
 HUB_FOLDERS = ("dataset", "model", "statistics")
@@ -397,8 +475,10 @@ class Config:
     @property
     def reads_real_data(self) -> bool:
         """Whether the stages read images of the dataset: Stage I and III always, distill for LGM or a real start."""
+        method = DISTILL_METHODS.get(self.distill.method)  # None for a misspelt one: validate() says so
         return bool({"statistics", "evaluate"} & set(self.stages)) or (
-            "distill" in self.stages and (self.distill.method == "lgm" or self.distill.init in REAL_STARTS)
+            "distill" in self.stages
+            and ((method is not None and method.reads_real_images) or self.distill.init in REAL_STARTS)
         )
 
     def validate(self) -> None:
@@ -432,45 +512,9 @@ class Config:
         if self.ipc < 1:
             raise ConfigError(f"`ipc` must be >= 1, got {self.ipc}.")
         _check_choice("progress", self.progress, ("auto", "bar", "lines", "off"))
-        _check_choice("statistics.non_target", self.statistics.non_target, ("class_mean", "sample"))
-        _check_choice("golden.recipe", self.golden.recipe, GOLDEN_RECIPES)
-        if not self.golden.l2_grid or any(l2 < 0 for l2 in self.golden.l2_grid):
-            raise ConfigError(f"`golden.l2_grid` must hold L2 strengths >= 0, got {self.golden.l2_grid}.")
-        if not 0 < self.golden.validation_fraction < 1:
-            raise ConfigError(f"`golden.validation_fraction` must be in (0, 1), got {self.golden.validation_fraction}.")
-        _check_choice("distill.method", self.distill.method, ("sfm", "tcdd", "ncdd", "lgm"))
-        _check_choice("distill.representation", self.distill.representation, ("pyramid", "pixel"))
-        _check_choice("distill.init", self.distill.init, DISTILL_INITS)
-        _check_choice("distill.lgm_w_mode", self.distill.lgm_w_mode, ("random", "fixed", "analytic"))
-        _check_choice("distill.mixed_precision", self.distill.mixed_precision, ("no", "bf16"))
-        for key, value in (
-            ("data.batch_size", self.data.batch_size),
-            ("golden.epochs", self.golden.epochs),
-            ("golden.batch_size", self.golden.batch_size),
-            ("golden.max_iterations", self.golden.max_iterations),
-            ("distill.iterations", self.distill.iterations),
-            ("distill.pyramid_every", self.distill.pyramid_every),
-            ("distill.aug_rounds", self.distill.aug_rounds),
-            ("distill.log_every", self.distill.log_every),
-        ):
-            if value < 1:
-                raise ConfigError(f"`{key}` must be >= 1, got {value}.")
-        if self.distill.syn_res != "auto" and (not isinstance(self.distill.syn_res, int) or self.distill.syn_res < 1):
-            raise ConfigError(f"`distill.syn_res` must be auto or an integer >= 1, got {self.distill.syn_res!r}.")
-        if self.distill.decoupled_alpha is not None and not 0 <= self.distill.decoupled_alpha <= 1:
-            raise ConfigError(f"`distill.decoupled_alpha` must lie in [0, 1], got {self.distill.decoupled_alpha}.")
-        _check_choice("data.normalization", self.data.normalization, NORMALIZATIONS)
-        for key, value in (("distill.lr", self.distill.lr), ("golden.lr", self.golden.lr)):
-            if value <= 0:
-                raise ConfigError(f"`{key}` must be > 0, got {value}.")
-        if not 0 < self.data.crop_ratio <= 1:
-            raise ConfigError(f"`data.crop_ratio` must be in (0, 1], got {self.data.crop_ratio}.")
-        if self.distill.checkpoint_chunk < 0:
-            raise ConfigError(
-                f"`distill.checkpoint_chunk` must be >= 0 (0 disables), got {self.distill.checkpoint_chunk}."
-            )
-        self._validate_evaluate()
-        self.hub.validate()
+        for section in (self.data, self.statistics, self.golden, self.distill, self.evaluate, self.hub):
+            section.validate()
+        self._check_synthetic_sets_reachable()
 
     def _validate_backbone_list(self) -> None:
         if len(self.backbone) == 1:
@@ -495,63 +539,17 @@ class Config:
         """The distillation backbone(s) as a list (one item for a single backbone)."""
         return list(self.backbone) if isinstance(self.backbone, list) else [self.backbone]
 
-    def _validate_evaluate(self) -> None:
-        options = self.evaluate
-        for key, values, choices in (
-            ("evaluate.modes", options.modes, EVALUATE_MODES),
-            ("evaluate.baseline_modes", options.baseline_modes, EVALUATE_MODES),
-            ("evaluate.train_sets", options.train_sets, BASELINE_TRAIN_SETS + SYNTHETIC_TRAIN_SETS),
-        ):
-            for value in values:
-                _check_choice(key, value, choices)
-        for key, value in (
-            ("evaluate.trials", options.trials),
-            ("evaluate.iterations", options.iterations),
-            ("evaluate.max_iterations", options.max_iterations),
-            ("evaluate.epochs", options.epochs),
-            ("evaluate.validation_images", options.validation_images),
-            ("evaluate.batch_size", options.batch_size),
-        ):
-            if value < 1:
-                raise ConfigError(f"`{key}` must be >= 1, got {value}.")
-        for key, value in (("evaluate.lr", options.lr), ("evaluate.projector_lr", options.projector_lr),
-                           ("evaluate.kd_temperature", options.kd_temperature)):
-            if value <= 0:
-                raise ConfigError(f"`{key}` must be > 0, got {value}.")
-        _check_choice("evaluate.protocol", options.protocol, EVALUATE_PROTOCOLS)
-        if options.max_iterations < options.iterations:
+    def _check_synthetic_sets_reachable(self) -> None:
+        """Catch before an expensive distillation a synthetic train set that only evaluation would miss."""
+        if "evaluate" not in self.stages or "distill" not in self.stages or self.evaluate.extra_synthetic:
+            return
+        missing = [name for name in self.evaluate.synthetic_train_sets if name != self.distill.method]
+        if missing:
             raise ConfigError(
-                f"`evaluate.max_iterations` ({options.max_iterations}) must be >= `evaluate.iterations` "
-                f"({options.iterations})."
+                f"`evaluate.train_sets` asks for synthetic set(s) {missing}, but this run distils with "
+                f"{self.distill.method!r} and `evaluate.extra_synthetic` is empty: add the folder of a run made "
+                f"with {missing[0]!r} there, or remove it from the train sets."
             )
-        if options.plateau_tolerance < 0:
-            raise ConfigError(f"`evaluate.plateau_tolerance` must be >= 0, got {options.plateau_tolerance}.")
-        _check_choice("evaluate.projector", options.projector, ("sgd", "ridge"))
-        if options.ridge_views < 1 or options.ridge_folds < 2:
-            raise ConfigError(
-                f"`evaluate.ridge_views` must be >= 1 and `evaluate.ridge_folds` >= 2, got {options.ridge_views} and "
-                f"{options.ridge_folds}."
-            )
-        if not options.ridge_lambdas or any(value < 0 for value in options.ridge_lambdas):
-            raise ConfigError(f"`evaluate.ridge_lambdas` needs values >= 0, got {options.ridge_lambdas}.")
-        if options.curve_points < 0:
-            raise ConfigError(f"`evaluate.curve_points` must be >= 0, got {options.curve_points}.")
-        if any(not 0 <= alpha <= 1 for alpha in options.kd_alphas):
-            raise ConfigError(f"`evaluate.kd_alphas` must lie in [0, 1], got {options.kd_alphas}.")
-        if "kd" in options.modes + options.baseline_modes and not options.kd_alphas:
-            raise ConfigError("Mode kd needs at least one value in `evaluate.kd_alphas`.")
-        wanted = [name for name in options.train_sets if name in SYNTHETIC_TRAIN_SETS]
-        if "neighbors" in options.train_sets and not wanted:
-            raise ConfigError("Train set `neighbors` needs a synthetic set in `evaluate.train_sets` (e.g. sfm).")
-        # Catch before an expensive distillation what would only fail once evaluation starts.
-        if "evaluate" in self.stages and "distill" in self.stages and not options.extra_synthetic:
-            missing = [name for name in wanted if name != self.distill.method]
-            if missing:
-                raise ConfigError(
-                    f"`evaluate.train_sets` asks for synthetic set(s) {missing}, but this run distils with "
-                    f"{self.distill.method!r} and `evaluate.extra_synthetic` is empty: add the folder of a run made "
-                    f"with {missing[0]!r} there, or remove it from the train sets."
-                )
 
     @property
     def evaluation_backbones(self) -> list[str]:
@@ -569,6 +567,20 @@ class Config:
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"`{key}` must be one of {list(choices)}, got {value!r}.")
+
+
+def _check_at_least_one(section: str, options: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(options, name)
+        if value < 1:
+            raise ConfigError(f"`{section}.{name}` must be >= 1, got {value}.")
+
+
+def _check_positive(section: str, options: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(options, name)
+        if value <= 0:
+            raise ConfigError(f"`{section}.{name}` must be > 0, got {value}.")
 
 
 class CommandLineText(str):

@@ -17,6 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from .objectives import (
 )
 from .progress import progress as track
 from .pyramid import build_images, growth_due
+from .registry import DISTILL_METHODS
 from .layout import (
     FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, STATISTICS_TENSORS, SYNTHETIC_DIR, SYNTHETIC_JSON, RunLayout,
 )
@@ -128,9 +130,12 @@ class DistillContext:
     fixed_head: tuple[torch.Tensor, torch.Tensor] | None = None
     # Labels of this process's synthetic images, kept on the device: a copy per step would sync the host.
     synthetic_labels: torch.Tensor = field(init=False)
+    # (context, images, step) -> loss: the per-step loss of `distill.method`.
+    method_loss: Callable = field(init=False)
 
     def __post_init__(self) -> None:
         self.synthetic_labels = self.share.labels().to(self.target_means.device)
+        self.method_loss = DISTILL_METHODS[self.config.distill.method].loss_function()
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -156,21 +161,33 @@ def synthetic_class_sums(context: DistillContext, images: torch.Tensor, step: in
     return sums.index_add(0, context.synthetic_labels, features)
 
 
-def sfm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
-    """SFM (Eq. 9) or TCDD / NCDD (Tab. 3, the authors' decoupled MSE) on the global synthetic class centres."""
+def synthetic_centres(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
+    """The synthetic class centres [C, D] of all processes' images (this process's share carries the graph)."""
     sums = _sum_across_processes(synthetic_class_sums(context, images, step), context.world_size)
-    centres = sums / context.share.ipc
-    options = context.config.distill
-    if options.method == "sfm":
-        return centre_flow_loss(centres, context.target_means, context.target_flow)
-    return decoupled_centre_loss(centres, context.target_means, context.target_flow, options.resolved_alpha)
+    return sums / context.share.ipc
+
+
+def sfm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
+    """SFM (Eq. 9): 1 - cos between the statistical flow and the flow of the synthetic class centres."""
+    return centre_flow_loss(synthetic_centres(context, images, step), context.target_means, context.target_flow)
+
+
+def decoupled_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
+    """TCDD / NCDD (Tab. 3): the authors' decoupled MSE on the synthetic class centres."""
+    return decoupled_centre_loss(synthetic_centres(context, images, step), context.target_means,
+                                 context.target_flow, context.config.distill.resolved_alpha)
 
 
 def _lgm_head(context: DistillContext, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if context.fixed_head is not None:
+    """The linear head of this step: one per run (lgm_w_mode fixed), else a new random one per step."""
+    num_classes, dim = context.statistics.num_classes, context.statistics.feature_dim
+    if context.config.distill.lgm_w_mode == "fixed":
+        if context.fixed_head is None:
+            weight, bias = random_linear_head(num_classes, dim, generator=torch.Generator().manual_seed(context.config.seed))
+            context.fixed_head = (weight.to(device), bias.to(device))
         return context.fixed_head
     generator = torch.Generator().manual_seed(context.config.seed * 1_000_003 + step)
-    weight, bias = random_linear_head(context.statistics.num_classes, context.statistics.feature_dim, generator=generator)
+    weight, bias = random_linear_head(num_classes, dim, generator=generator)
     return _to_device(weight, device), _to_device(bias, device)
 
 
@@ -220,9 +237,8 @@ def lgm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> t
 
 
 def compute_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
-    if context.config.distill.method == "lgm":
-        return lgm_step_loss(context, images, step)
-    return sfm_step_loss(context, images, step)
+    """The loss of the distillation method (``registry.DISTILL_METHODS``) at ``step``."""
+    return context.method_loss(context, images, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +364,7 @@ def build_context(
     config: Config, backbone: FrozenBackbone, statistics: Statistics, *, rank: int, world_size: int,
     device: torch.device,
 ) -> DistillContext:
-    """What every step of this process needs; for LGM this opens the real-image stream of the train split."""
+    """What every step of this process needs; a method that reads real images gets the train split's stream."""
     options = config.distill
     num_classes = statistics.num_classes
     share = class_share(num_classes, config.ipc, rank, world_size)
@@ -362,17 +378,13 @@ def build_context(
         augment_config=AugmentConfig(noise_std=options.noise_std, noise_p=options.noise_p, noise_mean=options.noise_mean),
         world_size=world_size,
     )
-    if options.method == "lgm":
+    if DISTILL_METHODS[options.method].reads_real_images:
         source = open_config_split(config, config.train_split)
         context.real_stream = BalancedRealStream(
             source, share.classes, config.ipc * options.aug_rounds, image_size=options.syn_res,
             crop_ratio=config.data.crop_ratio, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
             rank=rank, world_size=world_size, seed=config.seed,
         )
-        if options.lgm_w_mode == "fixed":
-            generator = torch.Generator().manual_seed(config.seed)
-            weight, bias = random_linear_head(num_classes, statistics.feature_dim, generator=generator)
-            context.fixed_head = (weight.to(device), bias.to(device))
     return context
 
 

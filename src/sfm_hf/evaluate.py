@@ -52,12 +52,13 @@ from accelerate.logging import get_logger
 from .augment import AugmentConfig, augment
 from .backbones import FrozenBackbone, load_backbone
 from .baselines import centroid_positions, fetch_rows, neighbor_positions, random_positions, require_row_indices
-from .config import SYNTHETIC_TRAIN_SETS, Config, EvaluateOptions
+from .config import Config, EvaluateOptions
 from .data import DatasetError
 from . import hub
 from .errors import StageInputError, UserError
 from .probe import accuracy, fit_reference_probe, uniform_linear
 from .progress import progress as track
+from .registry import DISTILL_METHODS, EVALUATION_MODES, EvaluationMode, parse_mode
 from .names import short_name
 from .ridge import RidgeMoments, choose_lambda, fit_ridge, lambda_grid, prior_map
 from .utils import gather_lists, save_tensors_atomically, share_from_main, write_text_atomically
@@ -269,23 +270,9 @@ def effective_settings(options: EvaluateOptions, images: int) -> dict[str, Any]:
             "projector_lr": options.projector_lr * scale}
 
 
-def parse_mode(mode: str) -> tuple[str, float | None]:
-    """``kd-0.5`` -> (``kd``, 0.5); any other mode -> (mode, None)."""
-    if mode.startswith("kd-"):
-        return "kd", float(mode[3:])
-    return mode, None
-
-
-def mode_labels(modes: list[str], kd_alphas: list[float]) -> list[str]:
-    """The modes as recorded: kd once per alpha."""
-    labels: list[str] = []
-    for mode in modes:
-        labels.extend(f"kd-{alpha:g}" for alpha in kd_alphas) if mode == "kd" else labels.append(mode)
-    return labels
-
-
-def _linear(in_features: int, out_features: int, generator: torch.Generator, device) -> nn.Linear:
-    return uniform_linear(in_features, out_features, generator).to(device)
+def recorded_modes(names: list[str], kd_alphas: list[float]) -> list[str]:
+    """The modes as recorded: a per-alpha mode (kd) once per alpha."""
+    return [variant for name in names for variant in EVALUATION_MODES[name].variants(kd_alphas)]
 
 
 class _AugmentedFeatures:
@@ -431,102 +418,153 @@ def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
     return projector.to(setup.images.device), chosen
 
 
-def train_trial(setup: TrialSetup, mode: str) -> TrialOutcome:
-    """Train one model of ``mode`` on ``setup.images`` and score its final iteration on the eval split."""
-    start = time.perf_counter()
-    kind, alpha = parse_mode(mode)
-    options, device = setup.options, setup.images.device
-    generator = torch.Generator().manual_seed(setup.seed)
-    num_classes, eval_dim = setup.golden.out_features, setup.eval_backbone.feature_dim
-    distill_dim = setup.golden.in_features
-    settings = effective_settings(options, len(setup.images))
-    head_lr, projector_lr = settings["head_lr"], settings["projector_lr"]
-    golden = setup.golden
-    projector = None
-    phases: list[_Phase] = []
-    ridge: dict[str, Any] = {}
+@dataclass
+class TrainedModel:
+    """What a mode's training leaves: eval features -> logits, the projector it trained, and its runs."""
 
-    def classifier(in_features: int, inherit: bool) -> nn.Linear:
-        if inherit:
-            return copy.deepcopy(golden).requires_grad_(True)
-        return _linear(in_features, num_classes, generator, device)
+    predictor: nn.Module
+    phases: list[_Phase]  # none for a ridge ci: nothing is trained by gradient
+    projector: nn.Linear | None = None
+    chosen: dict[str, Any] = field(default_factory=dict)  # what a ridge projector fit chose, recorded per trial
+
+
+def _learning_rates(setup: TrialSetup) -> tuple[float, float]:
+    settings = effective_settings(setup.options, len(setup.images))
+    return settings["head_lr"], settings["projector_lr"]
+
+
+def _new_head(setup: TrialSetup, in_features: int, generator: torch.Generator, *, inherit: bool) -> nn.Linear:
+    """A linear head to the classes: random from ``generator``, or a trainable copy of the golden classifier."""
+    if inherit:
+        return copy.deepcopy(setup.golden).requires_grad_(True)
+    return uniform_linear(in_features, setup.golden.out_features, generator).to(setup.images.device)
+
+
+def _new_projector(setup: TrialSetup, generator: torch.Generator) -> nn.Linear:
+    """A random linear projector P: D_e -> D_d."""
+    return uniform_linear(setup.eval_backbone.feature_dim, setup.golden.in_features, generator).to(setup.images.device)
+
+
+@dataclass
+class _FittedProjector:
+    """P: D_e -> D_d fitted alone (Eq. 10) by ``evaluate.projector``, before anything else of its mode."""
+
+    module: nn.Linear
+    phases: list[_Phase]  # the SGD training; none for the closed-form ridge fit
+    chosen: dict[str, Any]  # what the ridge fit chose
+    views_drawn: int  # augmentation steps it used: a later phase of the trial draws the views after them
+
+
+def _fit_projector(setup: TrialSetup, generator: torch.Generator) -> _FittedProjector:
+    """P on MSE(P(phi_e(v)), phi_d(v)) for the same augmented views (Eq. 10): trained by Adam (sgd), or solved
+    in closed form (ridge, which leaves ``generator`` untouched)."""
+    if setup.options.projector == "ridge":
+        projector, chosen = fit_ridge_projector(setup)
+        return _FittedProjector(projector, [], chosen, chosen["ridge_batches"])
+    projector = _new_projector(setup, generator)
 
     def projection_loss(eval_features, distill_features, labels):
         return F.mse_loss(projector(eval_features), distill_features)
 
-    if kind in ("vanilla", "kd"):
-        head = classifier(eval_dim, inherit=False)
-        predictor = head
-        weight = 0.0 if alpha is None else alpha
-        temperature = options.kd_temperature
+    _, projector_lr = _learning_rates(setup)
+    phase = _optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
+                      nn.Sequential(projector, setup.golden), need_distill=True)
+    return _FittedProjector(projector, [phase], {}, phase.steps)
 
-        def head_loss(eval_features, distill_features, labels):
-            logits = head(eval_features)
-            value = F.cross_entropy(logits, labels)
-            if kind == "vanilla":
-                return value
-            soft = F.softmax(golden(distill_features) / temperature, dim=1)
-            kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
-            return weight * temperature**2 * kl + (1 - weight) * value
 
-        phases.append(_optimise(setup, [{"params": head.parameters(), "lr": head_lr}], head_loss, predictor,
-                                need_distill=kind == "kd"))
-    elif kind == "ci" and options.projector == "ridge":
-        projector, ridge = fit_ridge_projector(setup)
-        predictor = nn.Sequential(projector, golden)
-    elif kind == "ci":
-        projector = _linear(eval_dim, distill_dim, generator, device)
-        predictor = nn.Sequential(projector, golden)
-        phases.append(_optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
-                                predictor, need_distill=True))
-    elif kind in ("jt", "jt_ip"):
-        projector = _linear(eval_dim, distill_dim, generator, device)
-        head = classifier(distill_dim, inherit=kind == "jt_ip")
-        predictor = nn.Sequential(projector, head)
+def train_head(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """vanilla: a linear head on cross-entropy. kd (per alpha): alpha * T^2 * KL(the golden classifier's soft
+    labels on phi_d of the same view || head) + (1 - alpha) * cross-entropy."""
+    generator = torch.Generator().manual_seed(setup.seed)
+    head = _new_head(setup, setup.eval_backbone.feature_dim, generator, inherit=False)
+    temperature = setup.options.kd_temperature
 
-        def joint_loss(eval_features, distill_features, labels):
-            projected = projector(eval_features)
-            return F.mse_loss(projected, distill_features) + F.cross_entropy(head(projected), labels)
+    def head_loss(eval_features, distill_features, labels):
+        logits = head(eval_features)
+        value = F.cross_entropy(logits, labels)
+        if not mode.per_alpha:
+            return value
+        soft = F.softmax(setup.golden(distill_features) / temperature, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
+        return alpha * temperature**2 * kl + (1 - alpha) * value
 
-        groups = [{"params": projector.parameters(), "lr": projector_lr},
-                  {"params": head.parameters(), "lr": head_lr}]
-        phases.append(_optimise(setup, groups, joint_loss, predictor, need_distill=True))
-    elif kind in ("st", "st_ip"):
-        if options.projector == "ridge":
-            projector, ridge = fit_ridge_projector(setup)
-        else:
-            projector = _linear(eval_dim, distill_dim, generator, device)
-            phases.append(_optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}],
-                                    projection_loss, nn.Sequential(projector, golden), need_distill=True))
-        projector.requires_grad_(False)
-        head = classifier(distill_dim, inherit=kind == "st_ip")
-        predictor = nn.Sequential(projector, head)
+    head_lr, _ = _learning_rates(setup)
+    phase = _optimise(setup, [{"params": head.parameters(), "lr": head_lr}], head_loss, head,
+                      need_distill=mode.per_alpha)
+    return TrainedModel(head, [phase])
 
-        def sequential_loss(eval_features, distill_features, labels):
-            return F.cross_entropy(head(projector(eval_features)), labels)
 
-        phases.append(_optimise(setup, [{"params": head.parameters(), "lr": head_lr}], sequential_loss, predictor,
-                                need_distill=False,
-                                step_offset=phases[0].steps if phases else ridge["ridge_batches"]))
-    else:
-        raise ValueError(f"unknown evaluation mode {mode!r}")
-    final = accuracy(predictor, setup.eval_features, setup.eval_labels)
-    if kind in ("vanilla", "kd"):
+def train_projector(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """ci: only P is trained (Eq. 10); predictions are those of the frozen golden classifier on P(phi_e(x)) (Eq. 11)."""
+    fitted = _fit_projector(setup, torch.Generator().manual_seed(setup.seed))
+    return TrainedModel(nn.Sequential(fitted.module, setup.golden), fitted.phases, fitted.module, fitted.chosen)
+
+
+def train_joint(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """jt / jt_ip: P and a head trained together on MSE + cross-entropy; the head random or the golden one (IP)."""
+    generator = torch.Generator().manual_seed(setup.seed)
+    projector = _new_projector(setup, generator)
+    head = _new_head(setup, setup.golden.in_features, generator, inherit=mode.inherits_golden_head)
+
+    def joint_loss(eval_features, distill_features, labels):
+        projected = projector(eval_features)
+        return F.mse_loss(projected, distill_features) + F.cross_entropy(head(projected), labels)
+
+    head_lr, projector_lr = _learning_rates(setup)
+    groups = [{"params": projector.parameters(), "lr": projector_lr}, {"params": head.parameters(), "lr": head_lr}]
+    predictor = nn.Sequential(projector, head)
+    return TrainedModel(predictor, [_optimise(setup, groups, joint_loss, predictor, need_distill=True)], projector)
+
+
+def train_sequential(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """st / st_ip: P first (Eq. 10), then, with P frozen, a head (random or the golden one) on cross-entropy."""
+    generator = torch.Generator().manual_seed(setup.seed)
+    fitted = _fit_projector(setup, generator)
+    projector = fitted.module.requires_grad_(False)
+    head = _new_head(setup, setup.golden.in_features, generator, inherit=mode.inherits_golden_head)
+    predictor = nn.Sequential(projector, head)
+
+    def sequential_loss(eval_features, distill_features, labels):
+        return F.cross_entropy(head(projector(eval_features)), labels)
+
+    head_lr, _ = _learning_rates(setup)
+    second = _optimise(setup, [{"params": head.parameters(), "lr": head_lr}], sequential_loss, predictor,
+                       need_distill=False, step_offset=fitted.views_drawn)
+    return TrainedModel(predictor, [*fitted.phases, second], projector, fitted.chosen)
+
+
+def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedModel) -> dict[str, Any]:
+    """How a trial was trained, as its record says: protocol, the learning rates that applied, steps, what a
+    ridge projector chose, plateau."""
+    options = setup.options
+    settings = effective_settings(options, len(setup.images))
+    ridge = mode.fits_projector_alone and options.projector == "ridge"
+    if not mode.trains_projector or ridge:
         settings.pop("projector_lr")
-    if kind == "ci":
+    if not mode.trains_head:
         settings.pop("head_lr")
-    if ridge:
-        settings.pop("projector_lr")
-    details = {**settings, "steps": sum(phase.steps for phase in phases), **ridge}
-    if kind in ("ci", "st", "st_ip"):
+    details = {**settings, "steps": sum(phase.steps for phase in trained.phases), **trained.chosen}
+    if mode.fits_projector_alone:
         details["projector_fit"] = options.projector
     if options.protocol == "authors":
         details["epochs"] = options.epochs
-    if phases and all(phase.plateau is not None for phase in phases):
-        details["plateau"] = all(phase.plateau for phase in phases)
-        details["validation_accuracy"] = phases[-1].validation_accuracy
-    curve = [point for phase in phases[-1:] for point in phase.curve]
-    return TrialOutcome(final, curve, time.perf_counter() - start, predictor.eval(), projector, details)
+    if trained.phases and all(phase.plateau is not None for phase in trained.phases):
+        details["plateau"] = all(phase.plateau for phase in trained.phases)
+        details["validation_accuracy"] = trained.phases[-1].validation_accuracy
+    return details
+
+
+def train_trial(setup: TrialSetup, recorded_mode: str) -> TrialOutcome:
+    """Train one model of ``recorded_mode`` ('ci', 'kd-0.5', ...) on ``setup.images``; score its final iteration."""
+    start = time.perf_counter()
+    mode, alpha = parse_mode(recorded_mode)
+    if mode is None:
+        raise ValueError(f"unknown evaluation mode {recorded_mode!r}")
+    trained = mode.train_function()(setup, mode, alpha)
+    final = accuracy(trained.predictor, setup.eval_features, setup.eval_labels)
+    curve = [point for phase in trained.phases[-1:] for point in phase.curve]
+    return TrialOutcome(final, curve, time.perf_counter() - start, trained.predictor.eval(), trained.projector,
+                        _trial_details(setup, mode, trained))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +598,7 @@ def _synthetic_folder(path: Path) -> Path | None:
 def synthetic_sets(config: Config, class_names: list[str], own_root: Path | None = None) -> dict[str, SyntheticSet]:
     """The synthetic sets ``evaluate.train_sets`` asks for, by method: this run's (in ``own_root``, by default
     output_dir), then ``extra_synthetic``."""
-    wanted = [name for name in config.evaluate.train_sets if name in SYNTHETIC_TRAIN_SETS]
+    wanted = config.evaluate.synthetic_train_sets
     found: dict[str, SyntheticSet] = {}
     own = _synthetic_folder(own_root or Path(config.output_dir))
     candidates = ([own] if own is not None else []) + [Path(path) for path in config.evaluate.extra_synthetic]
@@ -612,11 +650,11 @@ def build_train_sets(
 ) -> list[TrainSet]:
     """Real baselines (rows chosen on the main process in the Stage I cache) and the synthetic sets."""
     options = config.evaluate
-    baseline_modes = mode_labels(options.baseline_modes, options.kd_alphas)
-    synthetic_modes = mode_labels(options.modes, options.kd_alphas)
+    baseline_modes = recorded_modes(options.baseline_modes, options.kd_alphas)
+    synthetic_modes = recorded_modes(options.modes, options.kd_alphas)
     resolution = (next(iter(synthetic.values())).images.shape[-1] if synthetic
                   else config.distill.resolution(distill_backbone.image_size, config.data.crop_ratio))
-    wanted_baselines = [name for name in options.train_sets if name not in SYNTHETIC_TRAIN_SETS]
+    wanted_baselines = [name for name in options.train_sets if name not in DISTILL_METHODS]
     rows: dict[str, Any] = {}
     if wanted_baselines:
         rows = share_from_main(
@@ -744,18 +782,30 @@ def _eval_backbones(
     return backbones
 
 
-def run_evaluate(config: Config, accelerator, synthetic_root: Path | None = None) -> list[dict[str, Any]]:
-    """Stage III; writes ``results.json``, ``results.md``, plots and projectors; returns the records.
+@dataclass
+class EvaluationInputs:
+    """What every training of Stage III reads, loaded once."""
+
+    statistics: Statistics
+    golden: nn.Linear  # frozen, on the device
+    distill_backbone: FrozenBackbone
+    synthetic: dict[str, SyntheticSet]
+    train_sets: list[TrainSet]
+    backbones: dict[str, EvalBackbone]
+    distill_evaluation: FeatureSet  # phi_d features of the eval split (the golden classifier's row)
+
+    @property
+    def own_method(self) -> str | None:
+        """The method of this run's own synthetic set (whose CI projectors are saved), if it is evaluated."""
+        return next((name for name, chosen in self.synthetic.items() if chosen.own), None)
+
+
+def load_inputs(config: Config, accelerator, synthetic_root: Path | None = None) -> EvaluationInputs:
+    """Statistics, golden classifier, backbones, train sets and cached eval features; call it on every process.
 
     ``synthetic_root``: the run folder whose ``synthetic/`` is this run's own set (default output_dir; a
     member of a joint run evaluates the joint set).
     """
-    if isinstance(config.backbone, list):
-        from .multi import run_joint_evaluate
-
-        return run_joint_evaluate(config, accelerator)
-    options = config.evaluate
-    output_dir = Path(config.output_dir)
     statistics_dir = hub.statistics_dir(config)
     if config.eval_split == config.train_split:
         raise EvaluationError(
@@ -764,17 +814,16 @@ def run_evaluate(config: Config, accelerator, synthetic_root: Path | None = None
         )
     statistics = Statistics.load(statistics_dir)
     golden = _load_golden(statistics_dir, statistics)
-    device = accelerator.device
-    distill_backbone = load_backbone(config.backbone, device=device, normalization=config.data.normalization)
+    distill_backbone = load_backbone(config.backbone, device=accelerator.device,
+                                     normalization=config.data.normalization)
     if distill_backbone.feature_dim != statistics.feature_dim:
         raise EvaluationError(
             f"Backbone {config.backbone!r} gives {distill_backbone.feature_dim}-d features but the statistics in "
             f"{statistics_dir} are {statistics.feature_dim}-d: they come from another backbone."
         )
-    golden = golden.to(device)
+    golden = golden.to(accelerator.device)
     synthetic = synthetic_sets(config, statistics.class_names, synthetic_root)
     train_sets = build_train_sets(config, accelerator, statistics, distill_backbone, synthetic)
-
     backbones = _eval_backbones(config, accelerator, distill_backbone, statistics.class_names)
     if config.backbone in backbones:
         distill_evaluation = backbones[config.backbone].evaluation
@@ -782,61 +831,101 @@ def run_evaluate(config: Config, accelerator, synthetic_root: Path | None = None
         distill_evaluation = split_features(
             config, accelerator, distill_backbone, config.eval_split, "eval", statistics.class_names
         )
+    return EvaluationInputs(statistics, golden, distill_backbone, synthetic, train_sets, backbones, distill_evaluation)
 
+
+def plan_jobs(config: Config, inputs: EvaluationInputs) -> list[Job]:
+    """Every training: train set x eval backbone x mode x trial, then the full-dataset probes."""
+    options = config.evaluate
     jobs = [
         Job(train_set.name, name, mode, trial)
-        for train_set in train_sets
-        for name in backbones
+        for train_set in inputs.train_sets
+        for name in inputs.backbones
         for mode in train_set.modes
         for trial in range(options.trials)
     ]
     if options.full_dataset:
         # The converged fit is deterministic (no seed enters it): one fit says all that trials would.
         full_trials = options.trials if config.golden.recipe == "authors" else 1
-        jobs += [Job(FULL_DATASET, name, "vanilla", trial) for name in backbones for trial in range(full_trials)]
-    rank, world_size = accelerator.process_index, accelerator.num_processes
-    own_method = next((name for name, chosen in synthetic.items() if chosen.own), None)
-    sets_by_name = {train_set.name: train_set for train_set in train_sets}
-    start = time.perf_counter()
+        jobs += [Job(FULL_DATASET, name, "vanilla", trial) for name in inputs.backbones for trial in range(full_trials)]
+    return jobs
+
+
+class _OnDevice:
+    """Each eval backbone's eval features (and, under converge, its validation slice), moved to the device once."""
+
+    def __init__(self, options: EvaluateOptions, device) -> None:
+        self.options, self.device = options, device
+        self.evaluation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def eval_split(self, model: EvalBackbone) -> tuple[torch.Tensor, torch.Tensor]:
+        if model.name not in self.evaluation:
+            self.evaluation[model.name] = (model.evaluation.features.to(self.device).float(),
+                                           model.evaluation.labels.to(self.device))
+        return self.evaluation[model.name]
+
+    def validation_slice(self, model: EvalBackbone) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.options.protocol != "converge":
+            return None, None
+        if model.name not in self.validation:
+            features, labels = model.validation_slice(self.options.validation_images, self.options.seed_base)
+            self.validation[model.name] = (features.to(self.device), labels.to(self.device))
+        return self.validation[model.name]
+
+
+def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[Job]) -> list[JobResult]:
+    """This process's share of ``jobs`` (every world_size-th); saves this run's trial-0 CI projectors."""
+    options, device = config.evaluate, accelerator.device
+    sets_by_name = {train_set.name: train_set for train_set in inputs.train_sets}
+    on_device = _OnDevice(options, device)
     mine = []
-    eval_on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    validation_on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    progress = track(jobs[rank::world_size], desc="Stage III", unit="model", mode=config.progress,
-                     enabled=accelerator.is_local_main_process)
+    progress = track(jobs[accelerator.process_index::accelerator.num_processes], desc="Stage III", unit="model",
+                     mode=config.progress, enabled=accelerator.is_local_main_process)
     for job in progress:
         progress.set_postfix_str(f"{job.train_set} {job.mode} -> {short_name(job.eval_backbone)} #{job.trial}")
-        model = backbones[job.eval_backbone]
-        if job.eval_backbone not in eval_on_device:
-            eval_on_device[job.eval_backbone] = (model.evaluation.features.to(device).float(),
-                                                 model.evaluation.labels.to(device))
-        eval_features, eval_labels = eval_on_device[job.eval_backbone]
-        if options.protocol == "converge" and job.eval_backbone not in validation_on_device:
-            features, labels = model.validation_slice(options.validation_images, options.seed_base)
-            validation_on_device[job.eval_backbone] = (features.to(device), labels.to(device))
-        validation = validation_on_device.get(job.eval_backbone, (None, None))
+        model = inputs.backbones[job.eval_backbone]
+        eval_features, eval_labels = on_device.eval_split(model)
+        validation = on_device.validation_slice(model)
         seed = options.seed_base + job.trial
         if job.train_set == FULL_DATASET:
             # converged: the golden classifier's seed, so on phi_d this row is the golden classifier refitted.
             probe_seed = seed if config.golden.recipe == "authors" else config.seed
-            mine.append(_full_dataset_trial(config, job, model, statistics.num_classes, eval_features, eval_labels,
-                                            probe_seed, device))
+            mine.append(_full_dataset_trial(config, job, model, inputs.statistics.num_classes, eval_features,
+                                            eval_labels, probe_seed, device))
             continue
         images, labels = sets_by_name[job.train_set].images_for(job.trial)
-        setup = TrialSetup(images.to(device), labels.to(device), model.backbone, distill_backbone, golden,
-                           eval_features, eval_labels, options, seed, *validation)
+        setup = TrialSetup(images.to(device), labels.to(device), model.backbone, inputs.distill_backbone,
+                           inputs.golden, eval_features, eval_labels, options, seed, *validation)
         outcome = train_trial(setup, job.mode)
-        if job.train_set == own_method and job.mode == "ci" and job.trial == 0:
-            save_projector(outcome.projector, RunLayout(output_dir).projector(job.eval_backbone),
+        if job.train_set == inputs.own_method and job.mode == "ci" and job.trial == 0:
+            save_projector(outcome.projector, RunLayout(config.output_dir).projector(job.eval_backbone),
                            eval_backbone=job.eval_backbone, distill_backbone=config.backbone)
         mine.append(JobResult(job, outcome.accuracy, outcome.curve, outcome.seconds, len(images), outcome.details))
-    results = gather_lists(accelerator, mine)
+    return mine
+
+
+def run_evaluate(config: Config, accelerator, synthetic_root: Path | None = None) -> list[dict[str, Any]]:
+    """Stage III; writes ``results.json``, ``results.md``, plots and projectors; returns the records.
+
+    ``synthetic_root``: see :func:`load_inputs`. A joint run (a list of backbones) is evaluated on
+    every member by :mod:`sfm_hf.multi`.
+    """
+    if isinstance(config.backbone, list):
+        from .multi import run_joint_evaluate
+
+        return run_joint_evaluate(config, accelerator)
+    inputs = load_inputs(config, accelerator, synthetic_root)
+    jobs = plan_jobs(config, inputs)
+    start = time.perf_counter()
+    results = gather_lists(accelerator, run_jobs(config, accelerator, inputs, jobs))
     seconds = time.perf_counter() - start
     records: list[dict[str, Any]] = []
     if accelerator.is_main_process:
-        records = _records(config, train_sets, backbones, golden, distill_evaluation, results,
-                           int(statistics.class_counts.sum()), own_method)
-        _write_outputs(config, records, statistics, distill_backbone, synthetic)
-        _print_summary(config, records, len(jobs), seconds, world_size)
+        records = _records(config, inputs.train_sets, inputs.backbones, inputs.golden, inputs.distill_evaluation,
+                           results, int(inputs.statistics.class_counts.sum()), inputs.own_method)
+        _write_outputs(config, records, inputs.statistics, inputs.distill_backbone, inputs.synthetic)
+        _print_summary(config, records, len(jobs), seconds, accelerator.num_processes)
         accelerator.log({
             "evaluate/" + "/".join(short_name(str(record[key])) for key in ("train_set", "mode", "eval_backbone")
                                    if record.get(key) is not None): record["mean"]
@@ -884,85 +973,102 @@ def _records(
     golden_train_images: int,
     own_method: str | None,
 ) -> list[dict[str, Any]]:
-    """One record per (train set, distill backbone, eval backbone, mode), trials in seed order."""
-    options = config.evaluate
-    output_dir = Path(config.output_dir)
+    """One record per (train set, distill backbone, eval backbone, mode), trials in seed order, then the references."""
     grouped: dict[tuple[str, str, str], list[JobResult]] = {}
     for result in sorted(results, key=lambda result: result.job.trial):
         job = result.job
         grouped.setdefault((job.train_set, job.eval_backbone, job.mode), []).append(result)
-    device = golden.weight.device
-    train_images = int(golden_train_images)
     records = []
     for train_set in train_sets:
         for name, model in backbones.items():
             for mode in train_set.modes:
-                trials = grouped[(train_set.name, name, mode)]
-                kind, alpha = parse_mode(mode)
-                steps = [trial.details["steps"] for trial in trials]
-                record = {
-                    "train_set": train_set.name,
-                    "distill_backbone": config.backbone,
-                    "eval_backbone": name,
-                    "mode": mode,
-                    **_summary([trial.accuracy for trial in trials]),
-                    "ipc": train_set.ipc,
-                    "iterations": max(steps),
-                    "steps_per_trial": steps,
-                    "seconds": round(sum(trial.seconds for trial in trials), 3),
-                    "images": trials[0].images,
-                    "seeds": [options.seed_base + trial.job.trial for trial in trials],
-                    **{key: value for key, value in trials[0].details.items()
-                       if key not in ("steps", "plateau", "validation_accuracy", "ridge_lambda")},
-                }
-                if "ridge_lambda" in trials[0].details:
-                    record["ridge_lambda"] = [trial.details["ridge_lambda"] for trial in trials]
-                if "plateau" in trials[0].details:
-                    record["plateau_reached"] = all(trial.details["plateau"] for trial in trials)
-                    record["validation_accuracy"] = sum(
-                        trial.details["validation_accuracy"] for trial in trials) / len(trials)
-                    record["validation_images"] = min(options.validation_images, len(model.train.labels))
-                if kind == "kd":
-                    record.update(alpha=alpha, temperature=options.kd_temperature)
-                record.update(train_set.details)
-                curve = _mean_curve(trials)
-                if curve is not None:
-                    record["curve"] = curve
+                record = _trial_record(config, train_set, model, mode, grouped[(train_set.name, name, mode)])
                 if train_set.name == own_method and mode == "ci":
-                    relative = projector_path(name)
-                    projector = load_projector(output_dir / relative, eval_dim=model.backbone.feature_dim,
-                                               distill_dim=golden.in_features).to(device)
-                    record["projector"] = relative
-                    record["projector_accuracy"] = accuracy(
-                        nn.Sequential(projector, golden), model.evaluation.features.to(device),
-                        model.evaluation.labels.to(device),
-                    )
+                    record.update(_saved_projector_score(config, model, golden))
                 records.append(record)
+    records.append(_golden_record(config, golden, distill_evaluation, golden_train_images))
+    if config.evaluate.full_dataset:
+        records.extend(_full_dataset_record(config, name, grouped[(FULL_DATASET, name, "vanilla")])
+                       for name in backbones)
+    return records
+
+
+def _trial_record(config: Config, train_set: TrainSet, model: EvalBackbone, mode: str,
+                  trials: list[JobResult]) -> dict[str, Any]:
+    """The record of one (train set, eval backbone, mode): accuracy over trials and how they were trained."""
+    options = config.evaluate
+    entry, alpha = parse_mode(mode)
+    steps = [trial.details["steps"] for trial in trials]
+    record = {
+        "train_set": train_set.name,
+        "distill_backbone": config.backbone,
+        "eval_backbone": model.name,
+        "mode": mode,
+        **_summary([trial.accuracy for trial in trials]),
+        "ipc": train_set.ipc,
+        "iterations": max(steps),
+        "steps_per_trial": steps,
+        "seconds": round(sum(trial.seconds for trial in trials), 3),
+        "images": trials[0].images,
+        "seeds": [options.seed_base + trial.job.trial for trial in trials],
+        **{key: value for key, value in trials[0].details.items()
+           if key not in ("steps", "plateau", "validation_accuracy", "ridge_lambda")},
+    }
+    if "ridge_lambda" in trials[0].details:
+        record["ridge_lambda"] = [trial.details["ridge_lambda"] for trial in trials]
+    if "plateau" in trials[0].details:
+        record["plateau_reached"] = all(trial.details["plateau"] for trial in trials)
+        record["validation_accuracy"] = sum(trial.details["validation_accuracy"] for trial in trials) / len(trials)
+        record["validation_images"] = min(options.validation_images, len(model.train.labels))
+    if entry.per_alpha:
+        record.update(alpha=alpha, temperature=options.kd_temperature)
+    record.update(train_set.details)
+    curve = _mean_curve(trials)
+    if curve is not None:
+        record["curve"] = curve
+    return record
+
+
+def _saved_projector_score(config: Config, model: EvalBackbone, golden: nn.Linear) -> dict[str, Any]:
+    """Where this run's trial-0 CI projector of ``model`` was saved, and golden(P(phi_e(x)))'s accuracy read back
+    from that file: what the exported bundle will hold and its card will claim."""
+    relative = projector_path(model.name)
+    device = golden.weight.device
+    projector = load_projector(Path(config.output_dir) / relative, eval_dim=model.backbone.feature_dim,
+                               distill_dim=golden.in_features).to(device)
+    score = accuracy(nn.Sequential(projector, golden), model.evaluation.features.to(device),
+                     model.evaluation.labels.to(device))
+    return {"projector": relative, "projector_accuracy": score}
+
+
+def _golden_record(config: Config, golden: nn.Linear, distill_evaluation: FeatureSet,
+                   golden_train_images: int) -> dict[str, Any]:
+    """The golden classifier of Stage I scored on phi_d features of the eval split."""
     start = time.perf_counter()
+    device = golden.weight.device
     golden_accuracy = accuracy(golden, distill_evaluation.features.to(device), distill_evaluation.labels.to(device))
     golden_file = hub.statistics_dir(config) / GOLDEN_JSON
     fitted = json.loads(golden_file.read_text()) if golden_file.is_file() else {}
-    records.append({
+    return {
         "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": config.backbone,
         "mode": "golden", **_summary([golden_accuracy]), "ipc": None,
-        "seconds": round(time.perf_counter() - start, 3), "images": train_images,
+        "seconds": round(time.perf_counter() - start, 3), "images": int(golden_train_images),
         "protocol": f"golden:{fitted.get('recipe', 'unknown')}", "iterations": fitted.get("steps"),
         **{key: value for key, value in fitted.items() if key not in ("eval_accuracy", "eval_split", "eval_images")},
         "note": "the golden classifier of Stage I on phi_d features of the eval split",
-    })
-    if options.full_dataset:
-        for name, model in backbones.items():
-            trials = grouped[(FULL_DATASET, name, "vanilla")]
-            images = trials[0].images
-            records.append({
-                "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": name,
-                "mode": "vanilla", **_summary([trial.accuracy for trial in trials]), "ipc": None,
-                "seconds": round(sum(trial.seconds for trial in trials), 3), "images": images,
-                "protocol": f"golden:{config.golden.recipe}", "iterations": trials[0].details["steps"],
-                **trials[0].details,
-                "note": "linear probe on cached centre-crop features of the whole train split (golden.* options)",
-            })
-    return records
+    }
+
+
+def _full_dataset_record(config: Config, eval_backbone: str, trials: list[JobResult]) -> dict[str, Any]:
+    """The full-dataset linear probe of one eval backbone."""
+    return {
+        "train_set": FULL_DATASET, "distill_backbone": config.backbone, "eval_backbone": eval_backbone,
+        "mode": "vanilla", **_summary([trial.accuracy for trial in trials]), "ipc": None,
+        "seconds": round(sum(trial.seconds for trial in trials), 3), "images": trials[0].images,
+        "protocol": f"golden:{config.golden.recipe}", "iterations": trials[0].details["steps"],
+        **trials[0].details,
+        "note": "linear probe on cached centre-crop features of the whole train split (golden.* options)",
+    }
 
 
 def _write_outputs(

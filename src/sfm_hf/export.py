@@ -636,11 +636,8 @@ def build_bundle(facts: RunFacts, eval_name: str, backbone: FrozenBackbone, proj
     return model.eval()
 
 
-def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, dataset_folder: Path) -> Path:
-    """model/: the bundle with remote code, its image processor and card."""
-    from .configuration_sfm import SFMConfig
-    from .modeling_sfm import SFMForImageClassification, feature_output
-
+def bundle_parts(facts: RunFacts) -> tuple[str, FrozenBackbone, Projector, dict[str, torch.Tensor]]:
+    """The eval backbone's name, the backbone, the projector and the golden classifier the bundle holds, checked."""
     config = facts.config
     eval_name = bundle_backbone(config)
     if eval_name.startswith(OPEN_CLIP_PREFIXES):
@@ -658,40 +655,73 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
             f"The projector is {tuple(projector.weight.shape)} but {eval_name!r} gives {backbone.feature_dim}-d "
             f"features and the golden classifier reads {distill_dim}-d: results.json belongs to another run."
         )
-    model = build_bundle(facts, eval_name, backbone, projector, golden)
-    folder = RunLayout(facts.output_dir).model_dir
+    return eval_name, backbone, projector, golden
+
+
+def save_bundle(model, backbone: FrozenBackbone, crop_ratio: float, folder: Path) -> str:
+    """model/ afresh: weights, remote code, image processor; returns where the processor's settings come from."""
+    from .configuration_sfm import SFMConfig
+    from .modeling_sfm import SFMForImageClassification
+
     if folder.exists():
         shutil.rmtree(folder)
     SFMConfig.register_for_auto_class()
     SFMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     model.save_pretrained(folder)
-    processor_source = save_image_processor(backbone, config.data.crop_ratio, folder)
+    return save_image_processor(backbone, crop_ratio, folder)
 
+
+@dataclass
+class BundleFacts:
+    """What the model card says about a saved bundle."""
+
+    eval_name: str
+    backbone: FrozenBackbone  # phi_e
+    feature: str  # the encoder output used as phi_e(x)
+    projector: Projector
+    variant: DatasetVariant  # the synthetic images behind the projector
+    processor_source: str
+    measured_geometry: str  # how the eval images were resized for the accuracy the card reports
+    head_parameters: int
+    encoder_parameters: int
+    encoder_bytes: int
+
+    @classmethod
+    def measure(cls, model, eval_name: str, backbone: FrozenBackbone, projector: Projector, variant: DatasetVariant,
+                processor_source: str, crop_ratio: float) -> "BundleFacts":
+        from .modeling_sfm import feature_output
+
+        return cls(
+            eval_name=eval_name, backbone=backbone, feature=feature_output(backbone.model.config.model_type),
+            projector=projector, variant=variant, processor_source=processor_source,
+            measured_geometry=describe_geometry(stage_geometry(backbone.image_size, crop_ratio)),
+            head_parameters=sum(p.numel() for p in (*model.projector.parameters(), *model.classifier.parameters())),
+            encoder_parameters=sum(p.numel() for p in model.vision_model.parameters()),
+            encoder_bytes=sum(t.numel() * t.element_size() for t in model.vision_model.state_dict().values()),
+        )
+
+
+def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, dataset_folder: Path) -> Path:
+    """model/: the bundle with remote code, its image processor and card."""
+    eval_name, backbone, projector, golden = bundle_parts(facts)
+    model = build_bundle(facts, eval_name, backbone, projector, golden)
+    folder = RunLayout(facts.output_dir).model_dir
+    processor_source = save_bundle(model, backbone, facts.config.data.crop_ratio, folder)
     variant = read_variant(dataset_folder / VARIANTS_DIR / names.dataset_config)
-    head_parameters = sum(p.numel() for p in (*model.projector.parameters(), *model.classifier.parameters()))
-    encoder_parameters = sum(p.numel() for p in model.vision_model.parameters())
-    encoder_bytes = sum(t.numel() * t.element_size() for t in model.vision_model.state_dict().values())
-    eval_split = facts.golden.get("eval_split", config.eval_split) if facts.golden else config.eval_split
-    source = facts.source_dataset
-    model_card(
-        facts, names, license_name,
-        eval_name=eval_name, backbone=backbone, projector=projector, eval_split=eval_split, source=source,
-        feature=feature_output(backbone.model.config.model_type), processor_source=processor_source,
-        measured_geometry=describe_geometry(stage_geometry(backbone.image_size, config.data.crop_ratio)),
-        variant=variant, head_parameters=head_parameters, encoder_parameters=encoder_parameters,
-        encoder_bytes=encoder_bytes,
-    ).save(folder / CARD_FILE)
-    (folder / CONFIG_FILE).write_text(public_config_yaml(config, facts.redact))
+    bundle = BundleFacts.measure(model, eval_name, backbone, projector, variant, processor_source,
+                                 facts.config.data.crop_ratio)
+    model_card(facts, names, license_name, bundle).save(folder / CARD_FILE)
+    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
     return folder
 
 
-def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, eval_name: str,
-               backbone: FrozenBackbone, projector: Projector, eval_split: str, source: str, feature: str,
-               processor_source: str, measured_geometry: str, variant: DatasetVariant, head_parameters: int, encoder_parameters: int,
-               encoder_bytes: int):
+def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, bundle: BundleFacts):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = facts.config
+    source = facts.source_dataset
+    eval_split = facts.golden.get("eval_split", config.eval_split) if facts.golden else config.eval_split
+    projector, eval_name = bundle.projector, bundle.eval_name
     eval_results = None
     if projector.accuracy is not None:
         eval_results = [EvalResult(
@@ -721,23 +751,23 @@ def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, *, e
         eval_name=public_name(eval_name),
         distill_name=public_name(config.backbone),
         same_backbone=eval_name == config.backbone,
-        family=backbone.family,
-        feature=feature,
-        feature_dim=backbone.feature_dim,
+        family=bundle.backbone.family,
+        feature=bundle.feature,
+        feature_dim=bundle.backbone.feature_dim,
         distill_dim=projector.weight.shape[0],
         num_classes=len(facts.class_names),
         projector=projector,
         eval_split=eval_split,
         embedded=config.hub.embed_backbone,
-        processor_source=processor_source,
-        measured_geometry=measured_geometry,
-        variant=variant,
+        processor_source=bundle.processor_source,
+        measured_geometry=bundle.measured_geometry,
+        variant=bundle.variant,
         ipc=config.ipc,
         resolution=facts.synthetic.get("resolution"),
-        head_parameters=head_parameters,
-        head_bytes=head_parameters * 4,
-        encoder_parameters=encoder_parameters,
-        encoder_bytes=encoder_bytes,
+        head_parameters=bundle.head_parameters,
+        head_bytes=bundle.head_parameters * 4,
+        encoder_parameters=bundle.encoder_parameters,
+        encoder_bytes=bundle.encoder_bytes,
         golden=facts.golden,
         paper=PAPER,
     )

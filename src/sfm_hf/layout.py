@@ -6,7 +6,8 @@
       config.yaml                 the resolved config of the last run (runner)
       .lock                       held by the run using the folder (utils.OutputDirLock)
       statistics/                 Stage I: statistics.safetensors, statistics.json, golden_classifier.safetensors
-                                  + .json, features/ (the float16 feature cache); export adds README.md, config.yaml
+                                  + .json, features/{train,eval}-rankRR-KKKKK.safetensors (the float16 feature
+                                  cache); export adds README.md, config.yaml
       checkpoints/rankRR.pt       Stage II: resumable state, one file per process
       synthetic/                  Stage II: images.safetensors, synthetic.json, preview.png;
                                   export adds data/<config>/ (one Hub dataset config each) and README.md
@@ -64,6 +65,16 @@ MODEL_DIR = "model"
 
 # A joint run's member folders.
 MEMBERS_DIR = "backbones"
+
+
+def feature_shard(cache_dir: Path, prefix: str, rank: int, number: int) -> Path:
+    """Shard ``number`` of process ``rank``'s features of split ``prefix`` (train / eval) in a feature cache."""
+    return cache_dir / f"{prefix}-rank{rank:02d}-{number:05d}.safetensors"
+
+
+def feature_shards(cache_dir: Path, prefix: str) -> list[Path]:
+    """Every shard of split ``prefix`` in a feature cache, in rank and shard order."""
+    return sorted(cache_dir.glob(f"{prefix}-rank*-*.safetensors"))
 
 
 def projector_path(eval_backbone: str) -> str:

@@ -41,6 +41,7 @@ from .errors import UserError
 from .probe import accuracy
 from .layout import (
     FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, MERGING_MARKER, STATISTICS_JSON, STATISTICS_TENSORS, RunLayout,
+    feature_shard, feature_shards,
 )
 from .statistics import (
     GOLDEN_MISSING_KEY,
@@ -100,7 +101,7 @@ class Shard:
         return self.folder / FEATURES_DIR
 
     def has_cache(self, prefix: str) -> bool:
-        return any(self.cache_dir.glob(f"{prefix}-rank*-*.safetensors"))
+        return bool(feature_shards(self.cache_dir, prefix))
 
 
 def merged_class_names(shards: Sequence[Shard], allow_disjoint_classes: bool = False) -> list[str]:
@@ -229,7 +230,7 @@ def _write_merged_cache(
                     "labels": labels[chunk].contiguous(),
                     "indices": torch.full_like(labels[chunk], -1),
                 },
-                cache_dir / f"{prefix}-rank00-{number:05d}.safetensors",
+                feature_shard(cache_dir, prefix, 0, number),
             )
             number += 1
         rows += len(labels)

@@ -22,23 +22,22 @@ from typing import Any, Iterable
 
 import torch
 
-from .config import SYNTHETIC_TRAIN_SETS
 from .layout import CURVES_PLOT, EVALUATION_DIR, FLOW_PLOT, RunLayout
 from .names import short_name
 from .objectives import class_centres, flow_cosine, statistical_flow
+from .registry import DISTILL_METHODS, EVALUATION_MODES, parse_mode
 from .utils import write_text_atomically
 from .visualize import pyplot, save_figure
 
 Record = dict[str, Any]
 
-BASE_NAMES = {"random": "Random", "centroids": "Centroids", "lgm": "LGM", "sfm": "SFM", "tcdd": "TCDD",
-              "ncdd": "NCDD", "full_dataset": "Full dataset"}
-# Paper order: real baselines, then distilled sets (LGM before SFM), then the references.
-BASE_ORDER = ["random", "centroids", "neighbors_lgm", "neighbors_tcdd", "neighbors_ncdd", "neighbors_sfm", "lgm",
-              "tcdd", "ncdd", "sfm", "full_dataset"]
-MAIN_MODES = ("vanilla", "ci", "golden")
-STRATEGY_LABELS = {"vanilla": "Vanilla", "jt": "JT (w/o IP)", "jt_ip": "JT (w/ IP)", "st": "ST (w/o IP)",
-                   "st_ip": "ST (w/ IP)", "ci": "Our CI"}
+BASE_NAMES = {"random": "Random", "centroids": "Centroids",
+              **{method.name: method.label for method in DISTILL_METHODS.values()}, "full_dataset": "Full dataset"}
+# Paper order: real baselines, then distilled sets (in the registry's order), then the references.
+BASE_ORDER = ["random", "centroids", *(f"neighbors_{name}" for name in DISTILL_METHODS), *DISTILL_METHODS,
+              "full_dataset"]
+# Rows of Tables 2 and 4: the modes with a main-table label, then the golden classifier.
+MAIN_MODES = (*(mode.name for mode in EVALUATION_MODES.values() if mode.main_table_suffix is not None), "golden")
 
 
 def _base_label(train_set: str) -> str:
@@ -54,10 +53,9 @@ def row_label(record: Record) -> str:
     if mode == "golden":
         return "Golden classifier (full data)"
     base = _base_label(record["train_set"])
-    if mode == "vanilla":
-        return base
-    if mode == "ci":
-        return f"{base}+CI"
+    entry, _ = parse_mode(mode)
+    if entry is not None and entry.main_table_suffix is not None:
+        return base + entry.main_table_suffix
     return f"{base} [{mode}]"
 
 
@@ -128,27 +126,23 @@ def cross_model_tables(records: list[Record]) -> list[tuple[str, str]]:
 
 
 def _strategy_label(record: Record) -> str:
-    mode = record["mode"]
-    if mode.startswith("kd-"):
-        return f"Soft labels (α={mode[3:]})"
-    return STRATEGY_LABELS[mode]
+    entry, _ = parse_mode(record["mode"])
+    return entry.label.format(alpha=record["mode"].partition("-")[2])
 
 
 def _strategy_key(record: Record) -> tuple[int, str]:
-    order = list(STRATEGY_LABELS)
-    mode = record["mode"]
-    return (order.index(mode) if mode in order else len(order)), mode
+    entry, _ = parse_mode(record["mode"])
+    return list(EVALUATION_MODES).index(entry.name), record["mode"]
 
 
 def strategy_tables(records: list[Record]) -> list[tuple[str, str, str]]:
     """Table 5 / Fig. 3: training strategies on each synthetic set, when any beyond vanilla and CI ran."""
     tables = []
-    extra = {"jt", "jt_ip", "st", "st_ip"}
     for distill in _unique(r["distill_backbone"] for r in records):
         for train_set in _unique(r["train_set"] for r in records if r["distill_backbone"] == distill):
             chosen = [r for r in records if r["distill_backbone"] == distill and r["train_set"] == train_set
-                      and (r["mode"] in STRATEGY_LABELS or r["mode"].startswith("kd-"))]
-            if not any(r["mode"] in extra or r["mode"].startswith("kd-") for r in chosen):
+                      and parse_mode(r["mode"])[0] is not None]
+            if all(parse_mode(r["mode"])[0].main_table_suffix is not None for r in chosen):
                 continue
             columns = _unique(r["eval_backbone"] for r in chosen)
             table = _grid(chosen, columns, lambda r: r["eval_backbone"], _strategy_label, _strategy_key)
@@ -194,7 +188,7 @@ def plot_accuracy_curves(records: list[Record], path: Path) -> Path | None:
 
     The curve points were scored on the eval split for this picture only.
     """
-    curves = [r for r in records if r.get("curve") and r["train_set"] in SYNTHETIC_TRAIN_SETS]
+    curves = [r for r in records if r.get("curve") and r["train_set"] in DISTILL_METHODS]
     if not curves:
         return None
     plt = pyplot()

@@ -25,6 +25,7 @@ from .config import Config, DataOptions
 from .errors import StageInputError
 from .layout import (
     FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, STATISTICS_JSON, STATISTICS_OUTPUTS, STATISTICS_TENSORS, RunLayout,
+    feature_shard, feature_shards,
 )
 from .data import DatasetError, SplitSource, as_float, image_batches, open_split
 from .objectives import statistical_flow
@@ -133,8 +134,82 @@ class FeaturePass:
         return self.seen / max(self.seconds, 1e-9)
 
 
-def _shard_path(cache_dir: Path, prefix: str, rank: int, number: int) -> Path:
-    return cache_dir / f"{prefix}-rank{rank:02d}-{number:05d}.safetensors"
+class _ShardWriter:
+    """Writes one process's features of a split into a feature cache, ROWS_PER_SHARD rows a file (never all in RAM)."""
+
+    def __init__(self, cache_dir: Path, prefix: str, rank: int) -> None:
+        self.cache_dir, self.prefix, self.rank = cache_dir, prefix, rank
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.pending_rows = self.written = 0
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        self.pending.append((features.half().cpu(), labels, indices))
+        self.pending_rows += len(labels)
+        if self.pending_rows >= ROWS_PER_SHARD:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        features, labels, indices = (torch.cat(parts) for parts in zip(*self.pending))
+        save_tensors_atomically(
+            {"features": features.contiguous(), "labels": labels, "indices": indices},
+            feature_shard(self.cache_dir, self.prefix, self.rank, self.written),
+        )
+        self.pending, self.pending_rows, self.written = [], 0, self.written + 1
+
+
+def _open_cache(cache_dir: Path, prefix: str, accelerator) -> _ShardWriter:
+    """This process's writer into ``cache_dir``, once the main process has removed the split's old shards
+    (those of an earlier run, perhaps with more processes, would silently join this one's)."""
+    if accelerator.is_main_process:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in feature_shards(cache_dir, prefix):
+            stale.unlink()
+    accelerator.wait_for_everyone()
+    return _ShardWriter(cache_dir, prefix, accelerator.process_index)
+
+
+class _ClassTally:
+    """Per-class float64 feature sums and counts of this process's images, and what it skipped."""
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device) -> None:
+        self.sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.seen = self.skipped = 0
+        self.skipped_examples: list[str] = []
+
+    def add(self, batch, features: torch.Tensor | None) -> None:
+        self.skipped += batch.skipped
+        self.skipped_examples.extend(batch.skipped_examples[: max(0, 5 - len(self.skipped_examples))])
+        if features is not None:
+            labels = batch.labels.to(features.device)
+            self.sums.index_add_(0, labels, features.double())
+            self.counts += torch.bincount(labels, minlength=len(self.counts))
+            self.seen += len(labels)
+
+    def reduce(self, accelerator, start: float) -> FeaturePass:
+        """The totals over all processes; ``start``: perf_counter() when the pass began."""
+        tallies = torch.tensor([self.seen, self.skipped], dtype=torch.int64, device=self.sums.device)
+        sums = accelerator.reduce(self.sums, reduction="sum")
+        counts = accelerator.reduce(self.counts, reduction="sum")
+        tallies = accelerator.reduce(tallies, reduction="sum")
+        return FeaturePass(
+            class_sums=sums.cpu(),
+            class_counts=counts.cpu(),
+            seen=int(tallies[0]),
+            skipped=int(tallies[1]),
+            skipped_examples=gather_lists(accelerator, self.skipped_examples)[:5],
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _share_size(source: SplitSource, data: DataOptions, rank: int, world_size: int) -> int | None:
+    """How many rows process ``rank`` reads (for the progress bar), when the split says its size."""
+    if source.num_rows is None:
+        return None
+    rows = source.num_rows if data.max_samples_per_split is None else min(source.num_rows, data.max_samples_per_split)
+    return rows * (rank + 1) // world_size - rows * rank // world_size
 
 
 def stream_features(
@@ -152,41 +227,12 @@ def stream_features(
 
     With ``cache_dir`` the features are also written as float16 shards (never all in RAM).
     """
-    rank, world_size = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    num_classes, dim = source.num_classes, backbone.feature_dim
-    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
-    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    seen = skipped = 0
-    skipped_examples: list[str] = []
-    if cache_dir is not None:
-        # Shards of an earlier run (perhaps with more processes) would silently join this one's.
-        if accelerator.is_main_process:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            for stale in cache_dir.glob(f"{prefix}-rank*-*.safetensors"):
-                stale.unlink()
-        accelerator.wait_for_everyone()
-    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    pending_rows = shard_number = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_rows, shard_number
-        if not pending:
-            return
-        features, labels, indices = (torch.cat(parts) for parts in zip(*pending))
-        save_tensors_atomically(
-            {"features": features.contiguous(), "labels": labels, "indices": indices},
-            _shard_path(cache_dir, prefix, rank, shard_number),
-        )
-        pending, pending_rows, shard_number = [], 0, shard_number + 1
-
-    total = None
-    if source.num_rows is not None:
-        rows = source.num_rows if data.max_samples_per_split is None else min(source.num_rows, data.max_samples_per_split)
-        total = rows * (rank + 1) // world_size - rows * rank // world_size
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    writer = _open_cache(cache_dir, prefix, accelerator) if cache_dir is not None else None
+    tally = _ClassTally(source.num_classes, backbone.feature_dim, device)
     start = time.perf_counter()
-    progress = track(total=total, unit="img", desc=description, mode=progress_mode,
-                     enabled=accelerator.is_local_main_process)
+    progress = track(total=_share_size(source, data, rank, world_size), unit="img", desc=description,
+                     mode=progress_mode, enabled=accelerator.is_local_main_process)
     batches = image_batches(
         source,
         image_size=backbone.image_size,
@@ -199,36 +245,17 @@ def stream_features(
     )
     with torch.inference_mode():
         for batch in batches:
-            skipped += batch.skipped
-            skipped_examples.extend(batch.skipped_examples[: max(0, 5 - len(skipped_examples))])
+            features = None
             if len(batch.labels):
-                labels = batch.labels.to(device)
                 features = backbone(as_float(batch.images.to(device, non_blocking=True)))
-                sums.index_add_(0, labels, features.double())
-                counts += torch.bincount(labels, minlength=num_classes)
-                seen += len(labels)
-                if cache_dir is not None:
-                    pending.append((features.half().cpu(), batch.labels, batch.indices))
-                    pending_rows += len(labels)
-                    if pending_rows >= ROWS_PER_SHARD:
-                        flush()
+                if writer is not None:
+                    writer.add(features, batch.labels, batch.indices)
+            tally.add(batch, features)
             progress.update(len(batch.labels) + batch.skipped)
-    if cache_dir is not None:
-        flush()
+    if writer is not None:
+        writer.flush()
     progress.close()
-    tallies = torch.tensor([seen, skipped], dtype=torch.int64, device=device)
-    sums = accelerator.reduce(sums, reduction="sum")
-    counts = accelerator.reduce(counts, reduction="sum")
-    tallies = accelerator.reduce(tallies, reduction="sum")
-    examples = gather_lists(accelerator, skipped_examples)[:5]
-    return FeaturePass(
-        class_sums=sums.cpu(),
-        class_counts=counts.cpu(),
-        seen=int(tallies[0]),
-        skipped=int(tallies[1]),
-        skipped_examples=examples,
-        seconds=time.perf_counter() - start,
-    )
+    return tally.reduce(accelerator, start)
 
 
 def cached_row_indices(cache_dir: Path, prefix: str) -> torch.Tensor | None:
@@ -249,7 +276,7 @@ def load_feature_cache(cache_dir: Path, prefix: str) -> tuple[torch.Tensor, torc
 
     Row order makes everything trained on the cache independent of how many processes wrote it.
     """
-    shards = sorted(cache_dir.glob(f"{prefix}-rank*-*.safetensors"))
+    shards = feature_shards(cache_dir, prefix)
     if not shards:
         raise StageInputError(f"No cached {prefix} features in {cache_dir}: run the 'statistics' stage first.")
     parts = [load_file(shard) for shard in shards]
