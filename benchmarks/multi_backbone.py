@@ -31,7 +31,7 @@ def flow_cosines(synthetic_dir: Path, backbones: dict[str, str], statistics_dirs
     """cos(F*, flow of the set) on each backbone's statistics (no augmentation), as Stage II reports it."""
     from sfm_hf.backbones import load_backbone
     from sfm_hf.distill import flow_agreement
-    from sfm_hf.evaluate import load_synthetic
+    from sfm_hf.evaluation import load_synthetic
     from sfm_hf.statistics import Statistics
 
     synthetic = load_synthetic(synthetic_dir)

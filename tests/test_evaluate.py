@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from sfm_hf import evaluate
+from sfm_hf import evaluation
 from sfm_hf.backbones import load_backbone
 from sfm_hf.config import ConfigError, EvaluateOptions
 from sfm_hf.data import DatasetError, open_split
-from sfm_hf.evaluate import (
+from sfm_hf.evaluation import (
     EvaluationError,
     ProjectorMismatchError,
     TrialSetup,
@@ -189,11 +189,11 @@ def test_ridge_projector_between_backbones_of_different_size(trial_parts, tiny_b
     settings = EvaluateOptions(curve_points=0, projector="ridge", ridge_views=100)
     setup = TrialSetup(images, torch.arange(10), other, backbone, golden, own_features, torch.arange(10), settings,
                        seed=3407)
-    fitted = evaluate.fit_ridge_projector(setup)[0]
+    fitted = evaluation.fit_ridge_projector(setup)[0]
     assert fitted.weight.shape == (64, 32)
     # An overwhelming penalty leaves the zero prior (dimensions differ): P maps everything to the mean phi_d.
     setup.options = EvaluateOptions(curve_points=0, projector="ridge", ridge_views=100, ridge_lambdas=[1e12])
-    flat, chosen = evaluate.fit_ridge_projector(setup)
+    flat, chosen = evaluation.fit_ridge_projector(setup)
     assert flat.weight.abs().max() < 1e-6 and chosen["ridge_lambda"] > 0 and chosen["ridge_views"] == 100
     assert not torch.allclose(fitted.weight, flat.weight)
 
@@ -288,7 +288,7 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the cached features should have been reused")
 
-    monkeypatch.setattr(evaluate, "stream_features", no_second_pass)
+    monkeypatch.setattr(evaluation, "stream_features", no_second_pass)
     config.evaluate.train_sets = ["sfm"]
     config.evaluate.modes = ["ci"]
     config.evaluate.projector = "ridge"

@@ -38,7 +38,7 @@ from .progress import progress as track
 from .pyramid import build_images, growth_due
 from .registry import DISTILL_METHODS
 from .layout import (
-    FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, STATISTICS_TENSORS, SYNTHETIC_DIR, SYNTHETIC_JSON, RunLayout,
+    FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, STATISTICS_TENSORS, SYNTHETIC_JSON, RunLayout,
 )
 from .multi import is_joint, member_configs
 from .names import short_name
@@ -590,166 +590,221 @@ def start_images(config: Config, statistics: Statistics) -> torch.Tensor | None:
     return images
 
 
-def run_distill(config: Config, accelerator) -> Path:
-    """Stage II; writes ``<output_dir>/synthetic/`` and returns that folder."""
-    output_dir = Path(config.output_dir)
-    folder = output_dir / SYNTHETIC_DIR
-    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    targets = distill_targets(config, device)
-    # From here on syn_res is a number (auto: the largest any listed backbone needs, so none upsamples) and init a
-    # concrete start, also in synthetic.json and the fingerprint.
+def resolve_settings(config: Config, targets: list[DistillTarget]) -> Config:
+    """``config`` with syn_res a number (auto: the largest any listed backbone needs, so none upsamples) and init a
+    concrete start, as synthetic.json and the fingerprint record them; the targets' configs get the same."""
     resolved = replace(config.distill, syn_res=max(
         config.distill.resolution(target.backbone.image_size, config.data.crop_ratio) for target in targets),
         init=resolve_init(targets[0].config))
-    config = replace(config, distill=resolved)
     for target in targets:
         target.config = replace(target.config, distill=resolved)
+    return replace(config, distill=resolved)
+
+
+@dataclass
+class DistillRun:
+    """What the loop of Stage II works on: this process's images and optimiser, and where it resumes from."""
+
+    config: Config  # settings resolved (resolve_settings)
+    targets: list[DistillTarget]
+    contexts: list[DistillContext]
+    shares: list[ClassShare]  # every process's classes, to gather the images
+    start: torch.Tensor | None  # the real start images of all classes, or None for noise
+    images: torch.nn.Module
+    optimizer: torch.optim.Adam
+    fingerprint: dict
+    checkpoint_path: Path
+    inputs: dict  # what synthetic.json records the images as a function of
+    start_step: int = 0
+    earlier_seconds: float = 0.0  # of the runs before a resume
+    last_loss: torch.Tensor | None = None
+    saved_step: int | None = None  # of the last checkpoint written or resumed from
+
+
+def prepare_run(config: Config, accelerator, targets: list[DistillTarget], inputs: dict) -> DistillRun:
+    """Contexts, start images and optimiser of this process, resumed from its checkpoint when one fits."""
     options = config.distill
-    all_statistics = [target.statistics for target in targets]
-    inputs = synthetic_inputs(config, all_statistics)
-    if _up_to_date(folder, inputs):
-        if accelerator.is_main_process:
-            logger.info(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
-        return folder
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     check_targets(targets)
     if options.compile:
         for target in targets:
             target.backbone = torch.compile(target.backbone)
     statistics = targets[0].statistics
-    num_classes = statistics.num_classes
     contexts = [build_context(target.config, target.backbone, target.statistics, rank=rank, world_size=world_size,
                               device=device) for target in targets]
     share = contexts[0].share
-    shares = [class_share(num_classes, config.ipc, r, world_size) for r in range(world_size)]
+    shares = [class_share(statistics.num_classes, config.ipc, r, world_size) for r in range(world_size)]
     # A joint set starts from the images chosen in its first backbone's feature cache.
     start = start_images(targets[0].config, statistics)
+    local_start = None if start is None else start[share.first_image : share.first_image + share.num_images]
+    images = build_images(
+        options.representation, share.num_images, options.syn_res, seed=config.seed,
+        decorrelate=options.decorrelate, index_offset=share.first_image, start=local_start,
+    ).to(device)
+    run = DistillRun(
+        config, targets, contexts, shares, start, images, make_optimizer(images, options.lr, device),
+        _fingerprint(config, [target.statistics for target in targets], world_size),
+        RunLayout(config.output_dir).checkpoint(rank), inputs,
+        last_loss=torch.full((), float("nan"), device=device),
+    )
+    _resume(run, accelerator)
+    return run
 
-    def fresh_images():
-        local_start = None if start is None else start[share.first_image : share.first_image + share.num_images]
-        return build_images(
-            options.representation, share.num_images, options.syn_res, seed=config.seed,
-            decorrelate=options.decorrelate, index_offset=share.first_image, start=local_start,
-        ).to(device)
 
-    images = fresh_images()
-    optimizer = make_optimizer(images, options.lr, device)
-    fingerprint = _fingerprint(config, all_statistics, world_size)
-    checkpoint_path = RunLayout(output_dir).checkpoint(rank)
-    start_step, earlier_seconds = 0, 0.0
-    last_loss = torch.full((), float("nan"), device=device)
-    saved_step = None
-    state = read_checkpoint(checkpoint_path, fingerprint)
-    if state is not None:
-        try:
-            images.load_levels([level.to(device) for level in state["levels"]])
-            optimizer = make_optimizer(images, options.lr, device)
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise CheckpointError(
-                f"Checkpoint {checkpoint_path} does not fit this run's images ({error}). Delete "
-                f"{checkpoint_path.parent} to start distillation over."
-            ) from None
-        _restore_rng(state["rng"])
-        start_step = saved_step = state["step"]
-        earlier_seconds = state["seconds"]
-        last_loss = torch.full((), state["loss"], device=device)
-        if accelerator.is_main_process:
-            logger.info(f"Stage II: resuming from step {start_step} ({checkpoint_path.parent}).")
+def _resume(run: DistillRun, accelerator) -> None:
+    """Load this process's checkpoint into ``run`` when one of these inputs and settings exists."""
+    device, options, checkpoint_path = accelerator.device, run.config.distill, run.checkpoint_path
+    state = read_checkpoint(checkpoint_path, run.fingerprint)
+    if state is None:
+        return
+    try:
+        run.images.load_levels([level.to(device) for level in state["levels"]])
+        run.optimizer = make_optimizer(run.images, options.lr, device)
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint_path} does not fit this run's images ({error}). Delete "
+            f"{checkpoint_path.parent} to start distillation over."
+        ) from None
+    _restore_rng(state["rng"])
+    run.start_step = run.saved_step = state["step"]
+    run.earlier_seconds = state["seconds"]
+    run.last_loss = torch.full((), state["loss"], device=device)
+    if accelerator.is_main_process:
+        logger.info(f"Stage II: resuming from step {run.start_step} ({checkpoint_path.parent}).")
 
+
+def _stop_if_non_finite(run: DistillRun, first_bad_step: torch.Tensor) -> None:
+    """Raise once a step's loss was NaN or infinite (read from the device only where the loop syncs anyway)."""
+    bad = int(first_bad_step)
+    if bad >= 0:
+        options = run.config.distill
+        kept = (
+            f"The last good checkpoint (step {run.saved_step}) is kept in {run.checkpoint_path.parent}."
+            if run.saved_step is not None else
+            f"No checkpoint was written before it (distill.checkpoint_every: {options.checkpoint_every})."
+        )
+        raise NonFiniteLossError(
+            f"Stage II stopped: the {options.method} loss became non-finite at step {bad}. {kept} Try a lower "
+            "distill.lr or distill.mixed_precision: no."
+        )
+
+
+def optimise(run: DistillRun, accelerator) -> float:
+    """The steps from ``run.start_step`` to ``distill.iterations``, with logging and checkpoints; returns the
+    seconds of distillation in all (earlier runs included)."""
+    config, options, device = run.config, run.config.distill, accelerator.device
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     progress = track(
-        range(start_step, options.iterations), initial=start_step, total=options.iterations,
+        range(run.start_step, options.iterations), initial=run.start_step, total=options.iterations,
         desc=f"Stage II: {options.method}", unit="step", mode=config.progress,
         enabled=accelerator.is_local_main_process,
     )
     start_time = time.perf_counter()
-
-    def check_finite(step: int) -> None:
-        bad = int(first_bad_step)
-        if bad >= 0:
-            kept = (
-                f"The last good checkpoint (step {saved_step}) is kept in {checkpoint_path.parent}."
-                if saved_step is not None else
-                f"No checkpoint was written before it (distill.checkpoint_every: {options.checkpoint_every})."
-            )
-            raise NonFiniteLossError(
-                f"Stage II stopped: the {options.method} loss became non-finite at step {bad}. {kept} Try a lower "
-                "distill.lr or distill.mixed_precision: no."
-            )
-
     for step in progress:
-        optimizer = grow_if_due(images, optimizer, step, config, device)
-        if len(contexts) == 1:
-            detached = train_step(contexts[0], images, optimizer, step)
+        run.optimizer = grow_if_due(run.images, run.optimizer, step, config, device)
+        if len(run.contexts) == 1:
+            detached = train_step(run.contexts[0], run.images, run.optimizer, step)
         else:
-            detached = joint_train_step(contexts, images, optimizer, step)
+            detached = joint_train_step(run.contexts, run.images, run.optimizer, step)
         first_bad_step = torch.where(
             (first_bad_step < 0) & ~torch.isfinite(detached), torch.full_like(first_bad_step, step), first_bad_step
         )
-        last_loss = detached
+        run.last_loss = detached
         done = step + 1
         if done % options.log_every == 0 or done == options.iterations:
-            check_finite(step)
-            value = float(last_loss)
+            _stop_if_non_finite(run, first_bad_step)
+            value = float(run.last_loss)
             progress.set_postfix(loss=f"{value:.4f}")
             accelerator.log({"distill/loss": value}, step=done)
         if options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.iterations:
-            check_finite(step)
-            save_checkpoint(checkpoint_path, images, optimizer, done, fingerprint, loss=float(last_loss),
-                            seconds=earlier_seconds + time.perf_counter() - start_time)
-            saved_step = done
+            _stop_if_non_finite(run, first_bad_step)
+            save_checkpoint(run.checkpoint_path, run.images, run.optimizer, done, run.fingerprint,
+                            loss=float(run.last_loss), seconds=run.earlier_seconds + time.perf_counter() - start_time)
+            run.saved_step = done
     progress.close()
-    if options.iterations > start_step:
-        check_finite(options.iterations - 1)
-    seconds = earlier_seconds + time.perf_counter() - start_time
+    if options.iterations > run.start_step:
+        _stop_if_non_finite(run, first_bad_step)
+    return run.earlier_seconds + time.perf_counter() - start_time
+
+
+def final_images(run: DistillRun, accelerator, seconds: float) -> torch.Tensor:
+    """Every process's images gathered (all classes, on the CPU); the last checkpoint written."""
+    options = run.config.distill
     with torch.no_grad():
-        final_local = images().detach()
-    final = _gather_images(accelerator, final_local, shares).cpu()
+        local = run.images().detach()
+    final = _gather_images(accelerator, local, run.shares).cpu()
     if options.checkpoint_every:
-        save_checkpoint(checkpoint_path, images, optimizer, max(start_step, options.iterations), fingerprint,
-                        loss=float(last_loss), seconds=seconds)
+        save_checkpoint(run.checkpoint_path, run.images, run.optimizer, max(run.start_step, options.iterations),
+                        run.fingerprint, loss=float(run.last_loss), seconds=seconds)
+    return final
+
+
+def write_outputs(run: DistillRun, accelerator, final: torch.Tensor, seconds: float, folder: Path) -> None:
+    """synthetic/ with the flow agreement of the final and initial images per backbone; the summary line, the
+    trackers and the saturation warning. Main process only."""
+    config, options, device = run.config, run.config.distill, accelerator.device
+    statistics, targets = run.targets[0].statistics, run.targets
+    num_classes = statistics.num_classes
+    last_loss = float(run.last_loss)
+    labels = _all_labels(num_classes, config.ipc)
+    with torch.no_grad():
+        initial = build_images(
+            options.representation, num_classes * config.ipc, options.syn_res, seed=config.seed,
+            decorrelate=options.decorrelate, start=run.start,
+        )().to(device)
+    agreements = {}
+    for target in targets:
+        unwrapped = target.backbone._orig_mod if hasattr(target.backbone, "_orig_mod") else target.backbone
+        agreements[target.config.backbone] = {
+            "final_images": flow_agreement(unwrapped, final.to(device), labels, target.statistics),
+            "initial_images": flow_agreement(unwrapped, initial, labels, target.statistics),
+            "random_real_images": _random_real_agreement(target.config, target.statistics),
+        }
+    saturated = saturated_fraction(final)
+    write_synthetic(folder, final, labels, statistics, config, seconds, last_loss, agreements,
+                    inputs=run.inputs, saturated=saturated)
+    flows = "; ".join(
+        ("" if len(targets) == 1 else f"{short_name(name)} ") + f"final {values['final_images']:.3f}, initial "
+        f"{values['initial_images']:.3f}, random real "
+        + ("n/a" if values["random_real_images"] is None else f"{values['random_real_images']:.3f}")
+        for name, values in agreements.items()
+    )
+    logger.info(
+        f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px, from {options.init}) by "
+        f"{options.method} in "
+        f"{seconds:.1f} s over {options.iterations - run.start_step} steps; final loss {last_loss:.4f}. "
+        f"cos(F*, flow): {flows}. -> {folder}"
+    )
+    logged = {"distill/final_loss": last_loss, "distill/seconds": seconds}
+    for backbone_name, values in agreements.items():
+        prefix = "distill/flow_cosine" + ("" if len(targets) == 1 else f"/{short_name(backbone_name)}")
+        logged.update({f"{prefix}/{name}": value for name, value in values.items() if value is not None})
+    accelerator.log(logged, step=options.iterations)
+    log_images(accelerator, {"distill/preview": folder / PREVIEW_FILE}, step=options.iterations)
+    if saturated > SATURATION_WARNING:
+        logger.warning(
+            "%.0f%% of the synthetic pixel values sit at 0 or 1 (saturated): the images carry little beyond "
+            "their sign pattern, whatever the flow cosine says. distill.lr %g is probably too high for "
+            "distill.representation %r.", 100 * saturated, options.lr, options.representation,
+        )
+
+
+def run_distill(config: Config, accelerator) -> Path:
+    """Stage II; writes ``<output_dir>/synthetic/`` and returns that folder: prepare (or resume), optimise, write."""
+    folder = RunLayout(config.output_dir).synthetic_dir
+    targets = distill_targets(config, accelerator.device)
+    config = resolve_settings(config, targets)
+    inputs = synthetic_inputs(config, [target.statistics for target in targets])
+    if _up_to_date(folder, inputs):
+        if accelerator.is_main_process:
+            logger.info(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
+        return folder
+    run = prepare_run(config, accelerator, targets, inputs)
+    seconds = optimise(run, accelerator)
+    final = final_images(run, accelerator, seconds)
     if accelerator.is_main_process:
-        labels = _all_labels(num_classes, config.ipc)
-        with torch.no_grad():
-            initial = build_images(
-                options.representation, num_classes * config.ipc, options.syn_res, seed=config.seed,
-                decorrelate=options.decorrelate, start=start,
-            )().to(device)
-        agreements = {}
-        for target in targets:
-            unwrapped = target.backbone._orig_mod if hasattr(target.backbone, "_orig_mod") else target.backbone
-            agreements[target.config.backbone] = {
-                "final_images": flow_agreement(unwrapped, final.to(device), labels, target.statistics),
-                "initial_images": flow_agreement(unwrapped, initial, labels, target.statistics),
-                "random_real_images": _random_real_agreement(target.config, target.statistics),
-            }
-        saturated = saturated_fraction(final)
-        write_synthetic(folder, final, labels, statistics, config, seconds, float(last_loss), agreements,
-                        inputs=inputs, saturated=saturated)
-        flows = "; ".join(
-            ("" if len(targets) == 1 else f"{short_name(name)} ") + f"final {values['final_images']:.3f}, initial "
-            f"{values['initial_images']:.3f}, random real "
-            + ("n/a" if values["random_real_images"] is None else f"{values['random_real_images']:.3f}")
-            for name, values in agreements.items()
-        )
-        logger.info(
-            f"Stage II: {len(final)} images ({config.ipc}/class, {options.syn_res}px, from {options.init}) by "
-            f"{options.method} in "
-            f"{seconds:.1f} s over {options.iterations - start_step} steps; final loss {float(last_loss):.4f}. "
-            f"cos(F*, flow): {flows}. -> {folder}"
-        )
-        logged = {"distill/final_loss": float(last_loss), "distill/seconds": seconds}
-        for backbone_name, values in agreements.items():
-            prefix = "distill/flow_cosine" + ("" if len(targets) == 1 else f"/{short_name(backbone_name)}")
-            logged.update({f"{prefix}/{name}": value for name, value in values.items() if value is not None})
-        accelerator.log(logged, step=options.iterations)
-        log_images(accelerator, {"distill/preview": folder / PREVIEW_FILE}, step=options.iterations)
-        if saturated > SATURATION_WARNING:
-            logger.warning(
-                "%.0f%% of the synthetic pixel values sit at 0 or 1 (saturated): the images carry little beyond "
-                "their sign pattern, whatever the flow cosine says. distill.lr %g is probably too high for "
-                "distill.representation %r.", 100 * saturated, options.lr, options.representation,
-            )
+        write_outputs(run, accelerator, final, seconds, folder)
     accelerator.wait_for_everyone()
     return folder
 

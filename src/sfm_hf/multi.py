@@ -63,7 +63,7 @@ def run_joint_evaluate(config: Config, accelerator) -> list[dict[str, Any]]:
     Writes each member's outputs into its folder and all records, tagged with the joint backbones,
     into ``<output_dir>/results.json`` and ``results.md``.
     """
-    from .evaluate import run_evaluate
+    from .evaluation import run_evaluate
     from .report import write_markdown
 
     records = []

@@ -80,20 +80,20 @@ class EvaluationMode:
 
 # In the order of the strategy table.
 EVALUATION_MODES = {mode.name: mode for mode in (
-    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluate:train_head", main_table_suffix=""),
+    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluation:train_head", main_table_suffix=""),
     EvaluationMode("jt", "JT (w/o IP)", "projector and head trained jointly, head random",
-                   "sfm_hf.evaluate:train_joint", trains_projector=True),
+                   "sfm_hf.evaluation:train_joint", trains_projector=True),
     EvaluationMode("jt_ip", "JT (w/ IP)", "jointly, head inherited from the golden classifier",
-                   "sfm_hf.evaluate:train_joint", trains_projector=True, inherits_golden_head=True),
-    EvaluationMode("st", "ST (w/o IP)", "projector first, then a random head", "sfm_hf.evaluate:train_sequential",
+                   "sfm_hf.evaluation:train_joint", trains_projector=True, inherits_golden_head=True),
+    EvaluationMode("st", "ST (w/o IP)", "projector first, then a random head", "sfm_hf.evaluation:train_sequential",
                    trains_projector=True, fits_projector_alone=True),
     EvaluationMode("st_ip", "ST (w/ IP)", "projector first, then the inherited head",
-                   "sfm_hf.evaluate:train_sequential", trains_projector=True, fits_projector_alone=True,
+                   "sfm_hf.evaluation:train_sequential", trains_projector=True, fits_projector_alone=True,
                    inherits_golden_head=True),
-    EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluate:train_projector",
+    EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluation:train_projector",
                    trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI"),
     EvaluationMode("kd", "Soft labels (α={alpha})", "soft labels of the golden classifier, once per kd_alphas value",
-                   "sfm_hf.evaluate:train_head", per_alpha=True),
+                   "sfm_hf.evaluation:train_head", per_alpha=True),
 )}
 
 

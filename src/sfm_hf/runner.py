@@ -42,7 +42,7 @@ KEPT_INSIDE_DEPENDENTS = (FEATURES_DIR,)
 
 def stage_functions() -> dict[str, Callable]:
     from .distill import run_distill
-    from .evaluate import run_evaluate
+    from .evaluation import run_evaluate
     from .export import run_export
 
     return {"statistics": run_statistics, "distill": run_distill, "evaluate": run_evaluate, "export": run_export}
