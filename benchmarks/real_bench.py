@@ -47,14 +47,15 @@ def recipe(backbone: str) -> str:
 class Launcher:
     """Runs ``recipes/distill.py`` with an argv, as a fresh ``accelerate launch`` or in this process."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, threads: int | None) -> None:
         self.kind = kind
         self._main = None
         if kind == "inprocess":
             import torch
 
-            # One thread, as the other benchmarks: on a shared machine two spinning threads are slower than one.
-            configure_threads(None, torch.device("cpu"))
+            # One thread unless told (as the other benchmarks): on a shared machine two spinning threads are
+            # slower than one.
+            configure_threads(threads, torch.device("cpu"))
             spec = importlib.util.spec_from_file_location("distill_recipe", REPO / "recipes" / "distill.py")
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
@@ -205,20 +206,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="Where the wheels, MNIST and the model folders go (the recipes read them here).")
     parser.add_argument("--runs", type=Path, default=REPO / "outputs" / "real", help="Run folders and the summary.")
     parser.add_argument("--launcher", choices=("accelerate", "inprocess"), default="accelerate")
-    parser.add_argument("--backbones", default="mobilenet_v2",
+    parser.add_argument("--backbones", default=",".join(BACKBONES),
                         help=f"Distillation backbones, of {','.join(BACKBONES)}; every other one listed is also an "
-                        "evaluation backbone of each (Table 4). The measured default keeps to one (README).")
+                        "evaluation backbone of each (Table 4).")
     parser.add_argument("--others", default="efficientnet_lite0",
                         help="Further evaluation backbones for Table 4 (prepared, not distilled with).")
-    parser.add_argument("--ipcs", default="1", help="Images per class to run, e.g. 1,10.")
+    parser.add_argument("--ipcs", default="1,10", help="Images per class to run, e.g. 1,10.")
     parser.add_argument("--inits", default=",".join(INITS))
     parser.add_argument("--image-size", type=int, default=32, help="Input side of the prepared model folders.")
     parser.add_argument("--max-samples", type=int, default=5000, help="data.max_samples_per_split.")
     parser.add_argument("--steps-ipc1", default="300,40", help="distill.iterations,pyramid_every at ipc 1.")
     parser.add_argument("--steps-ipc10", default="100,15", help="distill.iterations,pyramid_every at ipc 10.")
-    parser.add_argument("--lgm-steps", type=int, default=60, help="LGM steps at ipc 1 (0: no LGM).")
+    parser.add_argument("--lgm-steps", type=int, default=30, help="LGM steps at ipc 1 (0: no LGM).")
     parser.add_argument("--selection-trials", type=int, default=2, help="Trials of each start's validation score.")
-    parser.add_argument("--trials", type=int, default=3, help="Trials of the final test evaluation (paper: 5).")
+    parser.add_argument("--trials", type=int, default=5, help="Trials of the final test evaluation (the paper's 5).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the in-process launcher (default 1; the accelerate launcher's runs "
+                        "use torch's own default).")
     parser.add_argument("--final-iterations", type=int, default=150,
                         help="evaluate.iterations of the final test evaluation (the recipes' 300 for selection).")
     parser.add_argument("--selection-only", action="store_true",
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     report = real_data.prepare(args.assets, args.image_size)
     print(json.dumps(report["backbones"], indent=2))
-    launch = Launcher(args.launcher)
+    launch = Launcher(args.launcher, args.threads)
     summary: dict = {}
     for ipc in map(int, args.ipcs.split(",")):
         for backbone in distilled:
