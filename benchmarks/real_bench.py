@@ -13,6 +13,10 @@ of each run on a busy machine, by calling the same script's ``main(argv)`` in th
    SFM+CI, golden and full-dataset rows (Table 2), and SFM / SFM+CI on the other backbones (the
    Table 4 cross-backbone cells), ``--trials`` trials of ``--final-iterations`` steps.
 
+Every Stage III training (selection and final) draws its augmented views from ``--view-bank`` views per
+train image, forwarded once per trial (``evaluate.view_bank``); ``--view-bank 0`` gives fresh views every
+step, the paper's protocol, at several times the cost.
+
 The tables go to ``<runs>/summary.md`` (and are printed). Seconds per step come from each run's
 ``synthetic.json``; peak memory (in-process launcher only) is the peak RSS of the distill stage above
 the memory live when it started (``harness.PeakMemory``).
@@ -113,7 +117,8 @@ def distill_cost(run: Path, launch: dict) -> dict:
 def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict) -> None:
     root = args.runs / backbone
     config = ["--config", recipe(backbone)]
-    common = ["--data.max_samples_per_split", str(args.max_samples), *args.overrides]
+    common = ["--data.max_samples_per_split", str(args.max_samples), "--evaluate.view_bank", str(args.view_bank),
+              *args.overrides]
     if not (root / "statistics" / "statistics.safetensors").is_file():
         launch([*config, *common, "--output_dir", str(root), "--stages", "statistics", "--eval_split", "validation"])
     steps, every = args.steps[ipc]
@@ -225,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                         "use torch's own default).")
     parser.add_argument("--final-iterations", type=int, default=150,
                         help="evaluate.iterations of the final test evaluation (the recipes' 300 for selection).")
+    parser.add_argument("--view-bank", type=int, default=64,
+                        help="evaluate.view_bank of every run: augmented views per train image, forwarded once per "
+                        "trial and shared by its trainings (0: fresh views every step, the paper's protocol, about "
+                        "3 h for the whole matrix here; benchmarks/README.md compares the two).")
     parser.add_argument("--selection-only", action="store_true",
                         help="Stop after choosing the start on validation (and LGM): no test evaluation.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -204,6 +204,44 @@ def test_ridge_projector_between_backbones_of_different_size(trial_parts, tiny_b
     assert not torch.allclose(fitted.weight, flat.weight)
 
 
+def test_a_view_bank_serves_each_image_one_of_its_own_views_through_both_backbones(trial_parts, tiny_backbone):
+    backbone, golden, _, _, images = trial_parts
+    other = load_backbone(tiny_backbone("dinov2"))
+    # Chunks of 4 images: the bank must give each image the views it gets when augmented with all the others.
+    bank = evaluation.ViewBank(images, 3, seed=3407, chunk=4)
+    setup = TrialSetup(images, torch.arange(10), other, backbone, golden, other(images), torch.arange(10),
+                       EvaluateOptions(curve_points=0, batch_size=4, view_bank=3), seed=3407, view_bank=bank)
+    batches = evaluation._AugmentedFeatures(setup, need_distill=True)
+    views = [evaluation.augment(images, batches.view_size, evaluation.TRAIN_AUGMENTATION, seed=3407, step=k)
+             for k in range(3)]
+    with torch.no_grad():
+        expected_eval, expected_distill = [other(v) for v in views], [backbone(v) for v in views]
+    used = set()
+    for step in range(8):
+        eval_features, distill_features, labels = batches(step)
+        for row, image in enumerate(labels.tolist()):  # label k is image k
+            view = [k for k in range(3) if torch.allclose(eval_features[row], expected_eval[k][image], atol=1e-4)]
+            assert len(view) == 1, (step, image)
+            torch.testing.assert_close(distill_features[row], expected_distill[view[0]][image], atol=1e-4, rtol=0)
+            used.add(view[0])
+    assert used == {0, 1, 2}
+
+
+def test_a_view_bank_forwards_the_trials_views_once_for_all_its_trainings(trial_parts, monkeypatch):
+    backbone, _, _, _, images = trial_parts
+    forwarded = []
+    forward = type(backbone).forward
+    monkeypatch.setattr(type(backbone), "forward", lambda self, batch: forwarded.append(len(batch)) or forward(self, batch))
+    setup = make_setup(trial_parts, view_bank=4)
+    setup.view_bank = evaluation.ViewBank(images, 4, seed=3407, chunk=100)
+    vanilla, ci = train_trial(setup, "vanilla"), train_trial(setup, "ci")
+    assert sum(forwarded) == 4 * len(images)  # 15 steps of 10 images each for two trainings without the bank
+    assert vanilla.details["view_bank"] == ci.details["view_bank"] == 4
+    forwarded.clear()
+    fresh = train_trial(make_setup(trial_parts), "vanilla")
+    assert sum(forwarded) == 15 * len(images) and "view_bank" not in fresh.details
+
+
 def test_a_bad_eval_split_is_a_clear_error(distilled_run, digits_dir, demo_backbone, tmp_path, accelerator):
     config = evaluate_config(distilled_run, digits_dir, demo_backbone, tmp_path)
     config.eval_split = "validation"
@@ -299,9 +337,11 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     config.evaluate.modes = ["ci"]
     config.evaluate.projector = "ridge"
     config.evaluate.ridge_views = 100
+    config.evaluate.view_bank = 8
     run_stages(config, accelerator)
     ridge = records_by_key(output)[("sfm", other, "ci")]
     assert ridge["projector_fit"] == "ridge" and len(ridge["ridge_lambda"]) == 1 and "projector_lr" not in ridge
+    assert ridge["view_bank"] == 8 and 0 <= ridge["mean"] <= 1
 
 
 @pytest.mark.parametrize("options, message", [
@@ -311,6 +351,7 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     ({"trials": 0}, "`evaluate.trials` must be >= 1"),
     ({"protocol": "paper"}, "`evaluate.protocol` must be one of"),
     ({"iterations": 200, "max_iterations": 100}, "`evaluate.max_iterations` .* must be >= `evaluate.iterations`"),
+    ({"view_bank": -1}, "`evaluate.view_bank` must be >= 0"),
 ])
 def test_evaluate_options_are_checked(options, message, digits_dir, demo_backbone, tmp_path):
     config = tiny_config(digits_dir, demo_backbone, tmp_path)

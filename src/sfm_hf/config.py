@@ -253,7 +253,17 @@ class EvaluateOptions:
         "never the eval split.",
     )
     epochs: int = option(1000, "authors: epochs of every head / projector training (authors: 1000).")
-    batch_size: int = option(100, "Train images per step (at most the set's size); each step augments them anew.")
+    batch_size: int = option(
+        100, "Train images per step (at most the set's size); each step augments them anew (or draws from view_bank)."
+    )
+    view_bank: int = option(
+        0,
+        "0 (default, the paper's protocol): every step forwards fresh augmented views through the backbones. N > 0: "
+        "each trial forwards N augmented views of every train image once per backbone, and each of its trainings "
+        "(every mode, every plateau phase, the ridge solve) draws one of an image's N views per step; a linear "
+        "probe then costs N x images forwards per trial instead of batch x steps per training (the CPU benchmark: "
+        "benchmarks/README.md). Holds N x images x feature_dim floats per backbone in memory.",
+    )
     lr: float = option(
         0.001, "Adam learning rate of linear heads (cosine, no decay); authors: at a batch of 256, scaled by "
         "min(batch, N)/256."
@@ -304,6 +314,8 @@ class EvaluateOptions:
         _check_at_least_one(
             "evaluate", self, ("trials", "iterations", "max_iterations", "epochs", "validation_images", "batch_size")
         )
+        if self.view_bank < 0:
+            raise ConfigError(f"`evaluate.view_bank` must be >= 0 (0: fresh views every step), got {self.view_bank}.")
         _check_positive("evaluate", self, ("lr", "projector_lr", "kd_temperature"))
         _check_choice("evaluate.protocol", self.protocol, EVALUATE_PROTOCOLS)
         if self.max_iterations < self.iterations:

@@ -250,6 +250,8 @@ class TrialSetup:
     # phi_e features of a slice of the real train split: the plateau check of protocol converge.
     validation_features: torch.Tensor | None = None
     validation_labels: torch.Tensor | None = None
+    # evaluate.view_bank > 0: this trial's views, shared by all its trainings.
+    view_bank: ViewBank | None = None
 
 
 @dataclass
@@ -275,8 +277,39 @@ def recorded_modes(names: list[str], kd_alphas: list[float]) -> list[str]:
     return [variant for name in names for variant in EVALUATION_MODES[name].variants(kd_alphas)]
 
 
+class ViewBank:
+    """``views`` augmented views of every train image of one trial, through each backbone that asks for them.
+
+    Computed on first use and shared by every training of the trial (its modes, plateau phases and the ridge
+    solve): a trial then forwards ``views x N`` images once per backbone, where fresh views cost ``batch x steps``
+    forwards per training. Views at the same size are the same through every backbone, as with fresh views.
+    """
+
+    def __init__(self, images: torch.Tensor, views: int, seed: int, chunk: int) -> None:
+        self.images, self.views, self.seed, self.chunk = images, views, seed, chunk
+        self._features: dict[tuple[int, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def features(self, backbone: FrozenBackbone, view_size: int) -> torch.Tensor:
+        """``[views, N, D]``: view ``k`` of image ``i`` through ``backbone``."""
+        key = (id(backbone), view_size)
+        if key not in self._features:
+            self._features[key] = torch.stack([
+                torch.cat([
+                    backbone(augment(part, view_size, TRAIN_AUGMENTATION, seed=self.seed, step=view,
+                                     index_offset=start))
+                    for start, part in zip(range(0, len(self.images), self.chunk), self.images.split(self.chunk))
+                ])
+                for view in range(self.views)
+            ])
+        return self._features[key]
+
+
 class _AugmentedFeatures:
-    """Features of a fresh augmented batch per step: phi_e, and phi_d of the very same views when asked."""
+    """Features of an augmented batch per step: phi_e, and phi_d of the very same views when asked.
+
+    Fresh views every step, or with a view bank one of each chosen image's banked views.
+    """
 
     def __init__(self, setup: TrialSetup, need_distill: bool, step_offset: int = 0) -> None:
         self.setup = setup
@@ -295,6 +328,13 @@ class _AugmentedFeatures:
             self.queue = torch.cat([self.queue, torch.randperm(len(setup.images), generator=self.generator)])
         chosen, self.queue = self.queue[: self.batch], self.queue[self.batch :]
         chosen = chosen.to(setup.images.device)
+        if setup.view_bank is not None:
+            view = torch.randint(setup.view_bank.views, (len(chosen),), generator=self.generator).to(chosen.device)
+            eval_features = setup.view_bank.features(setup.eval_backbone, self.view_size)[view, chosen]
+            distill_features = None
+            if self.need_distill:
+                distill_features = setup.view_bank.features(setup.distill_backbone, self.view_size)[view, chosen]
+            return eval_features, distill_features, setup.labels[chosen]
         with torch.no_grad():
             views = augment(
                 setup.images[chosen], self.view_size, TRAIN_AUGMENTATION, seed=setup.seed, step=self.step_offset + step
@@ -548,6 +588,8 @@ def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedMode
         details["projector_fit"] = options.projector
     if options.protocol == "authors":
         details["epochs"] = options.epochs
+    if setup.view_bank is not None:
+        details["view_bank"] = setup.view_bank.views
     if trained.phases and all(phase.plateau is not None for phase in trained.phases):
         details["plateau"] = all(phase.plateau for phase in trained.phases)
         details["validation_accuracy"] = trained.phases[-1].validation_accuracy
@@ -837,12 +879,13 @@ def load_inputs(config: Config, accelerator, synthetic_root: Path | None = None)
 def plan_jobs(config: Config, inputs: EvaluationInputs) -> list[Job]:
     """Every training: train set x eval backbone x mode x trial, then the full-dataset probes."""
     options = config.evaluate
+    # A trial's trainings next to each other: with evaluate.view_bank they share the trial's views.
     jobs = [
         Job(train_set.name, name, mode, trial)
         for train_set in inputs.train_sets
+        for trial in range(options.trials)
         for name in inputs.backbones
         for mode in train_set.modes
-        for trial in range(options.trials)
     ]
     if options.full_dataset:
         # The converged fit is deterministic (no seed enters it): one fit says all that trials would.
@@ -880,6 +923,8 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
     sets_by_name = {train_set.name: train_set for train_set in inputs.train_sets}
     on_device = _OnDevice(options, device)
     mine = []
+    bank_of: tuple[str, int] | None = None
+    bank = None
     progress = track(jobs[accelerator.process_index::accelerator.num_processes], desc="Stage III", unit="model",
                      mode=config.progress, enabled=accelerator.is_local_main_process)
     for job in progress:
@@ -895,8 +940,11 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
                                             eval_labels, probe_seed, device))
             continue
         images, labels = sets_by_name[job.train_set].images_for(job.trial)
-        setup = TrialSetup(images.to(device), labels.to(device), model.backbone, inputs.distill_backbone,
-                           inputs.golden, eval_features, eval_labels, options, seed, *validation)
+        images = images.to(device)
+        if options.view_bank and bank_of != (job.train_set, job.trial):
+            bank_of, bank = (job.train_set, job.trial), ViewBank(images, options.view_bank, seed, options.batch_size)
+        setup = TrialSetup(images, labels.to(device), model.backbone, inputs.distill_backbone,
+                           inputs.golden, eval_features, eval_labels, options, seed, *validation, view_bank=bank)
         outcome = train_trial(setup, job.mode)
         if job.train_set == inputs.own_method and job.mode == "ci" and job.trial == 0:
             save_projector(outcome.projector, RunLayout(config.output_dir).projector(job.eval_backbone),
