@@ -294,14 +294,15 @@ class ViewBank:
         """``[views, N, D]``: view ``k`` of image ``i`` through ``backbone``."""
         key = (id(backbone), view_size)
         if key not in self._features:
-            self._features[key] = torch.stack([
-                torch.cat([
-                    backbone(augment(part, view_size, TRAIN_AUGMENTATION, seed=self.seed, step=view,
-                                     index_offset=start))
-                    for start, part in zip(range(0, len(self.images), self.chunk), self.images.split(self.chunk))
-                ])
-                for view in range(self.views)
-            ])
+            # Chunked so a large set is never augmented whole; index_offset keeps each image's views chunk-free.
+            starts = range(0, len(self.images), self.chunk)
+            per_view = []
+            for view in range(self.views):
+                parts = [backbone(augment(part, view_size, TRAIN_AUGMENTATION, seed=self.seed, step=view,
+                                          index_offset=start))
+                         for start, part in zip(starts, self.images.split(self.chunk))]
+                per_view.append(torch.cat(parts))
+            self._features[key] = torch.stack(per_view)
         return self._features[key]
 
 
@@ -877,7 +878,7 @@ def load_inputs(config: Config, accelerator, synthetic_root: Path | None = None)
 
 
 def plan_jobs(config: Config, inputs: EvaluationInputs) -> list[Job]:
-    """Every training: train set x eval backbone x mode x trial, then the full-dataset probes."""
+    """Every training: train set x trial x eval backbone x mode, then the full-dataset probes."""
     options = config.evaluate
     # A trial's trainings next to each other: with evaluate.view_bank they share the trial's views.
     jobs = [
