@@ -13,9 +13,12 @@ of each run on a busy machine, by calling the same script's ``main(argv)`` in th
    SFM+CI, golden and full-dataset rows (Table 2), and SFM / SFM+CI on the other backbones (the
    Table 4 cross-backbone cells), ``--trials`` trials of ``--final-iterations`` steps.
 
-Every Stage III training (selection and final) draws its augmented views from ``--view-bank`` views per
-train image, forwarded once per trial (``evaluate.view_bank``); ``--view-bank 0`` gives fresh views every
-step, the paper's protocol, at several times the cost.
+Every Stage III training (selection and final) draws its augmented views from a bank of views per train
+image, forwarded once per trial (``evaluate.view_bank``: ``--view-bank-ipc1``, ``--view-bank-ipc10``); 0 gives
+fresh views every step, the paper's protocol, at several times the cost.
+
+The cross runs do not refit the other network's full-dataset probe: Table 4's full-dataset cell of a network
+is read from that network's own final run (the same deterministic fit on the same folders).
 
 The tables go to ``<runs>/summary.md`` (and are printed). Seconds per step come from each run's
 ``synthetic.json``; peak memory (in-process launcher only) is the peak RSS of the distill stage above
@@ -117,10 +120,10 @@ def distill_cost(run: Path, launch: dict) -> dict:
 def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict) -> None:
     root = args.runs / backbone
     config = ["--config", recipe(backbone)]
-    common = ["--data.max_samples_per_split", str(args.max_samples), "--evaluate.view_bank", str(args.view_bank),
-              *args.overrides]
+    data = ["--data.max_samples_per_split", str(args.max_samples), *args.overrides]
     if not (root / "statistics" / "statistics.safetensors").is_file():
-        launch([*config, *common, "--output_dir", str(root), "--stages", "statistics", "--eval_split", "validation"])
+        launch([*config, *data, "--output_dir", str(root), "--stages", "statistics", "--eval_split", "validation"])
+    common = [*data, "--evaluate.view_bank", str(args.view_bank[ipc])]
     steps, every = args.steps[ipc]
     schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
     selection = {}
@@ -170,7 +173,8 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
             shutil.copytree(root / f"ipc{ipc}-{chosen}" / "synthetic", run / "synthetic")
         if not (run / "results.json").is_file():
             launch([*evaluation, "--output_dir", str(run), "--evaluate.train_sets", train_sets,
-                    "--eval_backbones", eval_backbones, *(extra if run is final else [])])
+                    "--eval_backbones", eval_backbones,
+                    *(extra if run is final else ["--evaluate.full_dataset", "false"])])
         summary[backbone][f"ipc{ipc}"].setdefault("final", []).append(str(run))
 
 
@@ -190,6 +194,23 @@ def selection_table(summary: dict) -> str:
                                  ("s_step", "s/step"), ("mib", "step MiB")])
 
 
+def with_borrowed_full_dataset(records: list[dict]) -> list[dict]:
+    """Table 4's full-dataset cell of each evaluation backbone, from that backbone's own final run."""
+    from sfm_hf.names import short_name
+
+    own = {short_name(r["eval_backbone"]): r for r in records if r["train_set"] == "full_dataset"
+           and r["mode"] == "vanilla" and short_name(r["eval_backbone"]) == short_name(r["distill_backbone"])}
+    present = {(r["distill_backbone"], r["eval_backbone"]) for r in records if r["train_set"] == "full_dataset"}
+    borrowed = []
+    for record in records:
+        pair = (record["distill_backbone"], record["eval_backbone"])
+        if pair not in present and short_name(record["eval_backbone"]) in own:
+            present.add(pair)
+            borrowed.append({**own[short_name(record["eval_backbone"])], "distill_backbone": pair[0],
+                             "eval_backbone": pair[1]})
+    return records + borrowed
+
+
 def write_summary(args, summary: dict) -> str:
     from sfm_hf.report import load_records, paper_tables
 
@@ -199,7 +220,7 @@ def write_summary(args, summary: dict) -> str:
         runs = [run for per_ipc in summary.values() for key, entry in per_ipc.items() if key == ipc
                 for run in entry.get("final", [])]
         if runs:
-            text += f"### ipc {ipc[3:]}\n\n" + paper_tables(load_records(runs)) + "\n\n"
+            text += f"### ipc {ipc[3:]}\n\n" + paper_tables(with_borrowed_full_dataset(load_records(runs))) + "\n\n"
     (args.runs / "summary.json").write_text(json.dumps(summary, indent=2))
     (args.runs / "summary.md").write_text(text)
     return text
@@ -230,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                         "use torch's own default).")
     parser.add_argument("--final-iterations", type=int, default=150,
                         help="evaluate.iterations of the final test evaluation (the recipes' 300 for selection).")
-    parser.add_argument("--view-bank", type=int, default=64,
-                        help="evaluate.view_bank of every run: augmented views per train image, forwarded once per "
-                        "trial and shared by its trainings (0: fresh views every step, the paper's protocol, about "
-                        "3 h for the whole matrix here; benchmarks/README.md compares the two).")
+    parser.add_argument("--view-bank-ipc1", type=int, default=64,
+                        help="evaluate.view_bank of the ipc 1 runs: augmented views per train image, forwarded once "
+                        "per trial and shared by its trainings (0: fresh views every step, the paper's protocol; "
+                        "benchmarks/README.md compares them).")
+    parser.add_argument("--view-bank-ipc10", type=int, default=32,
+                        help="evaluate.view_bank of the ipc 10 runs, whose banks hold ten times the images: fewer "
+                        "views keep the whole matrix under an hour here.")
     parser.add_argument("--selection-only", action="store_true",
                         help="Stop after choosing the start on validation (and LGM): no test evaluation.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -242,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [f"--{pair}" for pair in args.set]
     os.chdir(REPO)
     args.steps = {1: tuple(map(int, args.steps_ipc1.split(","))), 10: tuple(map(int, args.steps_ipc10.split(",")))}
+    args.view_bank = {1: args.view_bank_ipc1, 10: args.view_bank_ipc10}
     args.inits = args.inits.split(",")
     args.backbones = args.backbones.split(",")
     # Evaluation-only backbones join the list that run_backbone reads its cross-backbone columns from.
