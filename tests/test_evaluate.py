@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,12 +232,24 @@ def test_a_view_bank_forwards_the_trials_views_once_for_all_its_trainings(trial_
     backbone, _, _, _, images = trial_parts
     forwarded = []
     forward = type(backbone).forward
-    monkeypatch.setattr(type(backbone), "forward", lambda self, batch: forwarded.append(len(batch)) or forward(self, batch))
+
+    def slow_counted_forward(self, batch):
+        forwarded.append(len(batch))
+        time.sleep(0.05)
+        return forward(self, batch)
+
+    monkeypatch.setattr(type(backbone), "forward", slow_counted_forward)
     setup = make_setup(trial_parts, view_bank=4)
     setup.view_bank = evaluation.ViewBank(images, 4, seed=3407, chunk=100)
-    vanilla, ci = train_trial(setup, "vanilla"), train_trial(setup, "ci")
+    start = time.perf_counter()
+    vanilla = train_trial(setup, "vanilla")
+    vanilla_wall = time.perf_counter() - start
+    ci = train_trial(setup, "ci")
     assert sum(forwarded) == 4 * len(images)  # 15 steps of 10 images each for two trainings without the bank
     assert vanilla.details["view_bank"] == ci.details["view_bank"] == 4
+    # The first training pays for the 4 banked forwards, as view_bank_seconds, not in its own seconds.
+    assert vanilla.details["view_bank_seconds"] >= 4 * 0.05 and ci.details["view_bank_seconds"] == 0.0
+    assert vanilla.seconds + vanilla.details["view_bank_seconds"] <= vanilla_wall
     forwarded.clear()
     fresh = train_trial(make_setup(trial_parts), "vanilla")
     assert sum(forwarded) == 15 * len(images) and "view_bank" not in fresh.details
@@ -341,7 +354,7 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     run_stages(config, accelerator)
     ridge = records_by_key(output)[("sfm", other, "ci")]
     assert ridge["projector_fit"] == "ridge" and len(ridge["ridge_lambda"]) == 1 and "projector_lr" not in ridge
-    assert ridge["view_bank"] == 8 and 0 <= ridge["mean"] <= 1
+    assert ridge["view_bank"] == 8 and 0 <= ridge["mean"] <= 1 and ridge["view_bank_seconds"] > 0
 
 
 @pytest.mark.parametrize("options, message", [

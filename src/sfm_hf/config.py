@@ -262,7 +262,8 @@ class EvaluateOptions:
         "each trial forwards N augmented views of every train image once per backbone, and each of its trainings "
         "(every mode, every plateau phase, the ridge solve) draws one of an image's N views per step; a linear "
         "probe then costs N x images forwards per trial instead of batch x steps per training (the CPU benchmark: "
-        "benchmarks/README.md). Holds N x images x feature_dim floats per backbone in memory.",
+        "benchmarks/README.md). Holds N x images x feature_dim floats per backbone in memory. A record's `seconds` "
+        "then leaves the banked forwards out; `view_bank_seconds` gives them, on the row whose training asked first.",
     )
     lr: float = option(
         0.001, "Adam learning rate of linear heads (cosine, no decay); authors: at a batch of 256, scaled by "

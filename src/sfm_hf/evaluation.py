@@ -288,12 +288,15 @@ class ViewBank:
     def __init__(self, images: torch.Tensor, views: int, seed: int, chunk: int) -> None:
         self.images, self.views, self.seed, self.chunk = images, views, seed, chunk
         self._features: dict[tuple[int, int], torch.Tensor] = {}
+        # Whichever training asks first pays for the forwards; kept apart so its own seconds stay comparable.
+        self.seconds = 0.0
 
     @torch.no_grad()
     def features(self, backbone: FrozenBackbone, view_size: int) -> torch.Tensor:
         """``[views, N, D]``: view ``k`` of image ``i`` through ``backbone``."""
         key = (id(backbone), view_size)
         if key not in self._features:
+            start_time = time.perf_counter()
             # Chunked so a large set is never augmented whole; index_offset keeps each image's views chunk-free.
             starts = range(0, len(self.images), self.chunk)
             per_view = []
@@ -303,6 +306,7 @@ class ViewBank:
                          for start, part in zip(starts, self.images.split(self.chunk))]
                 per_view.append(torch.cat(parts))
             self._features[key] = torch.stack(per_view)
+            self.seconds += time.perf_counter() - start_time
         return self._features[key]
 
 
@@ -600,14 +604,20 @@ def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedMode
 def train_trial(setup: TrialSetup, recorded_mode: str) -> TrialOutcome:
     """Train one model of ``recorded_mode`` ('ci', 'kd-0.5', ...) on ``setup.images``; score its final iteration."""
     start = time.perf_counter()
+    banked_before = setup.view_bank.seconds if setup.view_bank is not None else 0.0
     mode, alpha = parse_mode(recorded_mode)
     if mode is None:
         raise ValueError(f"unknown evaluation mode {recorded_mode!r}")
     trained = mode.train_function()(setup, mode, alpha)
     final = accuracy(trained.predictor, setup.eval_features, setup.eval_labels)
     curve = [point for phase in trained.phases[-1:] for point in phase.curve]
-    return TrialOutcome(final, curve, time.perf_counter() - start, trained.predictor.eval(), trained.projector,
-                        _trial_details(setup, mode, trained))
+    details = _trial_details(setup, mode, trained)
+    banked = 0.0
+    if setup.view_bank is not None:
+        banked = setup.view_bank.seconds - banked_before
+        details["view_bank_seconds"] = banked
+    return TrialOutcome(final, curve, time.perf_counter() - start - banked, trained.predictor.eval(),
+                        trained.projector, details)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1061,8 +1071,10 @@ def _trial_record(config: Config, train_set: TrainSet, model: EvalBackbone, mode
         "images": trials[0].images,
         "seeds": [options.seed_base + trial.job.trial for trial in trials],
         **{key: value for key, value in trials[0].details.items()
-           if key not in ("steps", "plateau", "validation_accuracy", "ridge_lambda")},
+           if key not in ("steps", "plateau", "validation_accuracy", "ridge_lambda", "view_bank_seconds")},
     }
+    if "view_bank_seconds" in trials[0].details:
+        record["view_bank_seconds"] = round(sum(trial.details["view_bank_seconds"] for trial in trials), 3)
     if "ridge_lambda" in trials[0].details:
         record["ridge_lambda"] = [trial.details["ridge_lambda"] for trial in trials]
     if "plateau" in trials[0].details:
