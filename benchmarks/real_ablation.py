@@ -1,11 +1,12 @@
 """What else belongs to us on real data: the paper's Stage II choices, one change at a time (issue #10).
 
 Each variant is an SFM run at ipc 1 from the start ``make bench-real`` chose (centroids), one setting changed
-from the benchmark's (300 steps, a pyramid level every 40, colour-decorrelated pyramid, one augmentation round
-with Gaussian noise p 0.5, mean 0), scored like the start selection there: on ``validation``, vanilla probe,
-2 trials, 64 banked views per image. The test split plays no part. Beside it, how far the images drifted into
-colour, which MNIST (grey) never has: the mean over pixels of the standard deviation across R, G, B. Reuses the Stage I folders of ``make
-bench-real`` (``<runs>/<network>/statistics``; ``real_bench.py --selection-only`` is enough to make them).
+from the benchmark's ipc 1 defaults (300 steps, a pyramid level every 40, colour-decorrelated pyramid, one
+augmentation round with Gaussian noise p 0.5, mean 0), scored as its start selection scores (on
+``validation``, vanilla probe, its trials and view bank). The test split plays no part. Beside it, how far the
+images drifted into colour, which MNIST (grey) never has: the mean over pixels of the standard deviation across
+R, G, B. Reuses the Stage I folders of ``make bench-real`` (``<runs>/<network>/statistics``; ``real_bench.py
+--selection-only`` is enough to make them).
 
     python benchmarks/real_ablation.py                       # every variant, both networks
     python benchmarks/real_ablation.py --variants baseline,steps-1000 --networks mobilenet_v2
@@ -14,7 +15,6 @@ bench-real`` (``<runs>/<network>/statistics``; ``real_bench.py --selection-only`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import markdown_table  # noqa: E402
-from real_bench import BACKBONES, REPO, Launcher, copy_statistics, distill_cost, read_json, recipe, vanilla_accuracy  # noqa: E402
+from real_bench import BACKBONES, REPO, Launcher, build_parser, recipe, score_on_validation  # noqa: E402
 
 VARIANTS = {
     "baseline": ("the benchmark's settings", []),
@@ -51,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="make bench-real's run folders (Stage I is read there); variants go to <runs>/ablation.")
     parser.add_argument("--networks", default=",".join(BACKBONES))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Of {','.join(VARIANTS)}.")
-    parser.add_argument("--max-samples", type=int, default=5000, help="data.max_samples_per_split (as bench-real).")
+    bench = build_parser().parse_args([])
+    parser.add_argument("--max-samples", type=int, default=bench.max_samples,
+                        help="data.max_samples_per_split (bench-real's default).")
     args = parser.parse_args(argv)
+    steps, every = bench.steps_ipc1.split(",")
+    settings = ["--data.max_samples_per_split", str(args.max_samples), "--ipc", "1", "--distill.iterations", steps,
+                "--distill.pyramid_every", every, "--evaluate.view_bank", str(bench.view_bank_ipc1),
+                "--distill.init", "centroids"]
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -66,23 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.variants.split(","):
             summary, overrides = VARIANTS[name]
             run = args.runs / "ablation" / network / name
-            copy_statistics(base, run)
-            if not (run / "results.json").is_file():
-                result = launch([
-                    "--config", recipe(network), "--data.max_samples_per_split", str(args.max_samples),
-                    "--ipc", "1", "--distill.iterations", "300", "--distill.pyramid_every", "40", *overrides,
-                    "--output_dir", str(run), "--stages", "distill,evaluate", "--eval_split", "validation",
-                    "--distill.init", "centroids", "--evaluate.train_sets", "sfm", "--evaluate.modes", "vanilla",
-                    "--eval_backbones", "[]", "--evaluate.full_dataset", "false", "--evaluate.trials", "2",
-                    "--evaluate.view_bank", "64",
-                ])
-                (run / "launch.json").write_text(json.dumps(result))
-            record = vanilla_accuracy(run)
-            cost = distill_cost(run, read_json(run / "launch.json"))
-            rows.append({"network": network, "variant": f"{name}: {summary}", "steps": cost["steps"],
-                         "acc": f"{100 * record['mean']:.1f} ± {100 * record['std']:.1f}",
-                         "flow": f"{cost['flow_initial']:.3f} → {cost['flow_final']:.3f}", "s_step": cost["s_per_step"],
-                         "colour": f"{colour(run):.3f}"})
+            # The variant's overrides come last, so they replace the benchmark's settings.
+            scored = score_on_validation(launch, base, run, ["--config", recipe(network), *settings, *overrides],
+                                         bench.selection_trials)
+            rows.append({"network": network, "variant": f"{name}: {summary}", "steps": scored["steps"],
+                         "acc": f"{100 * scored['validation_mean']:.1f} ± {100 * scored['validation_std']:.1f}",
+                         "flow": f"{scored['flow_initial']:.3f} → {scored['flow_final']:.3f}",
+                         "s_step": scored["s_per_step"], "colour": f"{colour(run):.3f}"})
     table = markdown_table(rows, [("network", "network"), ("variant", "variant"), ("steps", "steps"),
                                   ("acc", "validation acc. (vanilla, %)"), ("flow", "cos(F*, flow) start → end"),
                                   ("colour", "colour (RGB std)"), ("s_step", "s/step")])

