@@ -763,7 +763,7 @@ def write_outputs(run: DistillRun, accelerator, final: torch.Tensor, seconds: fl
         }
     saturated = saturated_fraction(final)
     write_synthetic(folder, final, labels, statistics, config, seconds, last_loss, agreements,
-                    inputs=run.inputs, saturated=saturated)
+                    inputs=run.inputs, saturated=saturated, peak_memory=peak_memory_mib(device))
     flows = "; ".join(
         ("" if len(targets) == 1 else f"{short_name(name)} ") + f"final {values['final_images']:.3f}, initial "
         f"{values['initial_images']:.3f}, random real "
@@ -800,6 +800,7 @@ def run_distill(config: Config, accelerator) -> Path:
         if accelerator.is_main_process:
             logger.info(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
         return folder
+    reset_peak_memory(accelerator.device)
     run = prepare_run(config, accelerator, targets, inputs)
     seconds = optimise(run, accelerator)
     final = final_images(run, accelerator, seconds)
@@ -814,6 +815,19 @@ SATURATION_TOLERANCE = 0.5 / 255
 SATURATION_WARNING = 0.5
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak CUDA memory allocated on ``device`` since :func:`reset_peak_memory` (backbone, images, optimiser and
+    the largest step's activations); None off CUDA, where torch's allocator keeps no such figure."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
 def saturated_fraction(images: torch.Tensor) -> float:
     """Share of the pixel values of ``images`` (in [0, 1]) that round to 0 or 255 in 8 bits."""
     saturated = (images <= SATURATION_TOLERANCE) | (images >= 1 - SATURATION_TOLERANCE)
@@ -825,9 +839,11 @@ def _all_labels(num_classes: int, ipc: int) -> torch.Tensor:
 
 
 def write_synthetic(folder: Path, images, labels, statistics: Statistics, config: Config, seconds: float,
-                    final_loss: float, agreements: dict[str, dict], *, inputs: dict, saturated: float) -> None:
+                    final_loss: float, agreements: dict[str, dict], *, inputs: dict, saturated: float,
+                    peak_memory: float | None) -> None:
     """``agreements``: the flow cosines per distillation backbone; a joint set records them by backbone
-    (``flow_cosine_by_backbone``), a single-backbone set as ``flow_cosine``."""
+    (``flow_cosine_by_backbone``), a single-backbone set as ``flow_cosine``. ``peak_memory``: the main process's
+    peak CUDA MiB during the stage (:func:`peak_memory_mib`), None on CPU."""
     folder.mkdir(parents=True, exist_ok=True)
     # The record goes first and comes back last: a crash in between leaves images without a record
     # (re-made by the next run), never a record describing other images.
@@ -844,6 +860,7 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "resolution": config.distill.syn_res,
         "distill": asdict(config.distill),
         "seconds": round(seconds, 3),
+        "peak_memory_mib": peak_memory,
         "final_loss": None if not math.isfinite(final_loss) else final_loss,
         **({"flow_cosine_by_backbone": agreements} if is_joint(config)
            else {"flow_cosine": agreements[config.backbone]}),

