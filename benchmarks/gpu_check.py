@@ -236,7 +236,9 @@ def check_inputs(cell: Cell, assets: Path, wheels: Path, runs: list[Run]) -> lis
         except (zipfile.BadZipFile, StopIteration):
             problems.append(f"{path} is not a readable wheel")
             continue
-        if not recorded or recorded.group(1) != version:
+        if not path.name.endswith("-none-any.whl"):
+            problems.append(f"{path} is not pure Python: install_wheels only unpacks")
+        elif not recorded or recorded.group(1) != version:
             problems.append(f"{path} holds version {recorded and recorded.group(1)}, pinned {version}")
     from sfm_hf.config import parse_config
     from sfm_hf.errors import UserError
@@ -277,8 +279,11 @@ def install_wheels(wheels: Path) -> Path | None:
     files = [wheel_file(wheels, name, version) for name, version in WHEEL_PINS]
     if None in files:
         raise CheckError(f"datasets is not installed and {wheels} lacks the pinned wheels (run --prepare)")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--target", str(SITE), *map(str, files)], check=True)
+    # All three are pure Python: a wheel is a zip laid out for site-packages, so unpacking it installs it (no pip,
+    # no index, no build needed on that machine).
+    for path in files:
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(SITE)
     probe = subprocess.run([sys.executable, "-c", "import datasets"], env=child_environment(SITE),
                            capture_output=True, text=True)
     if probe.returncode:
@@ -286,8 +291,8 @@ def install_wheels(wheels: Path) -> Path | None:
     return SITE
 
 
-def execute(run: Run, device: str, environment: dict[str, str]) -> float:
-    """Launch ``run`` (its output shown and kept in ``run.log``); returns the launch's wall seconds."""
+def execute(run: Run, device: str, environment: dict[str, str]) -> None:
+    """Launch ``run``; its output is shown and kept in ``run.log``, the launch's wall seconds in ``launch.json``."""
     run.folder.mkdir(parents=True, exist_ok=True)
     if run.statistics_from and not (run.folder / "statistics").exists():
         shutil.copytree(run.statistics_from / "statistics", run.folder / "statistics")
@@ -301,7 +306,7 @@ def execute(run: Run, device: str, environment: dict[str, str]) -> float:
             print(line, end="", flush=True)
     if process.wait():
         raise CheckError(f"{run.name} failed with exit status {process.returncode} (log: {run.log})")
-    return time.perf_counter() - start
+    (run.folder / "launch.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
 
 
 def stage_seconds(log: Path) -> dict[str, float]:
@@ -312,15 +317,19 @@ def stage_seconds(log: Path) -> dict[str, float]:
     return {stage: float(seconds) for stage, seconds in re.findall(r"(\w+) ([\d.]+) s", found[-1])}
 
 
-def collect(runs: list[Run], launch_seconds: dict[str, float]) -> dict[str, float | None]:
-    """Figure name -> value, from the records the runs wrote."""
-    figures: dict[str, float | None] = {}
-    stage1 = next(run for run in runs if run.name == "stage1")
-    statistics = json.loads((stage1.folder / "statistics" / "statistics.json").read_text())
-    figures["Stage I images/s"] = statistics["images_per_second"]
-    figures["Stage I s (runner)"] = stage_seconds(stage1.log)["statistics"]
+def finished(run: Run) -> bool:
+    return all((run.folder / output).is_file() for output in run.outputs) and run.log.is_file()
+
+
+def collect(runs: list[Run]) -> dict[str, float | str | None]:
+    """Figure name -> value, from the records the finished runs wrote (a cut-off check still reports its part)."""
+    figures: dict[str, float | str | None] = {}
+    runs = [run for run in runs if finished(run)]
     for run in runs:
         if run.method is None:
+            statistics = json.loads((run.folder / "statistics" / "statistics.json").read_text())
+            figures["Stage I images/s"] = statistics["images_per_second"]
+            figures["Stage I s (runner)"] = stage_seconds(run.log)["statistics"]
             continue
         synthetic = json.loads((run.folder / "synthetic" / "synthetic.json").read_text())
         label = f"{run.method.upper()} {run.precision}" + (" compiled" if run.compiled else "")
@@ -332,7 +341,9 @@ def collect(runs: list[Run], launch_seconds: dict[str, float]) -> dict[str, floa
             for record in json.loads((run.folder / "results.json").read_text()):
                 figures[accuracy_label(record, run.precision)] = (
                     f"{100 * record['mean']:.1f} ± {100 * record['std']:.1f}")
-    figures["wall s, all launches"] = round(sum(launch_seconds.values()), 1)
+    launches = [run.folder / "launch.json" for run in runs]
+    figures["wall s, these launches"] = (round(sum(json.loads(path.read_text())["seconds"] for path in launches), 1)
+                                         if all(path.is_file() for path in launches) else None)
     return figures
 
 
@@ -381,20 +392,28 @@ def measure(cell: Cell, args) -> int:
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
-    environment = child_environment(install_wheels(args.wheels))
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    if args.runs.joinpath(args.device).exists():
-        shutil.rmtree(args.runs / args.device)
-    launch_seconds = {run.name: execute(run, args.device, environment) for run in runs}
-    result = {"device": device_description(args.device), "date": started, "cell": asdict(cell),
-              "launch_seconds": {name: round(seconds, 1) for name, seconds in launch_seconds.items()},
-              "figures": collect(runs, launch_seconds)}
+    if not args.collect:
+        environment = child_environment(install_wheels(args.wheels))
+        if args.runs.joinpath(args.device).exists():
+            shutil.rmtree(args.runs / args.device)
+        for run in runs:
+            execute(run, args.device, environment)
+            report(cell, runs, args)
+    result = report(cell, runs, args)
     reference = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None
-    for path in filter(None, [args.json_out, REFERENCE if args.device == "cpu" else None]):
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n## gpu_check: {result['device']}\n")
+    print(f"\n## gpu_check: {result['device']}, runs {', '.join(result['runs_measured'])}\n")
     print(comparison_table(result["figures"], None if args.device == "cpu" else reference, cell))
     return 0
+
+
+def report(cell: Cell, runs: list[Run], args) -> dict:
+    """The figures so far, written to --json-out (and, on CPU, to the reference) after every run."""
+    result = {"device": device_description(args.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_average": [round(load, 1) for load in os.getloadavg()], "cell": asdict(cell),
+              "runs_measured": [run.name for run in runs if finished(run)], "figures": collect(runs)}
+    for path in filter(None, [args.json_out, REFERENCE if args.device == "cpu" else None]):
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="Run folders, one per device.")
     parser.add_argument("--json-out", type=Path, help="Also write the figures here (e.g. $OUT/gpu_check.json).")
     parser.add_argument("--no-compile", action="store_true", help="Skip the torch.compile run (CUDA only).")
+    parser.add_argument("--collect", action="store_true",
+                        help="Launch nothing: report the figures of the --device run folders as they stand.")
     return parser
 
 
