@@ -365,7 +365,8 @@ def device_description(device: str) -> str:
 
 
 def comparison_table(figures: dict, reference: dict | None, cell: Cell) -> str:
-    usable = reference is not None and reference.get("cell") == asdict(cell)
+    # The reference's cell went through JSON (tuples became lists).
+    usable = reference is not None and reference.get("cell") == json.loads(json.dumps(asdict(cell)))
     lines = ["| figure | CPU reference | this run |", "|---|---|---|"]
     for name, value in figures.items():
         cpu = reference["figures"].get(name) if usable else None
@@ -375,7 +376,8 @@ def comparison_table(figures: dict, reference: dict | None, cell: Cell) -> str:
     elif not usable:
         lines.append("\n(CPU reference not shown: measured with other settings)")
     else:
-        lines.append(f"\nCPU reference: {reference['device']}, measured {reference['date']}")
+        lines.append(f"\nCPU reference: {reference['device']}, {reference['date']}, runs "
+                     f"{', '.join(reference['runs_measured'])}, load average {reference['load_average']}")
     return "\n".join(lines)
 
 
@@ -400,9 +402,13 @@ def measure(cell: Cell, args) -> int:
             execute(run, args.device, environment)
             report(cell, runs, args)
     result = report(cell, runs, args)
-    reference = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None
     print(f"\n## gpu_check: {result['device']}, runs {', '.join(result['runs_measured'])}\n")
-    print(comparison_table(result["figures"], None if args.device == "cpu" else reference, cell))
+    if args.device == "cpu":
+        print("\n".join(["| figure | CPU |", "|---|---|"] + [f"| {name} | {'n/a' if value is None else value} |"
+                                                             for name, value in result["figures"].items()]))
+    else:
+        print(comparison_table(result["figures"], json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None,
+                               cell))
     return 0
 
 
