@@ -2,7 +2,7 @@
 
 A GPU is lent for minutes, with no network, so everything is prepared here beforehand:
 
-    python benchmarks/gpu_check.py --prepare      # here: wheels -> .whl/, MNIST subset + MobileNetV2 -> outputs/gpu-assets/
+    python benchmarks/gpu_check.py --prepare      # here: wheels -> .whl/, MNIST + MobileNetV2 -> outputs/gpu-assets/
     python benchmarks/gpu_check.py --dry-run      # anywhere: every run's command and outputs; checks the inputs
     python benchmarks/gpu_check.py --device cpu   # here, once: the CPU reference -> benchmarks/gpu_check_cpu.json
     python3 benchmarks/gpu_check.py               # on the GPU machine (carry .whl and outputs/gpu-assets)

@@ -48,7 +48,8 @@ def inputs(tmp_path, digits_dir, tiny_backbone):
 
 def write_wheel(path: Path, name: str, version: str) -> None:
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{name}-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        archive.writestr(f"{name}-{version}.dist-info/METADATA",
+                         f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
 
 
 def arguments(tmp_path, assets, wheels, *extra):
@@ -134,9 +135,9 @@ def test_the_bf16_run_autocasts_stage_two_and_its_records_give_the_figures(tmp_p
     assert figures["Stage I s (runner)"] > 0
     assert figures["SFM bf16 s/step"] == pytest.approx(synthetic["seconds"] / TINY.sfm_steps, abs=1e-5)
     assert figures["SFM bf16 peak MiB"] is None and figures["wall s, these launches"] == 3.0
-    reference = json.loads(json.dumps({"cell": gpu_check.asdict(TINY), "device": "cpu x2", "date": "today", "runs_measured": ["stage1"],
-                                       "load_average": [1.0, 1.0, 1.0],
-                                       "figures": {"Stage I images/s": 123.4}}))  # as read from the file
+    reference = {"cell": gpu_check.asdict(TINY), "device": "cpu x2", "date": "today", "runs_measured": ["stage1"],
+                 "load_average": [1.0, 1.0, 1.0], "figures": {"Stage I images/s": 123.4}}
+    reference = json.loads(json.dumps(reference))  # as read from the file: tuples become lists
     table = gpu_check.comparison_table(figures, reference, TINY)
     assert f"| Stage I images/s | 123.4 | {figures['Stage I images/s']} |" in table
     assert "| SFM bf16 peak MiB | n/a | n/a |" in table
