@@ -27,6 +27,7 @@ from sfm_hf.layout import projector_path
 from sfm_hf.names import backbone_slug
 from sfm_hf.probe import accuracy
 from sfm_hf.runner import run_stages
+from sfm_hf.utils import library_versions
 from sfm_hf.statistics import load_feature_cache, load_golden_classifier, stream_features
 
 CONTRACT_KEYS = {"train_set", "distill_backbone", "eval_backbone", "mode", "mean", "std", "per_trial", "trials", "ipc",
@@ -78,6 +79,7 @@ def test_results_reference_rows_projector_and_report(distilled_run, digits_dir, 
     output = Path(config.output_dir)
     records = records_by_key(output)
     golden = records[("full_dataset", demo_backbone, "golden")]
+    assert all(record["versions"] == library_versions() for record in records.values())
     stage_one = json.loads((output / "statistics" / "golden_classifier.json").read_text())
     assert golden["mean"] == pytest.approx(stage_one["eval_accuracy"])
     ci = records[("sfm", demo_backbone, "ci")]
