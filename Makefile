@@ -5,17 +5,25 @@ STAMP := $(VENV)/.sfm-hf-installed
 # accelerate launch that passes on the run's own one-line error and exit status (see README).
 LAUNCH := $(PYTHON) -m sfm_hf.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install demo test bench-real clean
+# Every install takes its versions from the lock, so two fresh installs of one commit compute the same numbers.
+LOCK := constraints.txt
+
+.PHONY: install lock demo test bench-real clean
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -c $(LOCK) --upgrade pip
 	# The CUDA build of torch runs on CPU too; pip takes both wheels from local disk here.
-	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -c $(LOCK) torch==2.14.1 torchvision==0.29.1
+	$(PYTHON) -m pip install --quiet -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
+
+# Re-resolve the lock from setup.cfg's ranges and the torch pin above (after changing either, or to take newer
+# releases on purpose); commit constraints.txt with the numbers it moves.
+lock:
+	python3 tools/lock.py
 
 demo: install
 	HF_HUB_OFFLINE=1 $(LAUNCH) recipes/distill.py

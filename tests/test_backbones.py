@@ -63,3 +63,24 @@ def test_processor_crop_size_wins_over_the_position_embedding_grid(tmp_path):
     backbone = load_backbone(str(tmp_path))
     assert backbone.image_size == 28
     assert backbone(torch.rand(2, 3, 40, 40)).shape == (2, 32)
+
+
+def test_demo_backbone_weights_do_not_depend_on_the_thread_count(tmp_path):
+    """Before pre-training ran on one thread, 20 steps on 2 threads already gave other weights than on 1, and the
+    demo (1 thread under its launcher) and the tests (2) used different backbones with different orderings."""
+    from safetensors.torch import load_file
+
+    from sfm_hf.demo import build_tiny_vit
+
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            folder = build_tiny_vit(tmp_path / f"threads-{count}", pretrain_steps=20)
+            weights.append(load_file(folder / "model.safetensors"))
+            assert torch.get_num_threads() == count  # the caller's thread count comes back
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -9,6 +9,7 @@ from conftest import tiny_config
 from sfm_hf import distill
 from sfm_hf.errors import StageInputError, UserError
 from sfm_hf.runner import run_stages
+from sfm_hf.utils import library_versions
 
 
 def distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator, name="run", **options):
@@ -48,6 +49,7 @@ def test_ipc_two(statistics_run, digits_dir, demo_backbone, tmp_path, accelerato
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert metadata["ipc"] == 2
     assert not torch.equal(images[0], images[1])
+    assert metadata["versions"] == library_versions() and metadata["versions"]["transformers"]
 
 
 @pytest.mark.parametrize("method, w_mode", [("lgm", "random"), ("lgm", "fixed"), ("lgm", "analytic"),

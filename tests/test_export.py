@@ -53,13 +53,18 @@ def distilled(statistics_run, digits_dir, demo_backbone, tmp_path_factory):
     return output
 
 
+# Another environment than this one's, as when Stage III ran elsewhere: the cards must name the results' versions.
+RESULTS_VERSIONS = {"python": "3.11.7", "torch": "2.14.1", "transformers": "5.99.0", "timm": None}
+
+
 def write_results(output: Path, backbone: str, feature_dim: int, accuracy: float = 0.8125) -> dict:
     """A Stage III results.json as the evaluate stage writes it, with a trained-looking CI projector."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.eye(feature_dim) + 0.05 * torch.randn(feature_dim, feature_dim, generator=generator)
     (output / PROJECTOR).parent.mkdir(parents=True, exist_ok=True)
     save_file({"weight": weight, "bias": 0.01 * torch.randn(feature_dim, generator=generator)}, str(output / PROJECTOR))
-    common = dict(distill_backbone=backbone, eval_backbone=backbone, trials=5, ipc=1, iterations=1000, seconds=1.0)
+    common = dict(distill_backbone=backbone, eval_backbone=backbone, trials=5, ipc=1, iterations=1000, seconds=1.0,
+                  versions=RESULTS_VERSIONS)
     ci = dict(train_set="sfm", mode="ci", mean=0.80, std=0.01, per_trial=[0.8] * 5, projector=PROJECTOR,
               projector_accuracy=accuracy, **common)
     records = [
@@ -273,6 +278,14 @@ def test_statistics_card(exported):
     assert "`class_means` [10, 64] float32" in card
 
 
+def test_cards_name_the_library_versions_of_the_results(exported):
+    output, _ = exported
+    for card in ("synthetic/README.md", "model/README.md", "statistics/README.md"):
+        text = (output / card).read_text()
+        assert "Library versions recorded with this run's numbers: python 3.11.7, torch 2.14.1, transformers 5.99.0." \
+            in text, card
+
+
 def test_distill_from_a_statistics_folder_alone(statistics_run, demo_backbone, tmp_path, accelerator):
     published = tmp_path / "published"
     shutil.copytree(statistics_run / "statistics", published, ignore=shutil.ignore_patterns("features"))
@@ -288,6 +301,9 @@ def test_distill_from_a_statistics_folder_alone(statistics_run, demo_backbone, t
     assert (output / "model" / "model.safetensors").is_file()
     recorded = json.loads((published / "statistics.json").read_text())["dataset"]
     assert card_metadata(output / "synthetic" / "README.md")["sfm"]["source_dataset"] == Path(recorded).name
+    # Not evaluated: the card names the versions Stage II recorded, this environment's.
+    versions = json.loads((output / "synthetic" / "synthetic.json").read_text())["versions"]
+    assert f"transformers {versions['transformers']}" in (output / "synthetic" / "README.md").read_text()
 
 
 def test_statistics_from_resolution(tmp_path, monkeypatch, statistics_run):

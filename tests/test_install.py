@@ -90,3 +90,28 @@ def test_wheel_installed_elsewhere_runs_every_stage_and_exports(tmp_path, digits
     help_run = subprocess.run([sys.executable, "-m", "sfm_hf", "--help"], cwd=work, env=env, capture_output=True,
                               text=True, timeout=60)
     assert help_run.returncode == 0 and "--distill.iterations" in help_run.stdout
+
+
+def test_the_lock_pins_every_dependency_and_make_install_uses_it():
+    """A dependency added to setup.cfg without `make lock` would install at whatever version resolves that day."""
+    import configparser
+    import re
+
+    def name(requirement: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0]).lower()
+
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    locked = {name(package): version for package, version in pins.items()}
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    options = setup["options"]["install_requires"] + setup["options.extras_require"]["test"]
+    required = {name(line) for line in options.splitlines() if line.strip()}
+    assert required - set(locked) == set()
+    assert "sfm-hf" not in locked  # the project itself installs editable from the checkout
+    makefile = (REPO / "Makefile").read_text()
+    for package, version in re.findall(r"\b(torch|torchvision)==([\w.+]+)", makefile):
+        assert locked[package] == version
+    install = makefile.split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    assert "$(LOCK)" in install.splitlines()[0]  # a new lock re-installs
+    assert all("-c $(LOCK)" in line for line in install.splitlines() if "pip install" in line)

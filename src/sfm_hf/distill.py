@@ -44,7 +44,7 @@ from .multi import is_joint, member_configs
 from .names import short_name
 from .statistics import Statistics, cached_row_indices, load_feature_cache, open_config_split
 from .tracking import log_images
-from .utils import atomic_path, save_tensors_atomically, write_text_atomically
+from .utils import atomic_path, library_versions, save_tensors_atomically, write_text_atomically
 from .visualize import save_preview
 
 logger = get_logger(__name__)
@@ -865,6 +865,7 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         **({"flow_cosine_by_backbone": agreements} if is_joint(config)
            else {"flow_cosine": agreements[config.backbone]}),
         "saturated_fraction": round(saturated, 4),
+        "versions": library_versions(),
         # What these images were made from: a later run compares it to decide whether they are current.
         "inputs": inputs,
     }

@@ -61,7 +61,7 @@ from .progress import progress as track
 from .registry import DISTILL_METHODS, EVALUATION_MODES, EvaluationMode, parse_mode
 from .names import short_name
 from .ridge import RidgeMoments, choose_lambda, fit_ridge, lambda_grid, prior_map
-from .utils import gather_lists, save_tensors_atomically, share_from_main, write_text_atomically
+from .utils import gather_lists, library_versions, save_tensors_atomically, share_from_main, write_text_atomically
 from .layout import (
     CURVES_PLOT, FEATURES_DIR, FLOW_PLOT, GOLDEN_JSON, IMAGES_FILE, STATISTICS_JSON, SYNTHETIC_DIR, SYNTHETIC_JSON,
     RunLayout, projector_path,
@@ -1144,6 +1144,10 @@ def _write_outputs(
     layout = RunLayout(config.output_dir)
     folder = layout.evaluation_dir
     folder.mkdir(parents=True, exist_ok=True)
+    # Each record names its environment, so a row copied into a merged table (report.py) still does.
+    versions = library_versions()
+    for record in records:
+        record["versions"] = versions
     write_text_atomically(layout.results_file, json.dumps(records, indent=2))
     for stale in (CURVES_PLOT, FLOW_PLOT):
         (folder / stale).unlink(missing_ok=True)

@@ -175,6 +175,13 @@ class RunFacts:
     def class_names(self) -> list[str]:
         return list(self.statistics["class_names"])
 
+    @property
+    def versions(self) -> dict[str, str | None]:
+        """The library versions recorded with the run's numbers: Stage III's (results.json), else Stage II's
+        (synthetic.json); empty for outputs made before versions were recorded."""
+        recorded = (record["versions"] for record in self.results if record.get("versions"))
+        return next(recorded, None) or self.synthetic.get("versions") or {}
+
     def variant_results(self) -> list[dict[str, Any]]:
         """Stage III rows about this run's synthetic set or its real baselines at this ipc."""
         return [
@@ -258,12 +265,17 @@ def render(template: str, **values: Any) -> str:
     )
     environment.filters["percent"] = _percent
     environment.filters["size"] = human_size
+    environment.filters["versions"] = _versions_line
     return environment.get_template(template).render(**values)
 
 
 def make_card(card_class, template: str, card_data, redact: PathRedactor, **values: Any):
     """A huggingface_hub card (ModelCard / DatasetCard) from one of our templates; the metadata is ``card_data``."""
     return card_class(redact(render(template, card_data=card_data.to_yaml(), **values)))
+
+
+def _versions_line(versions: dict[str, str | None]) -> str:
+    return ", ".join(f"{package} {version}" for package, version in versions.items() if version)
 
 
 def _percent(value: float | None) -> str:
@@ -485,6 +497,7 @@ def dataset_card(variants: list[DatasetVariant], facts: RunFacts, names: RepoNam
         model_repo=names.model,
         statistics_repo=names.statistics,
         rows=_result_rows,
+        versions=facts.versions,
     )
 
 
@@ -770,6 +783,7 @@ def model_card(facts: RunFacts, names: RepoNames, license_name: str | None, bund
         encoder_bytes=bundle.encoder_bytes,
         golden=facts.golden,
         paper=PAPER,
+        versions=facts.versions,
     )
 
 
@@ -824,6 +838,7 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
         features_dir=FEATURES_DIR,
         dataset_repo=names.dataset,
         paper=PAPER,
+        versions=facts.versions,
     )
     card.save(folder / CARD_FILE)
     return folder

@@ -1,4 +1,5 @@
-"""Small shared helpers with no better home: quiet logging, atomic writes, the output_dir lock."""
+"""Small shared helpers with no better home: quiet logging, atomic writes, the output_dir lock, the versions
+of the libraries a run used."""
 
 from __future__ import annotations
 
@@ -26,6 +27,27 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_warning()
     datasets.disable_progress_bars()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# The libraries whose release can move a published number (weights' init and loading, data decoding, numerics).
+RECORDED_PACKAGES = ("torch", "transformers", "datasets", "accelerate", "huggingface_hub", "safetensors", "numpy",
+                     "timm", "pillow", "scikit-learn")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`RECORDED_PACKAGES` (None: not installed) and Python's, written into
+    results.json, synthetic.json and the cards so that a published number names the environment that made it.
+    Read from the installed metadata: nothing is imported."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{package: installed(package) for package in RECORDED_PACKAGES}}
 
 
 @contextmanager
