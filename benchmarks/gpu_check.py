@@ -24,6 +24,7 @@ small (a launch's start-up weighs as much as a stage), which is the price of a l
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -50,10 +51,13 @@ DEFAULT_RUNS = REPO / "outputs" / "gpu-check"
 REFERENCE = REPO / "benchmarks" / "gpu_check_cpu.json"
 # Where the carried wheels are installed on the GPU machine (outside the copied tree, nothing to clean up there).
 SITE = Path("/tmp/sfm-hf-gpu-site")
-# What the GPU machine lacks (it has torch, transformers, accelerate, huggingface_hub, pyarrow, pandas, fsspec, xxhash,
-# ...). datasets 5.2.0 is the version the tests run with; its Requires-Dist (huggingface-hub >= 1.31, pyarrow >= 24,
-# no requests / httpx) is met there by everything but these two.
-WHEEL_PINS = (("datasets", "5.2.0"), ("dill", "0.4.1"), ("multiprocess", "0.70.19"))
+# What the GPU machine lacks (it has torch, accelerate, huggingface_hub, pyarrow, pandas, fsspec, xxhash, ...).
+# datasets 5.2.0 is the version the tests run with; its Requires-Dist (huggingface-hub >= 1.31, pyarrow >= 24,
+# no requests / httpx) is met there by everything but dill and multiprocess. Its transformers (5.17 when first run)
+# predates SubConfigSpec (5.20), which configuration_sfm needs: 5.23.0 is the newest whose huggingface-hub range
+# (>= 1.31) that machine's 1.33 meets (5.25 needs huggingface_hub 2.4 and its httpx2).
+WHEEL_PINS = (("datasets", "5.2.0"), ("dill", "0.4.1"), ("multiprocess", "0.70.19"), ("transformers", "5.23.0"))
+MIN_TRANSFORMERS = (5, 20)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 SPLITS = ("train", "test")
@@ -272,22 +276,38 @@ def child_environment(site: Path | None) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
+def lacks_packages() -> bool:
+    """Whether this interpreter lacks ``datasets`` or has a transformers older than sfm_hf needs."""
+    if importlib.util.find_spec("datasets") is None:
+        return True
+    try:
+        installed = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return tuple(int(part) for part in re.findall(r"\d+", installed)[:2]) < MIN_TRANSFORMERS
+
+
 def install_wheels(wheels: Path) -> Path | None:
-    """The carried wheels in :data:`SITE` when this interpreter lacks ``datasets``; the path to add, or None."""
-    if importlib.util.find_spec("datasets") is not None:
+    """The carried wheels unpacked in :data:`SITE` and put first on this interpreter's path when it lacks a package
+    (:func:`lacks_packages`); the path the launched runs must add, or None."""
+    if not lacks_packages():
         return None
     files = [wheel_file(wheels, name, version) for name, version in WHEEL_PINS]
     if None in files:
-        raise CheckError(f"datasets is not installed and {wheels} lacks the pinned wheels (run --prepare)")
-    # All three are pure Python: a wheel is a zip laid out for site-packages, so unpacking it installs it (no pip,
-    # no index, no build needed on that machine).
+        raise CheckError(f"this interpreter lacks datasets or transformers >= 5.20 and {wheels} lacks the pinned "
+                         "wheels (run --prepare)")
+    # All are pure Python: a wheel is a zip laid out for site-packages, so unpacking it installs it (no pip, no
+    # index, no build needed on that machine).
     for path in files:
         with zipfile.ZipFile(path) as archive:
             archive.extractall(SITE)
-    probe = subprocess.run([sys.executable, "-c", "import datasets"], env=child_environment(SITE),
-                           capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", "import datasets, sfm_hf.configuration_sfm"],
+                           env=child_environment(SITE), capture_output=True, text=True)
     if probe.returncode:
-        raise CheckError(f"datasets from {wheels} does not import here: {probe.stderr.strip().splitlines()[-1]}")
+        raise CheckError(f"the wheels from {wheels} do not import here: {probe.stderr.strip().splitlines()[-1]}")
+    # The input checks below load the backbone in this process, through the same packages as the runs.
+    sys.path.insert(0, str(SITE))
+    importlib.invalidate_caches()
     return SITE
 
 
@@ -390,12 +410,13 @@ def measure(cell: Cell, args) -> int:
                   "--device cpu measures the CPU reference, --dry-run checks the plan", file=sys.stderr)
             return 2
     runs = plan(cell, args.assets, args.runs / args.device, compile_run=args.device == "cuda" and not args.no_compile)
+    site = None if args.collect else install_wheels(args.wheels)
     problems = check_inputs(cell, args.assets, args.wheels, runs)
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
     if not args.collect:
-        environment = child_environment(install_wheels(args.wheels))
+        environment = child_environment(site)
         if args.runs.joinpath(args.device).exists():
             shutil.rmtree(args.runs / args.device)
         for run in runs:

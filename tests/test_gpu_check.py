@@ -151,3 +151,11 @@ def test_accuracy_rows_name_the_precision_only_where_it_matters():
 
     assert label("sfm", "ci") == "test acc. % sfm+ci (bf16)" and label("lgm", "vanilla") == "test acc. % lgm (bf16)"
     assert label("random", "vanilla") == "test acc. % random" and label("full_dataset", "golden") == "test acc. % golden"
+
+
+@pytest.mark.parametrize("installed, lacking", [("5.17.0", True), ("5.19.2", True), ("5.20.0", False), ("5.23.0", False)])
+def test_a_transformers_older_than_subconfigspec_makes_the_check_unpack_its_wheels(monkeypatch, installed, lacking):
+    # The first GPU run met transformers 5.17, which cannot import configuration_sfm (SubConfigSpec came in 5.20).
+    monkeypatch.setattr(gpu_check.importlib.metadata, "version",
+                        lambda name: installed if name == "transformers" else "0")
+    assert gpu_check.lacks_packages() is lacking
