@@ -11,7 +11,6 @@ from sfm_hf import distill
 from sfm_hf.backbones import load_backbone
 from sfm_hf.config import ConfigError, config_from_dict
 from sfm_hf.names import backbone_slug
-from sfm_hf.multi import member_config
 from sfm_hf.pyramid import build_images
 from sfm_hf.runner import run_stages
 from sfm_hf.statistics import Statistics
@@ -24,7 +23,7 @@ def test_backbone_may_be_a_string_or_a_list(tmp_path):
     joint = config_from_dict({"dataset": "d", "backbone": ["org/a", "org/b"], "hub": {"folders": ["dataset"]}})
     joint.validate()
     assert joint.backbones == ["org/a", "org/b"] and joint.evaluation_backbones == ["org/a", "org/b"]
-    member = member_config(joint, "org/b")
+    member = joint.member("org/b")
     assert member.backbone == "org/b" and member.eval_backbones == ["org/b"]
     assert Path(member.output_dir) == Path(joint.output_dir) / "backbones" / "org--b"
     one = config_from_dict({"dataset": "d", "backbone": ["org/a"]})

@@ -23,7 +23,7 @@ from sfm_hf import distill
 from sfm_hf.config import Config, ConfigError, load_recipe, parse_config
 from sfm_hf.data import DatasetError, load_rgb, open_split
 from sfm_hf.errors import UserError
-from sfm_hf.multi import member_dir
+from sfm_hf.layout import RunLayout
 from sfm_hf.runner import run_stages
 from sfm_hf.statistics import Statistics, StatisticsFileError
 from sfm_hf.utils import OutputDirError, OutputDirLock, atomic_path
@@ -452,7 +452,7 @@ def joint_statistics_run(tmp_path_factory, digits_dir, joint_backbones):
 
 
 def member_statistics(config: Config, backbone: str) -> Path:
-    return member_dir(config, backbone) / "statistics"
+    return RunLayout(config.output_dir).member_dir(backbone) / "statistics"
 
 
 def test_joint_set_records_every_members_statistics_and_is_not_rewritten(joint_statistics_run, joint_backbones,
@@ -495,7 +495,7 @@ def test_new_statistics_of_one_member_invalidate_the_joint_set_and_every_members
     output = copy_statistics(joint_statistics_run, tmp_path)
     config = joint_config(digits_dir, joint_backbones, output)
     run_stages(config, accelerator)
-    folders = [output, *(member_dir(config, name) for name in joint_backbones)]
+    folders = [output, *(RunLayout(config.output_dir).member_dir(name) for name in joint_backbones)]
     for folder in folders:
         (folder / "evaluation" / "features").mkdir(parents=True)
         (folder / "evaluation" / "projectors.safetensors").write_text("made from the old joint set")

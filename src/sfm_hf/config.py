@@ -11,6 +11,7 @@ complete (``parse_config``), not in ``__post_init__``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .layout import RunLayout
 from .registry import DISTILL_METHODS, EVALUATION_MODES
 
 NORMALIZATIONS = ("backbone", "imagenet")
@@ -506,7 +508,7 @@ class Config:
             )
         if not self.backbone:
             raise ConfigError("`backbone` is empty: give a Hub id or a local model folder.")
-        if isinstance(self.backbone, list):
+        if self.is_joint:
             self._validate_backbone_list()
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
@@ -551,6 +553,23 @@ class Config:
     def backbones(self) -> list[str]:
         """The distillation backbone(s) as a list (one item for a single backbone)."""
         return list(self.backbone) if isinstance(self.backbone, list) else [self.backbone]
+
+    @property
+    def is_joint(self) -> bool:
+        """One synthetic set for several backbones (``backbone: [A, B, ...]``), run by :mod:`sfm_hf.multi`."""
+        return isinstance(self.backbone, list)
+
+    def member(self, backbone: str) -> Config:
+        """The single-backbone config of one member: its own folder, its backbone, evaluated on it by default."""
+        member = copy.deepcopy(self)
+        member.backbone = backbone
+        member.output_dir = str(RunLayout(self.output_dir).member_dir(backbone))
+        member.eval_backbones = list(self.eval_backbones) or [backbone]
+        return member
+
+    def members(self) -> list[Config]:
+        """The single-backbone configs a run's statistics belong to: every member's, or the run's own."""
+        return [self.member(name) for name in self.backbones] if self.is_joint else [self]
 
     def _check_synthetic_sets_reachable(self) -> None:
         """Catch before an expensive distillation a synthetic train set that only evaluation would miss."""

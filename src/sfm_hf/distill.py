@@ -40,7 +40,6 @@ from .registry import DISTILL_METHODS
 from .layout import (
     FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, STATISTICS_TENSORS, SYNTHETIC_JSON, RunLayout,
 )
-from .multi import is_joint, member_configs
 from .names import short_name
 from .statistics import Statistics, cached_row_indices, load_feature_cache, open_config_split
 from .tracking import log_images
@@ -261,7 +260,7 @@ def _fingerprint(config: Config, statistics: list[Statistics], world_size: int) 
     digests = [member.digest for member in statistics]
     return {**options, "ipc": config.ipc, "seed": config.seed, "backbone": config.backbone,
             "statistics.non_target": config.statistics.non_target, "world_size": world_size,
-            "statistics": dict(zip(config.backbones, digests)) if is_joint(config) else digests[0],
+            "statistics": dict(zip(config.backbones, digests)) if config.is_joint else digests[0],
             "dataset": config.dataset, "dataset_config": config.dataset_config, "train_split": config.train_split}
 
 
@@ -442,11 +441,11 @@ class DistillTarget:
 
 
 def distill_targets(config: Config, device: torch.device) -> list[DistillTarget]:
-    """The backbone(s) the images are distilled for: one, or every member of a joint run (sfm_hf.multi)."""
+    """The backbone(s) the images are distilled for: one, or every member of a joint run (``Config.members``)."""
     return [
         DistillTarget(member, load_backbone(member.backbone, device=device, normalization=member.data.normalization),
                       _load_statistics(member))
-        for member in member_configs(config)
+        for member in config.members()
     ]
 
 
@@ -531,8 +530,8 @@ def check_resumable(config: Config, world_size: int) -> None:
     Only meaningful when the statistics already exist (the 'statistics' stage is not part of this
     run; if it is, it invalidates the checkpoints itself when it changes the statistics).
     """
-    statistics = [_load_statistics(member) for member in member_configs(config)]
-    config = replace(config, distill=replace(config.distill, init=resolve_init(member_configs(config)[0])))
+    statistics = [_load_statistics(member) for member in config.members()]
+    config = replace(config, distill=replace(config.distill, init=resolve_init(config.members()[0])))
     fingerprint = _fingerprint(config, statistics, world_size)
     # syn_res auto is resolved from the backbone only when distillation starts; run_distill checks it then.
     unresolved = ("distill.syn_res",) if config.distill.syn_res == "auto" else ()
@@ -845,7 +844,7 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "distill": asdict(config.distill),
         "seconds": round(seconds, 3),
         "final_loss": None if not math.isfinite(final_loss) else final_loss,
-        **({"flow_cosine_by_backbone": agreements} if is_joint(config)
+        **({"flow_cosine_by_backbone": agreements} if config.is_joint
            else {"flow_cosine": agreements[config.backbone]}),
         "saturated_fraction": round(saturated, 4),
         # What these images were made from: a later run compares it to decide whether they are current.

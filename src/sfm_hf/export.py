@@ -43,7 +43,6 @@ from .layout import (
     CARD_FILE, CONFIG_FILE, FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, IMAGES_FILE, PREVIEW_FILE,
     RESULTS_FILE, STATISTICS_JSON, STATISTICS_TENSORS, SYNTHETIC_JSON, VARIANTS_DIR, RunLayout,
 )
-from .multi import member_config
 from .statistics import golden_classifier_file
 
 logger = get_logger(__name__)
@@ -84,7 +83,7 @@ def repo_names(config: Config, source_dataset: str) -> RepoNames:
         "org": hub.org or "your-org",
         "dataset": hub.dataset_name or slug(source_dataset),
         # A joint set (several backbones) is its own dataset config, `multi` unless hub.backbone_name says otherwise.
-        "backbone": hub.backbone_name or ("multi" if isinstance(config.backbone, list) else slug(config.backbone)),
+        "backbone": hub.backbone_name or ("multi" if config.is_joint else slug(config.backbone)),
         "eval_backbone": slug(bundle_backbone(config)),
         "ipc": config.ipc,
         "method": config.distill.method,
@@ -203,7 +202,7 @@ def gather_facts(config: Config) -> RunFacts:
             "'distill' stage first (add it to --stages)."
         )
     # A joint set's members share the classes; the first member's statistics describe the dataset.
-    stats_dir = statistics_dir(member_config(config, config.backbones[0]) if isinstance(config.backbone, list) else config)
+    stats_dir = statistics_dir(config.members()[0])
     if not (stats_dir / STATISTICS_JSON).is_file():
         raise StageInputError(f"Stage 'export' needs {stats_dir}/{STATISTICS_JSON}: run the 'statistics' stage first.")
     golden_json = stats_dir / GOLDEN_JSON
@@ -466,7 +465,7 @@ def dataset_card(variants: list[DatasetVariant], facts: RunFacts, names: RepoNam
     own = next(variant for variant in variants if variant.name == names.dataset_config)
     card_data["sfm"] = {
         "source_dataset": public_name(source),
-        "backbone": [public_name(name) for name in facts.config.backbone] if isinstance(facts.config.backbone, list)
+        "backbone": [public_name(name) for name in facts.config.backbone] if facts.config.is_joint
         else public_name(facts.config.backbone),
         "method": own.synthetic.get("method") if own.synthetic else facts.config.distill.method,
         "ipc": facts.config.ipc,
