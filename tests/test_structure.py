@@ -1,11 +1,13 @@
 """The shape of the package: its import graph has no cycle, and data flows one way (stages below the runner)."""
 
 import ast
+import configparser
 from pathlib import Path
 
 import pytest
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "sfm_hf"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = REPO / "src" / "sfm_hf"
 # Joint (multi-backbone) runs are orchestrated above the stages; a stage that imports it knows what it is part of.
 STAGE_PREFIXES = ("statistics", "distill", "evaluation", "export")
 
@@ -104,3 +106,13 @@ def test_stages_do_not_import_what_is_built_on_them(forbidden):
 
 def test_hub_sources_do_not_reach_into_merging():
     assert "sfm_hf.merge" not in import_graph(PACKAGE_ROOT)["sfm_hf.hub"]
+
+
+def test_the_wheel_lists_every_sub_package_and_the_card_templates():
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    listed = set(setup["options"]["packages"].split())
+    packages = {module_name(path.parent / "__init__.py", PACKAGE_ROOT) for path in PACKAGE_ROOT.rglob("__init__.py")}
+    assert packages | {"sfm_hf.model_cards"} == listed
+    assert sorted(path.name for path in (REPO / "model_cards").glob("*.j2")) == [
+        "dataset_card.md.j2", "model_card.md.j2", "statistics_card.md.j2"]
