@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from sfm_hf import distill
+from sfm_hf.distill import loop, losses
 from sfm_hf.backbones import load_backbone
 from sfm_hf.config import ConfigError, config_from_dict
 from sfm_hf.names import backbone_slug
@@ -61,15 +61,15 @@ def test_joint_step_is_the_mean_of_the_single_backbone_steps(demo_backbone, tiny
         statistics = Statistics(torch.randn(10, backbone.feature_dim, generator=generator),
                                 torch.full((10,), 5), [str(c) for c in range(10)])
         config = tiny_config(digits_dir, name, tmp_path, representation="pixel")
-        contexts.append(distill.build_context(config, backbone, statistics, rank=0, world_size=1,
+        contexts.append(losses.build_context(config, backbone, statistics, rank=0, world_size=1,
                                               device=torch.device("cpu")))
     images = build_images("pixel", 10, 16, seed=0, decorrelate=False)
     recorder = GradientRecorder(images.parameters())
     single_losses, single_gradients = [], []
     for context in contexts:
-        single_losses.append(float(distill.train_step(context, images, recorder, step=3)))
+        single_losses.append(float(loop.train_step(context, images, recorder, step=3)))
         single_gradients.append(recorder.gradients)
-    joint_loss = float(distill.joint_train_step(contexts, images, recorder, step=3))
+    joint_loss = float(loop.joint_train_step(contexts, images, recorder, step=3))
     assert joint_loss == pytest.approx(sum(single_losses) / 2, rel=1e-6)
     assert single_losses[0] != pytest.approx(single_losses[1])
     for joint, first, second in zip(recorder.gradients, *single_gradients):

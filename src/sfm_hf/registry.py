@@ -2,7 +2,7 @@
 
 Config validation, ``--help``, the Hub check, the result tables and the training code all read these
 tables, so adding a method is one :class:`DistillMethod` here plus its per-step loss in
-:mod:`sfm_hf.distill`; adding a mode is one :class:`EvaluationMode` here plus its training in
+:mod:`sfm_hf.distill.losses`; adding a mode is one :class:`EvaluationMode` here plus its training in
 :mod:`sfm_hf.evaluation`. This module imports nothing heavy (``--help`` reads it): the code of a
 method or mode is named ``"module:function"`` and imported when a run uses it.
 """
@@ -41,12 +41,12 @@ class DistillMethod:
 # In the order of the paper's tables: the baseline before SFM's ablations before SFM.
 DISTILL_METHODS = {method.name: method for method in (
     DistillMethod("lgm", "LGM", "the baseline: linear-head gradient matching on real batches",
-                  "sfm_hf.distill:lgm_step_loss", reads_real_images=True),
-    DistillMethod("tcdd", "TCDD", "Tab. 3 ablation: target centres only", "sfm_hf.distill:decoupled_step_loss",
-                  decoupled_alpha=1.0),
-    DistillMethod("ncdd", "NCDD", "Tab. 3 ablation: non-target centres only", "sfm_hf.distill:decoupled_step_loss",
-                  decoupled_alpha=0.0),
-    DistillMethod("sfm", "SFM", "Eq. 9", "sfm_hf.distill:sfm_step_loss"),
+                  "sfm_hf.distill.losses:lgm_step_loss", reads_real_images=True),
+    DistillMethod("tcdd", "TCDD", "Tab. 3 ablation: target centres only",
+                  "sfm_hf.distill.losses:decoupled_step_loss", decoupled_alpha=1.0),
+    DistillMethod("ncdd", "NCDD", "Tab. 3 ablation: non-target centres only",
+                  "sfm_hf.distill.losses:decoupled_step_loss", decoupled_alpha=0.0),
+    DistillMethod("sfm", "SFM", "Eq. 9", "sfm_hf.distill.losses:sfm_step_loss"),
 )}
 
 

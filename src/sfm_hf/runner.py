@@ -72,11 +72,11 @@ def check_inputs(config: Config, world_size: int) -> None:
     """
     if "statistics" in config.stages or not {"distill", "evaluate", "export"} & set(config.stages):
         return
-    from .distill import _load_statistics, check_resumable
+    from .distill.inputs import check_resumable, load_statistics
     from .statistics import check_ipc_fits
 
     for member in config.members():
-        statistics = _load_statistics(member)
+        statistics = load_statistics(member)
         check_ipc_fits(member, statistics.class_counts, statistics.class_names)
     if "distill" in config.stages:
         check_resumable(config, world_size)
