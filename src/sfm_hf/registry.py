@@ -69,6 +69,9 @@ class EvaluationMode:
     main_table_suffix: str | None = None
     # Run once per `evaluate.kd_alphas` value and recorded as '<name>-<alpha>'.
     per_alpha: bool = False
+    # Its projector of trial 0 on the run's own synthetic set is saved and is the one the exported model bundle holds.
+    bundles_projector: bool = False
+    curve_style: str = ":"  # matplotlib line style of its accuracy-vs-iteration curve
 
     def train_function(self) -> Callable:
         return load_function(self.train)
@@ -80,7 +83,8 @@ class EvaluationMode:
 
 # In the order of the strategy table.
 EVALUATION_MODES = {mode.name: mode for mode in (
-    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluation:train_head", main_table_suffix=""),
+    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluation:train_head", main_table_suffix="",
+                   curve_style="-"),
     EvaluationMode("jt", "JT (w/o IP)", "projector and head trained jointly, head random",
                    "sfm_hf.evaluation:train_joint", trains_projector=True),
     EvaluationMode("jt_ip", "JT (w/ IP)", "jointly, head inherited from the golden classifier",
@@ -91,10 +95,17 @@ EVALUATION_MODES = {mode.name: mode for mode in (
                    "sfm_hf.evaluation:train_sequential", trains_projector=True, fits_projector_alone=True,
                    inherits_golden_head=True),
     EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluation:train_projector",
-                   trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI"),
+                   trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI",
+                   bundles_projector=True, curve_style="--"),
     EvaluationMode("kd", "Soft labels (α={alpha})", "soft labels of the golden classifier, once per kd_alphas value",
                    "sfm_hf.evaluation:train_head", per_alpha=True),
 )}
+
+
+def bundle_projector_mode() -> EvaluationMode:
+    """The mode whose trained projector the exported model bundle holds."""
+    (mode,) = (mode for mode in EVALUATION_MODES.values() if mode.bundles_projector)
+    return mode
 
 
 def parse_mode(recorded: str) -> tuple[EvaluationMode | None, float | None]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from ..backbones import FrozenBackbone, load_backbone
 from ..layout import CARD_FILE, CONFIG_FILE, VARIANTS_DIR, RunLayout
 from ..names import OPEN_CLIP_PREFIXES, is_hub_id, public_name, slug
+from ..registry import bundle_projector_mode
 from ..statistics import golden_classifier_file
 from .cards import PAPER, make_card
 from .dataset_folder import DatasetVariant, read_variant
@@ -30,11 +31,11 @@ class Projector:
     source: str
 
 
-def _ci_record(facts: RunFacts, eval_name: str) -> dict[str, Any] | None:
-    """The latest Stage III classifier-inheritance row of this run's synthetic set through ``eval_name``."""
+def _bundle_projector_record(facts: RunFacts, eval_name: str) -> dict[str, Any] | None:
+    """The latest Stage III row of this run's synthetic set through ``eval_name`` whose projector a bundle holds (ci)."""
     matching = [
         record for record in facts.results
-        if record.get("mode") == "ci" and record.get("train_set") == facts.config.distill.method
+        if record.get("mode") == bundle_projector_mode().name and record.get("train_set") == facts.config.distill.method
         and record.get("eval_backbone") == eval_name and record.get("distill_backbone") == facts.config.backbone
         and record.get("ipc") in (None, facts.config.ipc) and record.get("projector")
     ]
@@ -42,14 +43,15 @@ def _ci_record(facts: RunFacts, eval_name: str) -> dict[str, Any] | None:
 
 
 def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Projector:
-    record = _ci_record(facts, eval_name)
+    mode = bundle_projector_mode().name
+    record = _bundle_projector_record(facts, eval_name)
     if record is not None:
         path = facts.output_dir / record["projector"]
         if not path.is_file():
             raise ExportError(f"results.json names the projector {path}, which does not exist: run 'evaluate' again.")
         tensors = load_file(path)
         return Projector(tensors["weight"], tensors["bias"], "trained", record.get("projector_accuracy"),
-                         f"Stage III trained this projector (mode ci, `{record['projector']}`) and scored it")
+                         f"Stage III trained this projector (mode {mode}, `{record['projector']}`) and scored it")
     if eval_name == facts.config.backbone:
         accuracy = facts.golden.get("eval_accuracy") if facts.golden else None
         return Projector(torch.eye(distill_dim), torch.zeros(distill_dim), "identity", accuracy,
@@ -57,8 +59,8 @@ def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Proje
                          "golden classifier's own accuracy from Stage I")
     raise ExportError(
         f"The model bundle for evaluation backbone {eval_name!r} needs the projector that the 'evaluate' stage "
-        f"trains (mode ci on train set {facts.config.distill.method!r}), and {RunLayout(facts.output_dir).results_file} has "
-        "none: run the 'evaluate' stage with `evaluate.modes` including ci, or set `hub.eval_backbone` to the "
+        f"trains (mode {mode} on train set {facts.config.distill.method!r}), and {RunLayout(facts.output_dir).results_file} has "
+        f"none: run the 'evaluate' stage with `evaluate.modes` including {mode}, or set `hub.eval_backbone` to the "
         "distillation backbone."
     )
 
