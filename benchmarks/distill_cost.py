@@ -1,7 +1,7 @@
 """Stage II cost: seconds per step, peak memory and backbone throughput of SFM and LGM.
 
-Every step is the library's own ``sfm_hf.distill.train_step`` on a context from
-``sfm_hf.distill.build_context``, so the figures are those of a real run; only the
+Every step is the library's own ``sfm_hf.distill.loop.train_step`` on a context from
+``sfm_hf.distill.losses.build_context``, so the figures are those of a real run; only the
 statistics are random (a step's cost does not depend on their values) and the pyramid
 starts fully grown (the state of most of a 5000-step run). LGM streams its real batch
 (ipc x aug_rounds images of every class per step) from a locally generated JPEG dataset.
@@ -37,7 +37,8 @@ import torch  # noqa: E402  (harness sets the offline switches first)
 
 from sfm_hf.backbones import FrozenBackbone, load_backbone  # noqa: E402
 from sfm_hf.config import Config  # noqa: E402
-from sfm_hf.distill import DistillContext, build_context, make_optimizer, train_step  # noqa: E402
+from sfm_hf.distill.loop import make_optimizer, train_step  # noqa: E402
+from sfm_hf.distill.losses import DistillContext, build_context  # noqa: E402
 from sfm_hf.pyramid import build_images  # noqa: E402
 from sfm_hf.statistics import Statistics  # noqa: E402
 

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def flow_cosines(synthetic_dir: Path, backbones: dict[str, str], statistics_dirs: dict[str, Path]) -> dict[str, float]:
     """cos(F*, flow of the set) on each backbone's statistics (no augmentation), as Stage II reports it."""
     from sfm_hf.backbones import load_backbone
-    from sfm_hf.distill import flow_agreement
+    from sfm_hf.distill.outputs import flow_agreement
     from sfm_hf.evaluation import load_synthetic
     from sfm_hf.statistics import Statistics
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from sfm_hf import distill
+from sfm_hf.distill import loop, losses
 from sfm_hf.errors import StageInputError, UserError
 from sfm_hf.runner import run_stages
 from sfm_hf.utils import library_versions
@@ -67,18 +67,18 @@ def test_interrupted_run_resumes_to_the_same_images(statistics_run, digits_dir, 
     options = dict(iterations=30, checkpoint_every=10)
     reference, _, _ = synthetic(distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator,
                                             name="straight", **options))
-    original = distill.compute_loss
+    original = loop.compute_loss
 
     def interrupted(context, images, step):
         if step == 25:
             raise KeyboardInterrupt
         return original(context, images, step)
 
-    monkeypatch.setattr(distill, "compute_loss", interrupted)
+    monkeypatch.setattr(loop, "compute_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator, name="resumed", **options)
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "rank00.pt", weights_only=True)["step"] == 20
-    monkeypatch.setattr(distill, "compute_loss", original)
+    monkeypatch.setattr(loop, "compute_loss", original)
     resumed, _, _ = synthetic(distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator,
                                           name="resumed", **options))
     torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-6)
@@ -93,14 +93,14 @@ def test_changed_settings_refuse_an_old_checkpoint(statistics_run, digits_dir, d
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(statistics_run, digits_dir, demo_backbone, tmp_path,
                                                               accelerator, monkeypatch):
-    original = distill.compute_loss
+    original = loop.compute_loss
 
     def poisoned(context, images, step):
         loss = original(context, images, step)
         return loss * float("nan") if step >= 15 else loss
 
-    monkeypatch.setattr(distill, "compute_loss", poisoned)
-    with pytest.raises(distill.NonFiniteLossError, match="non-finite at step 15"):
+    monkeypatch.setattr(loop, "compute_loss", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite at step 15"):
         distill_run(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator, iterations=40,
                     checkpoint_every=10, log_every=5)
     state = torch.load(tmp_path / "run" / "checkpoints" / "rank00.pt", weights_only=True)
@@ -118,11 +118,11 @@ def test_distill_without_statistics_says_what_to_run(digits_dir, demo_backbone, 
 
 def test_class_shares_cover_every_class_once():
     for classes, world in [(10, 2), (10, 3), (7, 7)]:
-        shares = [distill.class_share(classes, 2, rank, world) for rank in range(world)]
+        shares = [losses.class_share(classes, 2, rank, world) for rank in range(world)]
         assert [c for share in shares for c in share.classes] == list(range(classes))
         assert sum(share.num_images for share in shares) == 2 * classes
     with pytest.raises(UserError, match="at most one process per class"):
-        distill.class_share(3, 1, 0, 4)
+        losses.class_share(3, 1, 0, 4)
 
 
 def test_loss_reaches_the_accelerate_trackers(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator,

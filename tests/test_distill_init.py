@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
 from sfm_hf.baselines import centroid_positions, fetch_rows
-from sfm_hf.distill import resolve_init, start_images
+from sfm_hf.distill.inputs import resolve_init, start_images
 from sfm_hf.errors import StageInputError
 from sfm_hf.pyramid import START_MARGIN
 from sfm_hf.runner import run_stages

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
 from sfm_hf.errors import UserError
-from sfm_hf.export import ExportError, PublishError, quantise, source_license
+from sfm_hf.export.dataset_folder import quantise
+from sfm_hf.export.facts import ExportError, PublishError, source_license
 from sfm_hf.names import slug
 from sfm_hf.hub import HubAccessError, check_sources, statistics_dir
 from sfm_hf.runner import run_stages

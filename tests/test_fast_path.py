@@ -10,7 +10,8 @@ from PIL import Image
 from sfm_hf.backbones import load_backbone
 from sfm_hf.config import Config, ConfigError, parse_config
 from sfm_hf.data import image_batches, open_split, resize_center_crop
-from sfm_hf.distill import build_context, make_optimizer, train_step
+from sfm_hf.distill.loop import make_optimizer, train_step
+from sfm_hf.distill.losses import build_context
 from sfm_hf.pyramid import build_images
 from sfm_hf.statistics import Statistics
 

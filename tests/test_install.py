@@ -29,6 +29,7 @@ def build_wheel(tmp_path: Path) -> Path:
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
     shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPO / "model_cards", source / "model_cards")
     wheels = tmp_path / "wheels"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
@@ -51,7 +52,7 @@ def test_wheel_installed_elsewhere_runs_every_stage_and_exports(tmp_path, digits
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(archive.read(name).decode() for name in names if name.endswith("entry_points.txt"))
-    assert {f"sfm_hf/templates/{card}.md.j2" for card in ("dataset_card", "model_card", "statistics_card")} <= set(names)
+    assert {f"sfm_hf/model_cards/{card}.md.j2" for card in ("dataset_card", "model_card", "statistics_card")} <= set(names)
     assert "sfm-hf = sfm_hf.cli:main" in entry_points
 
     site = tmp_path / "site"

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from sfm_hf.errors import StageInputError
-from sfm_hf.hub import hub_sources, statistics_dir
-from sfm_hf.merge import main, merge_statistics
+from sfm_hf.hub import hub_sources
+from sfm_hf.merge import main, merge_for_run, merge_statistics
 from sfm_hf.runner import run_stages
 from sfm_hf.layout import FEATURES_DIR
 from sfm_hf.statistics import Statistics, load_feature_cache, load_golden_classifier
@@ -84,10 +84,10 @@ def test_statistics_from_a_list_merges_once_and_distils(half_runs, digits_dir, d
         raise AssertionError("the merge was up to date")
 
     monkeypatch.setattr(sfm_hf.merge, "_write_merge", must_not_merge_again)
-    assert statistics_dir(config) == tmp_path / "run" / "statistics"
+    assert merge_for_run(config) == tmp_path / "run" / "statistics"
     config.golden.epochs += 1  # another golden classifier: the merge is redone
     with pytest.raises(AssertionError, match="up to date"):
-        statistics_dir(config)
+        merge_for_run(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_other_processes_wait_for_the_main_process_merge(tmp_path, monkeypatch):
         is_main_process = False
 
     monkeypatch.setattr(accelerate, "PartialState", OtherRank)
-    waiting = threading.Thread(target=statistics_dir, args=(config,), daemon=True)
+    waiting = threading.Thread(target=merge_for_run, args=(config,), daemon=True)
     waiting.start()
     waiting.join(timeout=3)
     assert waiting.is_alive() and not (tmp_path / "run" / "statistics" / "statistics.json").exists()
@@ -250,4 +250,4 @@ def test_other_processes_wait_for_the_main_process_merge(tmp_path, monkeypatch):
     waiting.join(timeout=10)
     assert not waiting.is_alive()
     monkeypatch.setattr(sfm_hf.merge, "_write_merge", None)  # a non-main rank never writes
-    assert statistics_dir(config) == tmp_path / "run" / "statistics"
+    assert merge_for_run(config) == tmp_path / "run" / "statistics"

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from sfm_hf import distill
+from sfm_hf.distill import loop, losses
 from sfm_hf.backbones import load_backbone
 from sfm_hf.config import ConfigError, config_from_dict
 from sfm_hf.names import backbone_slug
-from sfm_hf.multi import member_config
 from sfm_hf.pyramid import build_images
 from sfm_hf.runner import run_stages
 from sfm_hf.statistics import Statistics
@@ -24,7 +23,7 @@ def test_backbone_may_be_a_string_or_a_list(tmp_path):
     joint = config_from_dict({"dataset": "d", "backbone": ["org/a", "org/b"], "hub": {"folders": ["dataset"]}})
     joint.validate()
     assert joint.backbones == ["org/a", "org/b"] and joint.evaluation_backbones == ["org/a", "org/b"]
-    member = member_config(joint, "org/b")
+    member = joint.member("org/b")
     assert member.backbone == "org/b" and member.eval_backbones == ["org/b"]
     assert Path(member.output_dir) == Path(joint.output_dir) / "backbones" / "org--b"
     one = config_from_dict({"dataset": "d", "backbone": ["org/a"]})
@@ -62,15 +61,15 @@ def test_joint_step_is_the_mean_of_the_single_backbone_steps(demo_backbone, tiny
         statistics = Statistics(torch.randn(10, backbone.feature_dim, generator=generator),
                                 torch.full((10,), 5), [str(c) for c in range(10)])
         config = tiny_config(digits_dir, name, tmp_path, representation="pixel")
-        contexts.append(distill.build_context(config, backbone, statistics, rank=0, world_size=1,
+        contexts.append(losses.build_context(config, backbone, statistics, rank=0, world_size=1,
                                               device=torch.device("cpu")))
     images = build_images("pixel", 10, 16, seed=0, decorrelate=False)
     recorder = GradientRecorder(images.parameters())
     single_losses, single_gradients = [], []
     for context in contexts:
-        single_losses.append(float(distill.train_step(context, images, recorder, step=3)))
+        single_losses.append(float(loop.train_step(context, images, recorder, step=3)))
         single_gradients.append(recorder.gradients)
-    joint_loss = float(distill.joint_train_step(contexts, images, recorder, step=3))
+    joint_loss = float(loop.joint_train_step(contexts, images, recorder, step=3))
     assert joint_loss == pytest.approx(sum(single_losses) / 2, rel=1e-6)
     assert single_losses[0] != pytest.approx(single_losses[1])
     for joint, first, second in zip(recorder.gradients, *single_gradients):

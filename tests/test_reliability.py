@@ -19,11 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from sfm_hf import distill
+from sfm_hf.distill import checkpoints, loop, outputs
 from sfm_hf.config import Config, ConfigError, load_recipe, parse_config
 from sfm_hf.data import DatasetError, load_rgb, open_split
 from sfm_hf.errors import UserError
-from sfm_hf.multi import member_dir
+from sfm_hf.layout import RunLayout
 from sfm_hf.runner import run_stages
 from sfm_hf.statistics import Statistics, StatisticsFileError
 from sfm_hf.utils import OutputDirError, OutputDirLock, atomic_path
@@ -196,7 +196,7 @@ def test_changed_statistics_file_refuses_the_checkpoint(statistics_run, digits_d
     tensors = load_file(output / "statistics" / "statistics.safetensors")
     tensors["class_means"] = tensors["class_means"] + 0.01
     save_file(tensors, str(output / "statistics" / "statistics.safetensors"))
-    with pytest.raises(distill.CheckpointError, match=r"different settings or inputs \(statistics\)"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"different settings or inputs \(statistics\)"):
         run_stages(distill_config(digits_dir, demo_backbone, output), accelerator)
 
 
@@ -406,9 +406,9 @@ def test_ipc_larger_than_a_class_is_refused_before_distillation(make_image_folde
 def test_non_finite_loss_without_checkpoint_says_so(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator,
                                                     monkeypatch):
     output = copy_statistics(statistics_run, tmp_path)
-    original = distill.compute_loss
-    monkeypatch.setattr(distill, "compute_loss", lambda c, images, step: original(c, images, step) * float("nan"))
-    with pytest.raises(distill.NonFiniteLossError, match="step 0. No checkpoint was written before it"):
+    original = loop.compute_loss
+    monkeypatch.setattr(loop, "compute_loss", lambda c, images, step: original(c, images, step) * float("nan"))
+    with pytest.raises(loop.NonFiniteLossError, match="step 0. No checkpoint was written before it"):
         run_stages(distill_config(digits_dir, demo_backbone, output, checkpoint_every=0, log_every=2), accelerator)
     assert not (output / "synthetic").exists()
 
@@ -419,8 +419,8 @@ def test_saturated_images_warn(statistics_run, digits_dir, demo_backbone, tmp_pa
         run_stages(distill_config(digits_dir, demo_backbone, output, lr=1e6, checkpoint_every=0), accelerator)
     assert json.loads((output / "synthetic" / "synthetic.json").read_text())["saturated_fraction"] > 0.5
     assert "sit at 0 or 1" in caplog.text
-    assert distill.saturated_fraction(torch.full((2, 3, 4, 4), 0.5)) == 0.0
-    assert distill.saturated_fraction(torch.tensor([0.0, 1.0, 0.5, 0.999])) == 0.75
+    assert outputs.saturated_fraction(torch.full((2, 3, 4, 4), 0.5)) == 0.0
+    assert outputs.saturated_fraction(torch.tensor([0.0, 1.0, 0.5, 0.999])) == 0.75
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +452,7 @@ def joint_statistics_run(tmp_path_factory, digits_dir, joint_backbones):
 
 
 def member_statistics(config: Config, backbone: str) -> Path:
-    return member_dir(config, backbone) / "statistics"
+    return RunLayout(config.output_dir).member_dir(backbone) / "statistics"
 
 
 def test_joint_set_records_every_members_statistics_and_is_not_rewritten(joint_statistics_run, joint_backbones,
@@ -495,7 +495,7 @@ def test_new_statistics_of_one_member_invalidate_the_joint_set_and_every_members
     output = copy_statistics(joint_statistics_run, tmp_path)
     config = joint_config(digits_dir, joint_backbones, output)
     run_stages(config, accelerator)
-    folders = [output, *(member_dir(config, name) for name in joint_backbones)]
+    folders = [output, *(RunLayout(config.output_dir).member_dir(name) for name in joint_backbones)]
     for folder in folders:
         (folder / "evaluation" / "features").mkdir(parents=True)
         (folder / "evaluation" / "projectors.safetensors").write_text("made from the old joint set")

@@ -970,10 +970,6 @@ def run_evaluate(config: Config, accelerator, synthetic_root: Path | None = None
     ``synthetic_root``: see :func:`load_inputs`. A joint run (a list of backbones) is evaluated on
     every member by :mod:`sfm_hf.multi`.
     """
-    if isinstance(config.backbone, list):
-        from .multi import run_joint_evaluate
-
-        return run_joint_evaluate(config, accelerator)
     inputs = load_inputs(config, accelerator, synthetic_root)
     jobs = plan_jobs(config, inputs)
     start = time.perf_counter()

@@ -3,7 +3,7 @@ names, and the statistics of an earlier Stage I (``statistics_from``).
 
 Loaders retry an unreachable Hub for half a minute per file and then say only "couldn't
 connect"; one authenticated check per repo up front fails in a second and says why
-(missing, gated, no network). Publishing lives in ``export.py``.
+(missing, gated, no network). Publishing lives in :mod:`sfm_hf.export`.
 """
 
 from __future__ import annotations
@@ -113,19 +113,15 @@ def statistics_dir(config: Config) -> Path:
     """The folder holding this run's Stage I outputs: <output_dir>/statistics, or ``statistics_from``.
 
     A Hub id is downloaded (statistics and golden classifier only, never a feature cache) into the
-    huggingface_hub cache. A list is merged into <output_dir>/statistics (once: later calls find the
-    merge up to date); call it on every process.
+    huggingface_hub cache. A list is read from <output_dir>/statistics, where the runner merges it
+    first (:func:`sfm_hf.merge.merge_for_run`).
     """
-    if isinstance(config.statistics_from, list):
-        from .merge import merge_for_run
-
-        return merge_for_run(config, [_statistics_source(source) for source in statistics_sources(config)])
-    if not config.statistics_from:
+    if not config.statistics_from or isinstance(config.statistics_from, list):
         return RunLayout(config.output_dir).statistics_dir
-    return _statistics_source(config.statistics_from)
+    return statistics_source(config.statistics_from)
 
 
-def _statistics_source(source: str) -> Path:
+def statistics_source(source: str) -> Path:
     """The local folder of one ``statistics_from`` entry (downloading a Hub id)."""
     if Path(source).is_dir():
         if not (Path(source) / STATISTICS_TENSORS).is_file():

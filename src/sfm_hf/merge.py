@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from .config import Config, GoldenOptions
 from .errors import UserError
+from .hub import statistics_source, statistics_sources
 from .probe import accuracy
 from .layout import (
     FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, MERGING_MARKER, STATISTICS_JSON, STATISTICS_TENSORS, RunLayout,
@@ -353,8 +354,8 @@ def _write_merge(shards: list[Shard], names: list[str], output: Path, golden: Go
     return statistics
 
 
-def merge_for_run(config: Config, folders: list[Path]) -> Path:
-    """``statistics_from: [A, B, ...]``: the shards merged into <output_dir>/statistics.
+def merge_for_run(config: Config) -> Path:
+    """``statistics_from: [A, B, ...]``: the shards (folders or Hub repos) merged into <output_dir>/statistics.
 
     The main process merges, with the run's golden classifier settings, unless an earlier call
     already merged the same inputs; the others wait until the merge is there. No collective is
@@ -364,6 +365,7 @@ def merge_for_run(config: Config, folders: list[Path]) -> Path:
     from accelerate import PartialState
 
     output = RunLayout(config.output_dir).statistics_dir
+    folders = [statistics_source(source) for source in statistics_sources(config)]
     shards, names = prepare_merge(folders, output)
     if PartialState().is_main_process:
         if not is_up_to_date(folders, output, config.golden, config.seed):

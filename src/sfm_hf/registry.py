@@ -2,7 +2,7 @@
 
 Config validation, ``--help``, the Hub check, the result tables and the training code all read these
 tables, so adding a method is one :class:`DistillMethod` here plus its per-step loss in
-:mod:`sfm_hf.distill`; adding a mode is one :class:`EvaluationMode` here plus its training in
+:mod:`sfm_hf.distill.losses`; adding a mode is one :class:`EvaluationMode` here plus its training in
 :mod:`sfm_hf.evaluation`. This module imports nothing heavy (``--help`` reads it): the code of a
 method or mode is named ``"module:function"`` and imported when a run uses it.
 """
@@ -41,12 +41,12 @@ class DistillMethod:
 # In the order of the paper's tables: the baseline before SFM's ablations before SFM.
 DISTILL_METHODS = {method.name: method for method in (
     DistillMethod("lgm", "LGM", "the baseline: linear-head gradient matching on real batches",
-                  "sfm_hf.distill:lgm_step_loss", reads_real_images=True),
-    DistillMethod("tcdd", "TCDD", "Tab. 3 ablation: target centres only", "sfm_hf.distill:decoupled_step_loss",
-                  decoupled_alpha=1.0),
-    DistillMethod("ncdd", "NCDD", "Tab. 3 ablation: non-target centres only", "sfm_hf.distill:decoupled_step_loss",
-                  decoupled_alpha=0.0),
-    DistillMethod("sfm", "SFM", "Eq. 9", "sfm_hf.distill:sfm_step_loss"),
+                  "sfm_hf.distill.losses:lgm_step_loss", reads_real_images=True),
+    DistillMethod("tcdd", "TCDD", "Tab. 3 ablation: target centres only",
+                  "sfm_hf.distill.losses:decoupled_step_loss", decoupled_alpha=1.0),
+    DistillMethod("ncdd", "NCDD", "Tab. 3 ablation: non-target centres only",
+                  "sfm_hf.distill.losses:decoupled_step_loss", decoupled_alpha=0.0),
+    DistillMethod("sfm", "SFM", "Eq. 9", "sfm_hf.distill.losses:sfm_step_loss"),
 )}
 
 
@@ -69,6 +69,9 @@ class EvaluationMode:
     main_table_suffix: str | None = None
     # Run once per `evaluate.kd_alphas` value and recorded as '<name>-<alpha>'.
     per_alpha: bool = False
+    # Its projector of trial 0 on the run's own synthetic set is saved and is the one the exported model bundle holds.
+    bundles_projector: bool = False
+    curve_style: str = ":"  # matplotlib line style of its accuracy-vs-iteration curve
 
     def train_function(self) -> Callable:
         return load_function(self.train)
@@ -80,7 +83,8 @@ class EvaluationMode:
 
 # In the order of the strategy table.
 EVALUATION_MODES = {mode.name: mode for mode in (
-    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluation:train_head", main_table_suffix=""),
+    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluation:train_head", main_table_suffix="",
+                   curve_style="-"),
     EvaluationMode("jt", "JT (w/o IP)", "projector and head trained jointly, head random",
                    "sfm_hf.evaluation:train_joint", trains_projector=True),
     EvaluationMode("jt_ip", "JT (w/ IP)", "jointly, head inherited from the golden classifier",
@@ -91,10 +95,17 @@ EVALUATION_MODES = {mode.name: mode for mode in (
                    "sfm_hf.evaluation:train_sequential", trains_projector=True, fits_projector_alone=True,
                    inherits_golden_head=True),
     EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluation:train_projector",
-                   trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI"),
+                   trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI",
+                   bundles_projector=True, curve_style="--"),
     EvaluationMode("kd", "Soft labels (α={alpha})", "soft labels of the golden classifier, once per kd_alphas value",
                    "sfm_hf.evaluation:train_head", per_alpha=True),
 )}
+
+
+def bundle_projector_mode() -> EvaluationMode:
+    """The mode whose trained projector the exported model bundle holds."""
+    (mode,) = (mode for mode in EVALUATION_MODES.values() if mode.bundles_projector)
+    return mode
 
 
 def parse_mode(recorded: str) -> tuple[EvaluationMode | None, float | None]:

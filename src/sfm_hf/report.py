@@ -194,10 +194,10 @@ def plot_accuracy_curves(records: list[Record], path: Path) -> Path | None:
     plt = pyplot()
     panels = _unique(r["eval_backbone"] for r in curves)
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    styles = {"vanilla": "-", "ci": "--"}
     for axis, backbone in zip(axes[0], panels):
         for record in (r for r in curves if r["eval_backbone"] == backbone):
-            style = styles.get(record["mode"], ":")
+            mode, _ = parse_mode(record["mode"])
+            style = mode.curve_style if mode is not None else ":"
             axis.plot(record["curve"]["iterations"], [100 * value for value in record["curve"]["mean"]], style,
                       label=f"{row_label(record)} ({cell(record)})")
         for record in records:

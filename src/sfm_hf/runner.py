@@ -1,5 +1,9 @@
 """Runs the configured stages in order; each stage reads its inputs from, and writes to, ``output_dir``.
 
+The runner decides what a stage is for this run: the single-backbone stage, or for a joint run
+(``backbone: [A, B]``) its orchestration over the members in :mod:`sfm_hf.multi`. It also merges a
+``statistics_from`` list (:mod:`sfm_hf.merge`) before any stage reads statistics.
+
 Before anything is written, the run takes a lock on ``output_dir`` and checks the inputs of the
 stages it will not produce itself; only then is ``config.yaml`` written. When a stage changes
 its outputs, the outputs of later stages made from the old ones are removed, so that nothing in
@@ -21,7 +25,7 @@ from .layout import (
     CHECKPOINTS_DIR, EVALUATION_DIR, FEATURES_DIR, IMAGES_FILE, MODEL_DIR, STATISTICS_DIR, STATISTICS_TENSORS,
     SYNTHETIC_DIR, RunLayout,
 )
-from .multi import member_configs, run_folders
+from .merge import merge_for_run
 from .statistics import run_statistics
 from .tracking import tracker_hparams
 from .utils import OutputDirLock, file_digest, prepare_output_dir, share_from_main
@@ -40,12 +44,24 @@ DEPENDENT_OUTPUTS = {
 KEPT_INSIDE_DEPENDENTS = (FEATURES_DIR,)
 
 
-def stage_functions() -> dict[str, Callable]:
+def stage_functions(config: Config) -> dict[str, Callable]:
+    """The function of each stage for this run: a joint run's Stage I and III go over every member."""
     from .distill import run_distill
     from .evaluation import run_evaluate
     from .export import run_export
 
+    if config.is_joint:
+        from .multi import run_joint_evaluate, run_joint_statistics
+
+        return {"statistics": run_joint_statistics, "distill": run_distill, "evaluate": run_joint_evaluate,
+                "export": run_export}
     return {"statistics": run_statistics, "distill": run_distill, "evaluate": run_evaluate, "export": run_export}
+
+
+def run_folders(config: Config) -> list[Path]:
+    """Every folder that holds outputs of this run: output_dir and, for a joint run, each member folder."""
+    members = [Path(member.output_dir) for member in config.members()] if config.is_joint else []
+    return [Path(config.output_dir), *members]
 
 
 def check_inputs(config: Config, world_size: int) -> None:
@@ -56,11 +72,11 @@ def check_inputs(config: Config, world_size: int) -> None:
     """
     if "statistics" in config.stages or not {"distill", "evaluate", "export"} & set(config.stages):
         return
-    from .distill import _load_statistics, check_resumable
+    from .distill.inputs import check_resumable, load_statistics
     from .statistics import check_ipc_fits
 
-    for member in member_configs(config):
-        statistics = _load_statistics(member)
+    for member in config.members():
+        statistics = load_statistics(member)
         check_ipc_fits(member, statistics.class_counts, statistics.class_names)
     if "distill" in config.stages:
         check_resumable(config, world_size)
@@ -74,7 +90,7 @@ def stage_outputs(config: Config, stage: str) -> list[Path]:
     """The files whose change means ``stage`` made new outputs (a joint run's statistics: every member's)."""
     if stage not in STAGE_OUTPUT:
         return []
-    folders = [Path(member.output_dir) for member in member_configs(config)] if stage in PER_MEMBER_STAGES else [
+    folders = [Path(member.output_dir) for member in config.members()] if stage in PER_MEMBER_STAGES else [
         Path(config.output_dir)]
     return [folder / STAGE_OUTPUT[stage] for folder in folders]
 
@@ -100,7 +116,7 @@ def run_stages(config: Config, accelerator) -> dict[str, float]:
     """Run ``config.stages`` in order and return the seconds each took."""
     from accelerate.utils import set_seed
 
-    available = stage_functions()
+    available = stage_functions(config)
     missing = [stage for stage in config.stages if stage not in available]
     if missing:
         raise NotImplementedError(f"Stage(s) {missing} are not available in this version of sfm-hf.")
@@ -113,6 +129,8 @@ def run_stages(config: Config, accelerator) -> dict[str, float]:
         prepare_output_dir(output_dir)
         lock.acquire()
         try:
+            if isinstance(config.statistics_from, list) and {"distill", "evaluate", "export"} & set(config.stages):
+                merge_for_run(config)
             check_inputs(config, accelerator.num_processes)
             config.save(RunLayout(output_dir).config_file)
         except BaseException:

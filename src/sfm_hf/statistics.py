@@ -353,14 +353,10 @@ def open_config_split(config: Config, split: str) -> SplitSource:
 
 
 def run_statistics(config: Config, accelerator) -> Statistics:
-    """Stage I. Every process reads a disjoint share; the results do not depend on how many there are.
+    """Stage I of one backbone. Every process reads a disjoint share; the results do not depend on how many there are.
 
-    With a list of backbones, Stage I of each into its member folder (:mod:`sfm_hf.multi`); returns the list.
+    A joint run's members each go through here (:mod:`sfm_hf.multi`).
     """
-    if isinstance(config.backbone, list):
-        from .multi import run_joint_statistics
-
-        return run_joint_statistics(config, accelerator)
     output = RunLayout(config.output_dir).statistics_dir
     cache_dir = output / FEATURES_DIR
     backbone = load_backbone(config.backbone, device=accelerator.device, normalization=config.data.normalization)

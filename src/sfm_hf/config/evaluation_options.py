@@ -1,0 +1,154 @@
+"""The options of Stage III (``evaluate.*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import DISTILL_METHODS, EVALUATION_MODES
+from .options import ConfigError, check_at_least_one, check_choice, check_positive, option
+
+
+EVALUATE_PROTOCOLS = ("converge", "authors")
+BASELINE_TRAIN_SETS = ("random", "centroids", "neighbors")
+
+
+@dataclass
+class EvaluateOptions:
+    modes: list[str] = option(
+        help="Ways to train on each synthetic set: "
+        + ", ".join(f"{mode.name} ({mode.summary})" for mode in EVALUATION_MODES.values()) + ". Tab. 5 and Fig. 3.",
+        factory=lambda: ["vanilla", "ci"],
+    )
+    train_sets: list[str] = option(
+        help="Train sets: random, centroids, neighbors (real images; neighbors of every evaluated synthetic set) and "
+        f"synthetic sets named by their distillation method ({', '.join(DISTILL_METHODS)}): this run's synthetic/ folder, or "
+        "one from extra_synthetic. The full-dataset probe and the golden classifier are always reported as "
+        "reference rows.",
+        factory=lambda: ["random", "centroids", "sfm"],
+    )
+    baseline_modes: list[str] = option(
+        help="Modes for the real-image baselines (the paper reports them with vanilla only).",
+        factory=lambda: ["vanilla"],
+    )
+    extra_synthetic: list[str] = option(
+        help="Synthetic sets of other runs to evaluate beside this run's (their output_dir or synthetic/ folder), "
+        "e.g. an LGM run for the Tab. 2 comparison; each is named by its method.",
+        factory=list,
+    )
+    trials: int = option(5, "Trials per result (seeds seed_base + k); mean and population std are reported.")
+    seed_base: int = option(3407, "Seed of trial 0 (LGM/SFM evaluation code: 3407).")
+    protocol: str = option(
+        "converge",
+        "How long and at which learning rates heads and projectors train. 'converge' (default): lr and projector_lr "
+        "as given (no batch scaling), `iterations` steps, then retrained from the same start for twice as long "
+        "while that still raises the accuracy on a validation slice of the real TRAIN features by more than "
+        "plateau_tolerance, up to max_iterations, so every probe reaches its plateau whatever the number of images. 'authors' (their code): "
+        "lr and projector_lr scaled by min(batch, N)/256, `epochs` epochs at batch min(batch_size, N), cosine "
+        "stepped per epoch.",
+    )
+    iterations: int = option(1000, "converge: first length (steps) of every head / projector training (each phase of st).")
+    max_iterations: int = option(16000, "converge: the doubling of `iterations` stops here (results say if it plateaued).")
+    plateau_tolerance: float = option(
+        0.005, "converge: largest validation accuracy gain of a twice-as-long training that still counts as a plateau."
+    )
+    validation_images: int = option(
+        2000,
+        "converge: real train images (their cached features, a fixed random subset) on which the plateau is checked; "
+        "never the eval split.",
+    )
+    epochs: int = option(1000, "authors: epochs of every head / projector training (authors: 1000).")
+    batch_size: int = option(
+        100, "Train images per step (at most the set's size); each step augments them anew (or draws from view_bank)."
+    )
+    view_bank: int = option(
+        0,
+        "0 (default, the paper's protocol): every step forwards fresh augmented views through the backbones. N > 0: "
+        "each trial forwards N augmented views of every train image once per backbone, and each of its trainings "
+        "(every mode, every plateau phase, the ridge solve) draws one of an image's N views per step; a linear "
+        "probe then costs N x images forwards per trial instead of batch x steps per training (the CPU benchmark: "
+        "benchmarks/README.md). Holds N x images x feature_dim floats per backbone in memory. A record's `seconds` "
+        "then leaves the banked forwards out; `view_bank_seconds` gives them, on the row whose training asked first.",
+    )
+    lr: float = option(
+        0.001, "Adam learning rate of linear heads (cosine, no decay); authors: at a batch of 256, scaled by "
+        "min(batch, N)/256."
+    )
+    projector_lr: float = option(
+        0.01, "Adam learning rate of projectors (ci, jt, st; cosine); authors: scaled by min(batch, N)/256."
+    )
+    projector: str = option(
+        "sgd",
+        "How the projector of ci / st / st_ip is fitted: sgd (Eq. 10, Adam under `protocol`) or ridge (one "
+        "closed-form least-squares solve over ridge_views augmented views, regularised towards the identity when "
+        "phi_e and phi_d have the same size, towards zero otherwise).",
+    )
+    ridge_views: int = option(
+        4000, "ridge: augmented views of the train images (drawn like the SGD projector's) that the solve uses."
+    )
+    ridge_lambdas: list[float] = option(
+        help="ridge: candidate penalties, relative to the mean per-dimension variance of phi_e; the one with the "
+        "least held-out error when the views of each of ridge_folds groups of classes are held out in turn is "
+        "used (never the eval split).",
+        factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
+    )
+    ridge_folds: int = option(5, "ridge: groups of classes held out in turn to choose the penalty (at most C).")
+    kd_temperature: float = option(4.0, "Temperature of the golden classifier's soft labels for kd (authors: 4).")
+    kd_alphas: list[float] = option(
+        help="Weights alpha of the KL term in alpha*KL + (1-alpha)*CE; kd runs once per value (Fig. 3 left).",
+        factory=lambda: [0.5],
+    )
+    full_dataset: bool = option(
+        True,
+        "Train the full-dataset probe of every eval backbone (golden options, cached centre-crop features). An eval "
+        "backbone other than the distillation one then needs one pass over the train split.",
+    )
+    curve_points: int = option(
+        10,
+        "Points of the accuracy-vs-iteration curve kept for the plot (scored on the eval split for the plot only; "
+        "nothing is ever selected on it). 0: no curve.",
+    )
+
+    def validate(self) -> None:
+        for key, values, choices in (
+            ("evaluate.modes", self.modes, tuple(EVALUATION_MODES)),
+            ("evaluate.baseline_modes", self.baseline_modes, tuple(EVALUATION_MODES)),
+            ("evaluate.train_sets", self.train_sets, BASELINE_TRAIN_SETS + tuple(DISTILL_METHODS)),
+        ):
+            for value in values:
+                check_choice(key, value, choices)
+        check_at_least_one(
+            "evaluate", self, ("trials", "iterations", "max_iterations", "epochs", "validation_images", "batch_size")
+        )
+        if self.view_bank < 0:
+            raise ConfigError(f"`evaluate.view_bank` must be >= 0 (0: fresh views every step), got {self.view_bank}.")
+        check_positive("evaluate", self, ("lr", "projector_lr", "kd_temperature"))
+        check_choice("evaluate.protocol", self.protocol, EVALUATE_PROTOCOLS)
+        if self.max_iterations < self.iterations:
+            raise ConfigError(
+                f"`evaluate.max_iterations` ({self.max_iterations}) must be >= `evaluate.iterations` ({self.iterations})."
+            )
+        if self.plateau_tolerance < 0:
+            raise ConfigError(f"`evaluate.plateau_tolerance` must be >= 0, got {self.plateau_tolerance}.")
+        check_choice("evaluate.projector", self.projector, ("sgd", "ridge"))
+        if self.ridge_views < 1 or self.ridge_folds < 2:
+            raise ConfigError(
+                f"`evaluate.ridge_views` must be >= 1 and `evaluate.ridge_folds` >= 2, got {self.ridge_views} and "
+                f"{self.ridge_folds}."
+            )
+        if not self.ridge_lambdas or any(value < 0 for value in self.ridge_lambdas):
+            raise ConfigError(f"`evaluate.ridge_lambdas` needs values >= 0, got {self.ridge_lambdas}.")
+        if self.curve_points < 0:
+            raise ConfigError(f"`evaluate.curve_points` must be >= 0, got {self.curve_points}.")
+        if any(not 0 <= alpha <= 1 for alpha in self.kd_alphas):
+            raise ConfigError(f"`evaluate.kd_alphas` must lie in [0, 1], got {self.kd_alphas}.")
+        per_alpha = [name for name in self.modes + self.baseline_modes if EVALUATION_MODES[name].per_alpha]
+        if per_alpha and not self.kd_alphas:
+            raise ConfigError(f"Mode {per_alpha[0]} needs at least one value in `evaluate.kd_alphas`.")
+        if "neighbors" in self.train_sets and not self.synthetic_train_sets:
+            raise ConfigError("Train set `neighbors` needs a synthetic set in `evaluate.train_sets` (e.g. sfm).")
+
+    @property
+    def synthetic_train_sets(self) -> list[str]:
+        """The train sets that are synthetic sets, named by their distillation method."""
+        return [name for name in self.train_sets if name in DISTILL_METHODS]
+
