@@ -514,6 +514,9 @@ def test_the_plateau_search_on_a_bank_picks_the_restart_searchs_length_and_train
     assert searched.details["plateau_search_views"] == 4 and "view_bank" not in searched.details
     # The fresh training of the chosen length is the one the restart search ended with: same start, same views.
     torch.testing.assert_close(searched.predictor.weight, restarted.predictor.weight, atol=1e-5, rtol=1e-4)
+    fixed = setup(4)
+    fixed.options.max_iterations = 10  # nothing to search: one fresh training, and no record of a search
+    assert "plateau_search_views" not in train_trial(fixed, "vanilla").details
 
 
 def test_a_trials_banks_fit_the_memory_cap(caplog):

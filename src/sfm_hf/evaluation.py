@@ -389,6 +389,7 @@ class _Phase:
     steps: int
     plateau: bool | None = None
     validation_accuracy: float | None = None
+    search_views: int | None = None  # its length was found on a bank of this many views (then trained fresh)
 
 
 def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, predictor: nn.Module, *,
@@ -480,7 +481,7 @@ def _optimise(
     restart()
     final = _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
                        steps=phase.steps, steps_per_decay=1)
-    final.plateau = phase.plateau
+    final.plateau, final.search_views = phase.plateau, setup.search_bank.views
     return final
 
 
@@ -643,8 +644,9 @@ def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedMode
         details["epochs"] = options.epochs
     if setup.view_bank is not None:
         details["view_bank"] = setup.view_bank.views
-    elif setup.search_bank is not None and options.protocol == "converge" and trained.phases:
-        details["plateau_search_views"] = setup.search_bank.views
+    searched = [phase.search_views for phase in trained.phases if phase.search_views is not None]
+    if searched:
+        details["plateau_search_views"] = searched[0]
     if trained.phases and all(phase.plateau is not None for phase in trained.phases):
         details["plateau"] = all(phase.plateau for phase in trained.phases)
         details["validation_accuracy"] = trained.phases[-1].validation_accuracy
@@ -1020,7 +1022,6 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
     on_device = _OnDevice(options, device)
     mine = []
     bank_of: tuple[str, int] | None = None
-    banks = _TrialBanks(None, None)
     shown = accelerator.is_local_main_process
     share = jobs[accelerator.process_index::accelerator.num_processes]
     clock = StageClock(len(share))
