@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -459,3 +460,108 @@ def test_converge_protocol_trains_until_the_train_validation_accuracy_is_flat(di
     direct = train_trial(setup(details["steps"], details["steps"]), "vanilla")
     assert torch.equal(direct.predictor.weight, outcome.predictor.weight)
     assert train_trial(setup(15, 15), "vanilla").details["steps"] == 15
+
+
+def _counting_forwards(backbone, monkeypatch) -> list[int]:
+    forwarded = []
+    forward = type(backbone).forward
+
+    def counted_forward(self, batch):
+        forwarded.append(len(batch))
+        return forward(self, batch)
+
+    monkeypatch.setattr(type(backbone), "forward", counted_forward)
+    return forwarded
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "ci"])
+def test_a_bank_holding_a_view_per_step_trains_exactly_as_fresh_views(trial_parts, mode):
+    """View k of image i in the bank is the view fresh views give image i at step k: while no view recurs, a banked
+    training is the fresh-view training (batches of 4 of 10 images, so every step draws a different subset)."""
+    _, _, _, _, images = trial_parts
+    fresh = train_trial(make_setup(trial_parts, batch_size=4), mode)
+    banked_setup = make_setup(trial_parts, batch_size=4, view_bank=15)
+    banked_setup.view_bank = evaluation.ViewBank(images, 15, seed=3407, chunk=100)
+    banked = train_trial(banked_setup, mode)
+    assert banked.details["view_bank"] == 15 and banked.details["steps"] == fresh.details["steps"] == 15
+    for banked_tensor, fresh_tensor in zip(banked.predictor.state_dict().values(), fresh.predictor.state_dict().values()):
+        torch.testing.assert_close(banked_tensor, fresh_tensor, atol=1e-5, rtol=1e-4)
+    assert banked.accuracy == pytest.approx(fresh.accuracy, abs=1 / len(trial_parts[3]))
+
+
+def test_the_plateau_search_on_a_bank_picks_the_restart_searchs_length_and_trains_it_once_fresh(
+        trial_parts, statistics_run, monkeypatch):
+    """With fresh views the doubling runs on a bank of views (linear steps) and only the chosen length is trained
+    with fresh views. A tolerance of 1 makes the length determined (the first doubling always counts as flat),
+    so both searches must end at 2 x iterations; the forwards show no fresh training was restarted."""
+    backbone, _, _, _, images = trial_parts
+    train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
+    forwarded = _counting_forwards(backbone, monkeypatch)
+
+    def setup(search_views):
+        made = make_setup(trial_parts, iterations=10, max_iterations=80, plateau_tolerance=1.0, view_bank=0,
+                          plateau_search_views=search_views)
+        made.validation_features, made.validation_labels = train_features.float(), train_labels
+        if search_views:
+            made.search_bank = evaluation.ViewBank(images, search_views, seed=3407, chunk=100)
+        return made
+
+    restarted = train_trial(setup(0), "vanilla")
+    assert sum(forwarded) == (10 + 20) * len(images) and "plateau_search_views" not in restarted.details
+    forwarded.clear()
+    searched = train_trial(setup(4), "vanilla")
+    assert sum(forwarded) == 4 * len(images) + 20 * len(images)  # the bank once, then one fresh training
+    assert searched.details["steps"] == restarted.details["steps"] == 20
+    assert searched.details["plateau"] and restarted.details["plateau"]
+    assert searched.details["plateau_search_views"] == 4 and "view_bank" not in searched.details
+    # The fresh training of the chosen length is the one the restart search ended with: same start, same views.
+    torch.testing.assert_close(searched.predictor.weight, restarted.predictor.weight, atol=1e-5, rtol=1e-4)
+    fixed = setup(4)
+    fixed.options.max_iterations = 10  # nothing to search: one fresh training, and no record of a search
+    assert "plateau_search_views" not in train_trial(fixed, "vanilla").details
+
+
+def test_a_trials_banks_fit_the_memory_cap(caplog):
+    caplog.set_level(logging.INFO, logger="sfm_hf")
+    images = torch.zeros(10, 3, 8, 8)
+    # 64 views x 10 images x (64 + 32) float32 features = 240 KiB.
+    fits = evaluation.trial_banks(EvaluateOptions(view_bank=64), images, 3407, 96, progress_mode="off", shown=False,
+                                  announce=True, train_set="sfm")
+    assert fits.views.views == 64 and fits.search is None and not caplog.records
+    cut = evaluation.trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.1), images, 3407, 96,
+                                 progress_mode="off", shown=False, announce=True, train_set="sfm")
+    assert cut.views.views == 27  # 0.1 MiB / (10 x 96 x 4 bytes)
+    none = evaluation.trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.001), images, 3407, 96,
+                                  progress_mode="off", shown=False, announce=True, train_set="sfm")
+    assert none.views is None and none.search is None
+    assert ["using 27 views per image" in caplog.records[0].getMessage(),
+            "using fresh views every step" in caplog.records[1].getMessage()] == [True, True]
+    search = evaluation.trial_banks(EvaluateOptions(view_bank=0, plateau_search_views=8), images, 3407, 96,
+                                    progress_mode="off", shown=False, announce=True, train_set="sfm")
+    assert search.views is None and search.search.views == 8
+    authors = evaluation.trial_banks(EvaluateOptions(view_bank=0, protocol="authors"), images, 3407, 96,
+                                     progress_mode="off", shown=False, announce=True, train_set="sfm")
+    assert authors.views is None and authors.search is None
+
+
+def test_every_training_reports_each_tenth_of_its_steps_with_the_stage_eta(trial_parts, statistics_run, accelerator,
+                                                                          caplog):
+    """Without a terminal: a line per 10 % of each training's steps (each plateau phase is a training), each with
+    the stage's remaining time; the last line of a phase with the validation accuracy the plateau check read."""
+    from sfm_hf.progress import StageClock
+
+    caplog.set_level(logging.INFO, logger="sfm_hf")
+    train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
+    setup = make_setup(trial_parts, iterations=20, max_iterations=40, plateau_tolerance=1.0)
+    setup.validation_features, setup.validation_labels = train_features.float(), train_labels
+    setup.progress = evaluation.TrainingProgress(StageClock(3), "sfm vanilla -> tiny #0", mode="lines")
+    train_trial(setup, "vanilla")
+    lines = [record.getMessage() for record in caplog.records if record.name == "sfm_hf.progress"]
+    pattern = (r"Stage III: sfm vanilla -> tiny #0 \((\d+) steps\): (\d+)% \((\d+)/\d+ step\), .* "
+               r"stage ETA (\?|\d+s|\d+m \d\ds|\d+h \d\dm)$")
+    parsed = [re.search(pattern, line) for line in lines]
+    assert all(parsed), lines
+    assert [(int(m[1]), int(m[2])) for m in parsed] == [(20, p) for p in range(10, 101, 10)] + [
+        (40, p) for p in range(10, 101, 10)]
+    finished = [line for line in lines if "100%" in line]
+    assert len(finished) == 2 and all(re.search(r"validation accuracy \d+\.\d%, stage ETA", line) for line in finished)

@@ -232,6 +232,7 @@ def augment(
     seed: int,
     step: int,
     index_offset: int = 0,
+    image_ids: Tensor | None = None,
 ) -> Tensor:
     """Flip, random-resized-crop and noise each image independently.
 
@@ -244,6 +245,8 @@ def augment(
         index_offset: global index of ``images[0]``; image ``i`` is augmented as global
             image ``index_offset + i``, so ranks holding slices reproduce a single
             process exactly.
+        image_ids: global index of each image instead (``[N]`` int64): a batch drawn from a
+            set in any order is augmented as each image's own view of ``step``.
 
     Returns:
         ``[N, C, out_size, out_size]`` views in the input dtype, not clamped (noise may
@@ -253,7 +256,10 @@ def augment(
     if images.dim() != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
     num_images, _, height, width = images.shape
-    index = torch.arange(num_images, dtype=torch.long, device=images.device) + index_offset
+    if image_ids is None:
+        index = torch.arange(num_images, dtype=torch.long, device=images.device) + index_offset
+    else:
+        index = image_ids.to(device=images.device, dtype=torch.long)
     # Sampling coordinates need more precision than bf16/fp16 offer (about half a pixel
     # at 224 px), so resampling and noise run in at least float32.
     work_dtype = torch.promote_types(images.dtype, torch.float32)

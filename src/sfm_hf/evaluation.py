@@ -35,6 +35,7 @@ for this run's own synthetic set, the trial-0 CI projector of each eval backbone
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -57,7 +58,7 @@ from .data import DatasetError
 from . import hub
 from .errors import StageInputError, UserError
 from .probe import accuracy, fit_reference_probe, uniform_linear
-from .progress import progress as track
+from .progress import StageClock, StepProgress, progress as track
 from .registry import DISTILL_METHODS, EVALUATION_MODES, EvaluationMode, parse_mode
 from .names import short_name
 from .ridge import RidgeMoments, choose_lambda, fit_ridge, lambda_grid, prior_map
@@ -252,6 +253,23 @@ class TrialSetup:
     validation_labels: torch.Tensor | None = None
     # evaluate.view_bank > 0: this trial's views, shared by all its trainings.
     view_bank: ViewBank | None = None
+    # converge with fresh views: the bank the plateau search runs on before one fresh-view training.
+    search_bank: ViewBank | None = None
+    progress: TrainingProgress | None = None
+
+
+@dataclass
+class TrainingProgress:
+    """Where a training reports its steps: the stage's clock, the training's name, the progress mode."""
+
+    clock: StageClock
+    label: str
+    mode: str = "auto"
+    enabled: bool = True
+
+    def phase(self, steps: int, what: str = "") -> StepProgress:
+        return StepProgress(self.clock, steps, desc=f"Stage III: {self.label}{what} ({steps} steps)",
+                            mode=self.mode, enabled=self.enabled)
 
 
 @dataclass
@@ -282,11 +300,14 @@ class ViewBank:
 
     Computed on first use and shared by every training of the trial (its modes, plateau phases and the ridge
     solve): a trial then forwards ``views x N`` images once per backbone, where fresh views cost ``batch x steps``
-    forwards per training. Views at the same size are the same through every backbone, as with fresh views.
+    forwards per training. View ``k`` of image ``i`` is the view fresh views give image ``i`` at step ``k``; views
+    at the same size are the same through every backbone, as with fresh views.
     """
 
-    def __init__(self, images: torch.Tensor, views: int, seed: int, chunk: int) -> None:
+    def __init__(self, images: torch.Tensor, views: int, seed: int, chunk: int, progress_mode: str = "off",
+                 progress_enabled: bool = False) -> None:
         self.images, self.views, self.seed, self.chunk = images, views, seed, chunk
+        self.progress_mode, self.progress_enabled = progress_mode, progress_enabled
         self._features: dict[tuple[int, int], torch.Tensor] = {}
         # Whichever training asks first pays for the forwards; kept apart so its own seconds stay comparable.
         self.seconds = 0.0
@@ -300,7 +321,8 @@ class ViewBank:
             # Chunked so a large set is never augmented whole; index_offset keeps each image's views chunk-free.
             starts = range(0, len(self.images), self.chunk)
             per_view = []
-            for view in range(self.views):
+            for view in track(range(self.views), desc=f"Stage III: view bank through {short_name(backbone.name)}",
+                              unit="view", mode=self.progress_mode, enabled=self.progress_enabled, leave=False):
                 parts = [backbone(augment(part, view_size, TRAIN_AUGMENTATION, seed=self.seed, step=view,
                                           index_offset=start))
                          for start, part in zip(starts, self.images.split(self.chunk))]
@@ -313,7 +335,8 @@ class ViewBank:
 class _AugmentedFeatures:
     """Features of an augmented batch per step: phi_e, and phi_d of the very same views when asked.
 
-    Fresh views every step, or with a view bank one of each chosen image's banked views.
+    Fresh views every step (each image's own view of the step), or with a view bank the same view while the bank
+    holds it: view ``step mod views``, so views recur only after ``views`` steps.
     """
 
     def __init__(self, setup: TrialSetup, need_distill: bool, step_offset: int = 0) -> None:
@@ -334,22 +357,24 @@ class _AugmentedFeatures:
         chosen, self.queue = self.queue[: self.batch], self.queue[self.batch :]
         chosen = chosen.to(setup.images.device)
         if setup.view_bank is not None:
-            view = torch.randint(setup.view_bank.views, (len(chosen),), generator=self.generator).to(chosen.device)
+            view = (self.step_offset + step) % setup.view_bank.views
             eval_features = setup.view_bank.features(setup.eval_backbone, self.view_size)[view, chosen]
             distill_features = None
             if self.need_distill:
                 distill_features = setup.view_bank.features(setup.distill_backbone, self.view_size)[view, chosen]
             return eval_features, distill_features, setup.labels[chosen]
         with torch.no_grad():
-            views = augment(
-                setup.images[chosen], self.view_size, TRAIN_AUGMENTATION, seed=setup.seed, step=self.step_offset + step
-            )
+            views = augment(setup.images[chosen], self.view_size, TRAIN_AUGMENTATION, seed=setup.seed,
+                            step=self.step_offset + step, image_ids=chosen)
             eval_features = setup.eval_backbone(views)
             distill_features = None
             if self.need_distill:
                 same = setup.distill_backbone is setup.eval_backbone
                 distill_features = eval_features if same else setup.distill_backbone(views)
         return eval_features, distill_features, setup.labels[chosen]
+
+
+_SILENT = TrainingProgress(StageClock(1), "", mode="off", enabled=False)
 
 
 def _curve_steps(iterations: int, points: int) -> set[int]:
@@ -364,13 +389,15 @@ class _Phase:
     steps: int
     plateau: bool | None = None
     validation_accuracy: float | None = None
+    search_views: int | None = None  # its length was found on a bank of this many views (then trained fresh)
 
 
 def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, predictor: nn.Module, *,
-               need_distill: bool, step_offset: int, steps: int, steps_per_decay: int) -> _Phase:
+               need_distill: bool, step_offset: int, steps: int, steps_per_decay: int, what: str = "") -> _Phase:
     """Adam for ``steps`` steps, cosine over them, the schedule stepped once every ``steps_per_decay`` steps."""
     options = setup.options
     batches = _AugmentedFeatures(setup, need_distill, step_offset)
+    report = (setup.progress or _SILENT).phase(steps, what)
     # Copies: optimiser and schedule write their lr into the group dicts, and a retraining must start afresh.
     optimizer = torch.optim.Adam([dict(group) for group in groups])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps // steps_per_decay))
@@ -385,9 +412,13 @@ def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, 
             scheduler.step()
         if step + 1 in checkpoints:
             curve.append((step_offset + step + 1, accuracy(predictor, setup.eval_features, setup.eval_labels)))
+        if step + 1 < steps:
+            report.advance()
     phase = _Phase(curve, steps)
     if options.protocol == "converge" and setup.validation_features is not None:
         phase.validation_accuracy = accuracy(predictor, setup.validation_features, setup.validation_labels)
+    report.finish("" if phase.validation_accuracy is None
+                  else f"validation accuracy {100 * phase.validation_accuracy:.1f}%")
     return phase
 
 
@@ -408,6 +439,9 @@ def _optimise(
     ``plateau_tolerance`` above the shorter one's (up to ``max_iterations``). Comparing whole
     trainings, not the tail of one: under a cosine schedule the last part of any run is nearly flat,
     however far from its plateau the model is. The slice is train data: no choice sees the eval split.
+
+    With fresh views and a ``search_bank`` the doubling runs on the bank (each retraining then costs linear
+    steps only) and the length it ends at is trained once more, from the same start, with fresh views.
     """
     options = setup.options
     groups = [{**group, "params": list(group["params"])} for group in groups]
@@ -417,23 +451,38 @@ def _optimise(
                           steps=options.epochs * per_epoch, steps_per_decay=per_epoch)
     parameters = [parameter for group in groups for parameter in group["params"]]
     start = [parameter.detach().clone() for parameter in parameters]
-    steps, shorter = options.iterations, None
-    while True:
-        phase = _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
-                           steps=steps, steps_per_decay=1)
-        if phase.validation_accuracy is None:
-            return phase
-        if shorter is not None and phase.validation_accuracy - shorter <= options.plateau_tolerance:
-            phase.plateau = True
-            return phase
-        if 2 * steps > options.max_iterations:
-            phase.plateau = False
-            return phase
-        shorter = phase.validation_accuracy
+
+    def restart() -> None:
         with torch.no_grad():
             for parameter, initial in zip(parameters, start):
                 parameter.copy_(initial)
+
+    search_on_bank = (setup.view_bank is None and setup.search_bank is not None
+                      and setup.validation_features is not None and options.max_iterations >= 2 * options.iterations)
+    searched = dataclasses.replace(setup, view_bank=setup.search_bank) if search_on_bank else setup
+    what = " plateau search" if search_on_bank else ""
+    steps, shorter = options.iterations, None
+    while True:
+        phase = _run_phase(searched, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
+                           steps=steps, steps_per_decay=1, what=what)
+        if phase.validation_accuracy is None:
+            break
+        if shorter is not None and phase.validation_accuracy - shorter <= options.plateau_tolerance:
+            phase.plateau = True
+            break
+        if 2 * steps > options.max_iterations:
+            phase.plateau = False
+            break
+        shorter = phase.validation_accuracy
+        restart()
         steps *= 2
+    if not search_on_bank:
+        return phase
+    restart()
+    final = _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
+                       steps=phase.steps, steps_per_decay=1)
+    final.plateau, final.search_views = phase.plateau, setup.search_bank.views
+    return final
 
 
 def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
@@ -595,6 +644,9 @@ def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedMode
         details["epochs"] = options.epochs
     if setup.view_bank is not None:
         details["view_bank"] = setup.view_bank.views
+    searched = [phase.search_views for phase in trained.phases if phase.search_views is not None]
+    if searched:
+        details["plateau_search_views"] = searched[0]
     if trained.phases and all(phase.plateau is not None for phase in trained.phases):
         details["plateau"] = all(phase.plateau for phase in trained.phases)
         details["validation_accuracy"] = trained.phases[-1].validation_accuracy
@@ -928,6 +980,41 @@ class _OnDevice:
         return self.validation[model.name]
 
 
+@dataclass
+class _TrialBanks:
+    views: ViewBank | None  # evaluate.view_bank: every training draws from it
+    search: ViewBank | None  # fresh views under converge: the plateau search's bank
+
+
+def bank_views(wanted: int, images: int, feature_widths: int, max_mib: float) -> int:
+    """How many of ``wanted`` views of ``images`` images fit ``max_mib`` as float32 features of ``feature_widths``
+    summed widths (one per backbone the bank serves)."""
+    per_view = images * feature_widths * 4
+    return min(wanted, int(max_mib * (1 << 20) // per_view))
+
+
+def trial_banks(options: EvaluateOptions, images: torch.Tensor, seed: int, feature_widths: int, *,
+                progress_mode: str, shown: bool, announce: bool, train_set: str) -> _TrialBanks:
+    """The view bank of one trial (``evaluate.view_bank``) or, with fresh views under converge, the bank its plateau
+    searches run on, each cut to what fits ``evaluate.view_bank_max_mib``; ``announce`` logs a cut."""
+    searching = options.view_bank == 0 and options.protocol == "converge"
+    wanted = options.view_bank or (options.plateau_search_views if searching else 0)
+    if not wanted:
+        return _TrialBanks(None, None)
+    views = bank_views(wanted, len(images), feature_widths, options.view_bank_max_mib)
+    if views < wanted and announce:
+        key = "evaluate.view_bank" if options.view_bank else "evaluate.plateau_search_views"
+        outcome = (f"using {views} views per image" if views else
+                   "using fresh views every step" if options.view_bank else "searching with fresh views")
+        logger.info(f"Stage III: {train_set}: {wanted} views of {len(images)} images through backbones of "
+                    f"{feature_widths} summed features exceed evaluate.view_bank_max_mib="
+                    f"{options.view_bank_max_mib:g}: {outcome} ({key}).")
+    if not views:
+        return _TrialBanks(None, None)
+    bank = ViewBank(images, views, seed, options.batch_size, progress_mode, shown)
+    return _TrialBanks(bank, None) if options.view_bank else _TrialBanks(None, bank)
+
+
 def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[Job]) -> list[JobResult]:
     """This process's share of ``jobs`` (every world_size-th); saves this run's trial-0 CI projectors."""
     options, device = config.evaluate, accelerator.device
@@ -935,11 +1022,15 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
     on_device = _OnDevice(options, device)
     mine = []
     bank_of: tuple[str, int] | None = None
-    bank = None
-    progress = track(jobs[accelerator.process_index::accelerator.num_processes], desc="Stage III", unit="model",
-                     mode=config.progress, enabled=accelerator.is_local_main_process)
+    shown = accelerator.is_local_main_process
+    share = jobs[accelerator.process_index::accelerator.num_processes]
+    clock = StageClock(len(share))
+    progress = track(share, desc="Stage III", unit="model", mode=config.progress, enabled=shown)
+    served = [inputs.distill_backbone, *(model.backbone for model in inputs.backbones.values())]
+    bank_widths = sum({id(backbone): backbone.feature_dim for backbone in served}.values())
     for job in progress:
-        progress.set_postfix_str(f"{job.train_set} {job.mode} -> {short_name(job.eval_backbone)} #{job.trial}")
+        label = f"{job.train_set} {job.mode} -> {short_name(job.eval_backbone)} #{job.trial}"
+        progress.set_postfix_str(label)
         model = inputs.backbones[job.eval_backbone]
         eval_features, eval_labels = on_device.eval_split(model)
         validation = on_device.validation_slice(model)
@@ -949,14 +1040,20 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
             probe_seed = seed if config.golden.recipe == "authors" else config.seed
             mine.append(_full_dataset_trial(config, job, model, inputs.statistics.num_classes, eval_features,
                                             eval_labels, probe_seed, device))
+            clock.finish_unit()
             continue
         images, labels = sets_by_name[job.train_set].images_for(job.trial)
         images = images.to(device)
-        if options.view_bank and bank_of != (job.train_set, job.trial):
-            bank_of, bank = (job.train_set, job.trial), ViewBank(images, options.view_bank, seed, options.batch_size)
+        if bank_of != (job.train_set, job.trial):
+            bank_of, banks = (job.train_set, job.trial), trial_banks(
+                options, images, seed, bank_widths, progress_mode=config.progress, shown=shown,
+                announce=shown and job.trial == 0, train_set=job.train_set)
         setup = TrialSetup(images, labels.to(device), model.backbone, inputs.distill_backbone,
-                           inputs.golden, eval_features, eval_labels, options, seed, *validation, view_bank=bank)
+                           inputs.golden, eval_features, eval_labels, options, seed, *validation,
+                           view_bank=banks.views, search_bank=banks.search,
+                           progress=TrainingProgress(clock, label, config.progress, shown))
         outcome = train_trial(setup, job.mode)
+        clock.finish_unit()
         if job.train_set == inputs.own_method and job.mode == "ci" and job.trial == 0:
             save_projector(outcome.projector, RunLayout(config.output_dir).projector(job.eval_backbone),
                            eval_backbone=job.eval_backbone, distill_backbone=config.backbone)

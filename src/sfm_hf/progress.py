@@ -7,6 +7,7 @@ is done, with the rate and the latest postfix (the loss, the current job).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, Iterable, Iterator
@@ -74,13 +75,70 @@ class _Silent(LineProgress):
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str, mode: str = "auto",
-             enabled: bool = True, initial: int = 0):
+             enabled: bool = True, initial: int = 0, leave: bool = True):
     """A tqdm bar (``mode`` bar, or auto on a terminal), log lines (lines, or auto without one) or nothing (off, or
-    ``enabled`` false: the processes other than the local main one)."""
+    ``enabled`` false: the processes other than the local main one). ``leave`` false: a bar that disappears when
+    done (one of many short inner loops)."""
     if not enabled or mode == "off":
         return _Silent(iterable, total, desc, unit, initial)
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave)
     return LineProgress(iterable, total, desc, unit, initial)
+
+
+def duration(seconds: float) -> str:
+    """``1h 02m``, ``3m 20s`` or ``42s``."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+class StageClock:
+    """The remaining time of a stage made of ``total`` units of work (trainings), from its pace so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.finished = total, 0
+        self.started = time.perf_counter()
+
+    def finish_unit(self) -> None:
+        self.finished += 1
+
+    def remaining(self, current_fraction: float = 0.0) -> str:
+        """Estimated time left, counting ``current_fraction`` of the unit under way as done; ``?`` before any pace."""
+        done = self.finished + current_fraction
+        if done <= 0:
+            return "?"
+        elapsed = time.perf_counter() - self.started
+        return duration(elapsed / done * max(0.0, self.total - done))
+
+
+class StepProgress:
+    """Progress of one training of a multi-training stage: its bar, or a line every ``LINE_PERCENT`` % of its
+    steps, each with the stage's remaining time; the last one also with what the training was checked on.
+
+    Call :meth:`advance` after every step but the last, then :meth:`finish` (whose ``summary`` joins the last line).
+    """
+
+    def __init__(self, clock: StageClock, steps: int, *, desc: str, mode: str, enabled: bool) -> None:
+        self.clock, self.steps, self.done = clock, steps, 0
+        self.bar = progress(total=steps, desc=desc, unit="step", mode=mode, enabled=enabled, leave=False)
+        self.marks = {math.ceil(steps * percent / 100) for percent in range(LINE_PERCENT, 101, LINE_PERCENT)}
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.done in self.marks:
+            self.bar.set_postfix_str(f"stage ETA {self.clock.remaining(self.done / self.steps)}")
+        self.bar.update(1)
+
+    def finish(self, summary: str = "") -> None:
+        """The last step, reported with ``summary`` (e.g. the validation accuracy it reached)."""
+        self.done += 1
+        eta = f"stage ETA {self.clock.remaining(1.0)}"
+        self.bar.set_postfix_str(f"{summary}, {eta}" if summary else eta)
+        self.bar.update(1)
+        self.bar.close()

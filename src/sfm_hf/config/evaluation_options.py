@@ -61,13 +61,28 @@ class EvaluateOptions:
         100, "Train images per step (at most the set's size); each step augments them anew (or draws from view_bank)."
     )
     view_bank: int = option(
-        0,
-        "0 (default, the paper's protocol): every step forwards fresh augmented views through the backbones. N > 0: "
-        "each trial forwards N augmented views of every train image once per backbone, and each of its trainings "
-        "(every mode, every plateau phase, the ridge solve) draws one of an image's N views per step; a linear "
-        "probe then costs N x images forwards per trial instead of batch x steps per training (the CPU benchmark: "
-        "benchmarks/README.md). Holds N x images x feature_dim floats per backbone in memory. A record's `seconds` "
-        "then leaves the banked forwards out; `view_bank_seconds` gives them, on the row whose training asked first.",
+        64,
+        "N > 0 (default 64): each trial forwards N augmented views of every train image once per backbone, and each "
+        "of its trainings (every mode, every plateau phase, the ridge solve) uses at step s each image's view s mod N, "
+        "the very view fresh views would give it at step s: identical to view_bank 0 for the first N steps, after "
+        "which views recur. A linear probe then costs N x images forwards per trial instead of batch x steps per "
+        "training (benchmarks/README.md, Stage III cost). 0: the paper's protocol, fresh augmented views through "
+        "the backbones every step (slow: minutes per training on a CPU). Holds N x images x feature_dim float32 "
+        "per backbone, capped by view_bank_max_mib. A record's `seconds` then leaves the banked forwards out; "
+        "`view_bank_seconds` gives them, on the row whose training asked first.",
+    )
+    view_bank_max_mib: float = option(
+        4096.0,
+        "Memory cap of one trial's view bank (and of the plateau-search bank) in MiB: when N views of every train "
+        "image through every backbone would not fit, the bank holds as many views as fit (a logged line says so), "
+        "and with not even one it falls back to fresh views.",
+    )
+    plateau_search_views: int = option(
+        64,
+        "converge with view_bank 0: the plateau search (iterations, doubled while validation improves) runs on a "
+        "bank of this many views per image (cheap linear steps), then the chosen length is trained once with fresh "
+        "views; records say `plateau_search_views`. 0: search with fresh views, retraining from the start at each "
+        "doubling (the exact search, several times the cost).",
     )
     lr: float = option(
         0.001, "Adam learning rate of linear heads (cosine, no decay); authors: at a batch of 256, scaled by "
@@ -121,7 +136,9 @@ class EvaluateOptions:
         )
         if self.view_bank < 0:
             raise ConfigError(f"`evaluate.view_bank` must be >= 0 (0: fresh views every step), got {self.view_bank}.")
-        check_positive("evaluate", self, ("lr", "projector_lr", "kd_temperature"))
+        if self.plateau_search_views < 0:
+            raise ConfigError(f"`evaluate.plateau_search_views` must be >= 0, got {self.plateau_search_views}.")
+        check_positive("evaluate", self, ("lr", "projector_lr", "kd_temperature", "view_bank_max_mib"))
         check_choice("evaluate.protocol", self.protocol, EVALUATE_PROTOCOLS)
         if self.max_iterations < self.iterations:
             raise ConfigError(
