@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from sfm_hf import evaluation
+from sfm_hf.augment import augment
 from sfm_hf.backbones import load_backbone
 from sfm_hf.config import ConfigError, EvaluateOptions
 from sfm_hf.data import DatasetError, open_split
@@ -24,6 +24,9 @@ from sfm_hf.evaluation import (
     score_projector,
     train_trial,
 )
+from sfm_hf.evaluation.trainers import fit_ridge_projector
+from sfm_hf.evaluation.training import AugmentedFeatures, TrainingProgress
+from sfm_hf.evaluation.views import TRAIN_AUGMENTATION, ViewBank, trial_banks
 from sfm_hf.layout import projector_path
 from sfm_hf.names import backbone_slug
 from sfm_hf.probe import accuracy
@@ -199,11 +202,11 @@ def test_ridge_projector_between_backbones_of_different_size(trial_parts, tiny_b
     settings = EvaluateOptions(curve_points=0, projector="ridge", ridge_views=100)
     setup = TrialSetup(images, torch.arange(10), other, backbone, golden, own_features, torch.arange(10), settings,
                        seed=3407)
-    fitted = evaluation.fit_ridge_projector(setup)[0]
+    fitted = fit_ridge_projector(setup)[0]
     assert fitted.weight.shape == (64, 32)
     # An overwhelming penalty leaves the zero prior (dimensions differ): P maps everything to the mean phi_d.
     setup.options = EvaluateOptions(curve_points=0, projector="ridge", ridge_views=100, ridge_lambdas=[1e12])
-    flat, chosen = evaluation.fit_ridge_projector(setup)
+    flat, chosen = fit_ridge_projector(setup)
     assert flat.weight.abs().max() < 1e-6 and chosen["ridge_lambda"] > 0 and chosen["ridge_views"] == 100
     assert not torch.allclose(fitted.weight, flat.weight)
 
@@ -212,11 +215,11 @@ def test_a_view_bank_serves_each_image_one_of_its_own_views_through_both_backbon
     backbone, golden, _, _, images = trial_parts
     other = load_backbone(tiny_backbone("dinov2"))
     # Chunks of 4 images: the bank must give each image the views it gets when augmented with all the others.
-    bank = evaluation.ViewBank(images, 3, seed=3407, chunk=4)
+    bank = ViewBank(images, 3, seed=3407, chunk=4)
     setup = TrialSetup(images, torch.arange(10), other, backbone, golden, other(images), torch.arange(10),
                        EvaluateOptions(curve_points=0, batch_size=4, view_bank=3), seed=3407, view_bank=bank)
-    batches = evaluation._AugmentedFeatures(setup, need_distill=True)
-    views = [evaluation.augment(images, batches.view_size, evaluation.TRAIN_AUGMENTATION, seed=3407, step=k)
+    batches = AugmentedFeatures(setup, need_distill=True)
+    views = [augment(images, batches.view_size, TRAIN_AUGMENTATION, seed=3407, step=k)
              for k in range(3)]
     with torch.no_grad():
         expected_eval, expected_distill = [other(v) for v in views], [backbone(v) for v in views]
@@ -243,7 +246,7 @@ def test_a_view_bank_forwards_the_trials_views_once_for_all_its_trainings(trial_
 
     monkeypatch.setattr(type(backbone), "forward", slow_counted_forward)
     setup = make_setup(trial_parts, view_bank=4)
-    setup.view_bank = evaluation.ViewBank(images, 4, seed=3407, chunk=100)
+    setup.view_bank = ViewBank(images, 4, seed=3407, chunk=100)
     start = time.perf_counter()
     vanilla = train_trial(setup, "vanilla")
     vanilla_wall = time.perf_counter() - start
@@ -348,7 +351,7 @@ def test_other_eval_backbone_neighbors_and_an_extra_synthetic_set(distilled_run,
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the cached features should have been reused")
 
-    monkeypatch.setattr(evaluation, "stream_features", no_second_pass)
+    monkeypatch.setattr("sfm_hf.evaluation.features.stream_features", no_second_pass)
     config.evaluate.train_sets = ["sfm"]
     config.evaluate.modes = ["ci"]
     config.evaluate.projector = "ridge"
@@ -481,7 +484,7 @@ def test_a_bank_holding_a_view_per_step_trains_exactly_as_fresh_views(trial_part
     _, _, _, _, images = trial_parts
     fresh = train_trial(make_setup(trial_parts, batch_size=4), mode)
     banked_setup = make_setup(trial_parts, batch_size=4, view_bank=15)
-    banked_setup.view_bank = evaluation.ViewBank(images, 15, seed=3407, chunk=100)
+    banked_setup.view_bank = ViewBank(images, 15, seed=3407, chunk=100)
     banked = train_trial(banked_setup, mode)
     assert banked.details["view_bank"] == 15 and banked.details["steps"] == fresh.details["steps"] == 15
     for banked_tensor, fresh_tensor in zip(banked.predictor.state_dict().values(), fresh.predictor.state_dict().values()):
@@ -503,7 +506,7 @@ def test_the_plateau_search_on_a_bank_picks_the_restart_searchs_length_and_train
                           plateau_search_views=search_views)
         made.validation_features, made.validation_labels = train_features.float(), train_labels
         if search_views:
-            made.search_bank = evaluation.ViewBank(images, search_views, seed=3407, chunk=100)
+            made.search_bank = ViewBank(images, search_views, seed=3407, chunk=100)
         return made
 
     restarted = train_trial(setup(0), "vanilla")
@@ -525,22 +528,22 @@ def test_a_trials_banks_fit_the_memory_cap(caplog):
     caplog.set_level(logging.INFO, logger="sfm_hf")
     images = torch.zeros(10, 3, 8, 8)
     # 64 views x 10 images x (64 + 32) float32 features = 240 KiB.
-    fits = evaluation.trial_banks(EvaluateOptions(view_bank=64), images, 3407, 96, progress_mode="off", shown=False,
-                                  announce=True, train_set="sfm")
+    fits = trial_banks(EvaluateOptions(view_bank=64), images, 3407, 96, progress_mode="off", shown=False,
+                       announce=True, train_set="sfm")
     assert fits.views.views == 64 and fits.search is None and not caplog.records
-    cut = evaluation.trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.1), images, 3407, 96,
-                                 progress_mode="off", shown=False, announce=True, train_set="sfm")
+    cut = trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.1), images, 3407, 96,
+                      progress_mode="off", shown=False, announce=True, train_set="sfm")
     assert cut.views.views == 27  # 0.1 MiB / (10 x 96 x 4 bytes)
-    none = evaluation.trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.001), images, 3407, 96,
-                                  progress_mode="off", shown=False, announce=True, train_set="sfm")
+    none = trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.001), images, 3407, 96,
+                       progress_mode="off", shown=False, announce=True, train_set="sfm")
     assert none.views is None and none.search is None
     assert ["using 27 views per image" in caplog.records[0].getMessage(),
             "using fresh views every step" in caplog.records[1].getMessage()] == [True, True]
-    search = evaluation.trial_banks(EvaluateOptions(view_bank=0, plateau_search_views=8), images, 3407, 96,
-                                    progress_mode="off", shown=False, announce=True, train_set="sfm")
+    search = trial_banks(EvaluateOptions(view_bank=0, plateau_search_views=8), images, 3407, 96,
+                         progress_mode="off", shown=False, announce=True, train_set="sfm")
     assert search.views is None and search.search.views == 8
-    authors = evaluation.trial_banks(EvaluateOptions(view_bank=0, protocol="authors"), images, 3407, 96,
-                                     progress_mode="off", shown=False, announce=True, train_set="sfm")
+    authors = trial_banks(EvaluateOptions(view_bank=0, protocol="authors"), images, 3407, 96,
+                          progress_mode="off", shown=False, announce=True, train_set="sfm")
     assert authors.views is None and authors.search is None
 
 
@@ -554,7 +557,7 @@ def test_every_training_reports_each_tenth_of_its_steps_with_the_stage_eta(trial
     train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
     setup = make_setup(trial_parts, iterations=20, max_iterations=40, plateau_tolerance=1.0)
     setup.validation_features, setup.validation_labels = train_features.float(), train_labels
-    setup.progress = evaluation.TrainingProgress(StageClock(3), "sfm vanilla -> tiny #0", mode="lines")
+    setup.progress = TrainingProgress(StageClock(3), "sfm vanilla -> tiny #0", mode="lines")
     train_trial(setup, "vanilla")
     lines = [record.getMessage() for record in caplog.records if record.name == "sfm_hf.progress"]
     pattern = (r"Stage III: sfm vanilla -> tiny #0 \((\d+) steps\): (\d+)% \((\d+)/\d+ step\), .* "

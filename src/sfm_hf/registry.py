@@ -3,7 +3,7 @@
 Config validation, ``--help``, the Hub check, the result tables and the training code all read these
 tables, so adding a method is one :class:`DistillMethod` here plus its per-step loss in
 :mod:`sfm_hf.distill.losses`; adding a mode is one :class:`EvaluationMode` here plus its training in
-:mod:`sfm_hf.evaluation`. This module imports nothing heavy (``--help`` reads it): the code of a
+:mod:`sfm_hf.evaluation.trainers`. This module imports nothing heavy (``--help`` reads it): the code of a
 method or mode is named ``"module:function"`` and imported when a run uses it.
 """
 
@@ -83,22 +83,22 @@ class EvaluationMode:
 
 # In the order of the strategy table.
 EVALUATION_MODES = {mode.name: mode for mode in (
-    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluation:train_head", main_table_suffix="",
+    EvaluationMode("vanilla", "Vanilla", "linear head", "sfm_hf.evaluation.trainers:train_head", main_table_suffix="",
                    curve_style="-"),
     EvaluationMode("jt", "JT (w/o IP)", "projector and head trained jointly, head random",
-                   "sfm_hf.evaluation:train_joint", trains_projector=True),
+                   "sfm_hf.evaluation.trainers:train_joint", trains_projector=True),
     EvaluationMode("jt_ip", "JT (w/ IP)", "jointly, head inherited from the golden classifier",
-                   "sfm_hf.evaluation:train_joint", trains_projector=True, inherits_golden_head=True),
-    EvaluationMode("st", "ST (w/o IP)", "projector first, then a random head", "sfm_hf.evaluation:train_sequential",
-                   trains_projector=True, fits_projector_alone=True),
+                   "sfm_hf.evaluation.trainers:train_joint", trains_projector=True, inherits_golden_head=True),
+    EvaluationMode("st", "ST (w/o IP)", "projector first, then a random head",
+                   "sfm_hf.evaluation.trainers:train_sequential", trains_projector=True, fits_projector_alone=True),
     EvaluationMode("st_ip", "ST (w/ IP)", "projector first, then the inherited head",
-                   "sfm_hf.evaluation:train_sequential", trains_projector=True, fits_projector_alone=True,
+                   "sfm_hf.evaluation.trainers:train_sequential", trains_projector=True, fits_projector_alone=True,
                    inherits_golden_head=True),
-    EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluation:train_projector",
+    EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluation.trainers:train_projector",
                    trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI",
                    bundles_projector=True, curve_style="--"),
     EvaluationMode("kd", "Soft labels (α={alpha})", "soft labels of the golden classifier, once per kd_alphas value",
-                   "sfm_hf.evaluation:train_head", per_alpha=True),
+                   "sfm_hf.evaluation.trainers:train_head", per_alpha=True),
 )}
 
 

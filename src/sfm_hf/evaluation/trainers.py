@@ -1,0 +1,215 @@
+"""One training function per evaluation mode (heads, projectors incl. the ridge fit) and one scored trial."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..probe import accuracy, uniform_linear
+from ..registry import EvaluationMode, parse_mode
+from ..ridge import RidgeMoments, choose_lambda, fit_ridge, lambda_grid, prior_map
+from .training import TrialSetup, effective_settings, AugmentedFeatures, Phase, optimise
+
+
+@dataclass
+class TrialOutcome:
+    accuracy: float
+    curve: list[tuple[int, float]]
+    seconds: float
+    predictor: nn.Module  # eval features -> logits
+    projector: nn.Linear | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # protocol, effective lrs, steps, batch, plateau
+
+
+def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
+    """The projector P: D_e -> D_d in one solve (``evaluate.projector: ridge``); returns it and what was chosen.
+
+    The views are those the SGD projector would see (same augmentation, same view through both
+    backbones). The penalty is the one with the least held-out error over ``ridge_folds`` groups
+    of classes, each held out in turn: a choice made on the train images' views alone.
+    """
+    options = setup.options
+    eval_dim, distill_dim = setup.eval_backbone.feature_dim, setup.golden.in_features
+    batches = AugmentedFeatures(setup, need_distill=True)
+    folds = min(options.ridge_folds, setup.golden.out_features)
+    moments = RidgeMoments.zeros(folds, eval_dim, distill_dim)
+    draws = math.ceil(options.ridge_views / batches.batch)
+    for step in range(draws):
+        eval_features, distill_features, labels = batches(step)
+        moments.add(eval_features, distill_features, labels % folds)
+    prior = prior_map(eval_dim, distill_dim)
+    penalty, _ = choose_lambda(moments, lambda_grid(moments, options.ridge_lambdas), prior)
+    weight, bias = fit_ridge(moments, penalty, prior)
+    projector = nn.Linear(eval_dim, distill_dim)
+    with torch.no_grad():
+        projector.weight.copy_(weight)
+        projector.bias.copy_(bias)
+    chosen = {"ridge_lambda": penalty, "ridge_views": draws * batches.batch, "ridge_batches": draws}
+    return projector.to(setup.images.device), chosen
+
+
+@dataclass
+class TrainedModel:
+    """What a mode's training leaves: eval features -> logits, the projector it trained, and its runs."""
+
+    predictor: nn.Module
+    phases: list[Phase]  # none for a ridge ci: nothing is trained by gradient
+    projector: nn.Linear | None = None
+    chosen: dict[str, Any] = field(default_factory=dict)  # what a ridge projector fit chose, recorded per trial
+
+
+def _learning_rates(setup: TrialSetup) -> tuple[float, float]:
+    settings = effective_settings(setup.options, len(setup.images))
+    return settings["head_lr"], settings["projector_lr"]
+
+
+def _new_head(setup: TrialSetup, in_features: int, generator: torch.Generator, *, inherit: bool) -> nn.Linear:
+    """A linear head to the classes: random from ``generator``, or a trainable copy of the golden classifier."""
+    if inherit:
+        return copy.deepcopy(setup.golden).requires_grad_(True)
+    return uniform_linear(in_features, setup.golden.out_features, generator).to(setup.images.device)
+
+
+def _new_projector(setup: TrialSetup, generator: torch.Generator) -> nn.Linear:
+    """A random linear projector P: D_e -> D_d."""
+    return uniform_linear(setup.eval_backbone.feature_dim, setup.golden.in_features, generator).to(setup.images.device)
+
+
+@dataclass
+class _FittedProjector:
+    """P: D_e -> D_d fitted alone (Eq. 10) by ``evaluate.projector``, before anything else of its mode."""
+
+    module: nn.Linear
+    phases: list[Phase]  # the SGD training; none for the closed-form ridge fit
+    chosen: dict[str, Any]  # what the ridge fit chose
+    views_drawn: int  # augmentation steps it used: a later phase of the trial draws the views after them
+
+
+def _fit_projector(setup: TrialSetup, generator: torch.Generator) -> _FittedProjector:
+    """P on MSE(P(phi_e(v)), phi_d(v)) for the same augmented views (Eq. 10): trained by Adam (sgd), or solved
+    in closed form (ridge, which leaves ``generator`` untouched)."""
+    if setup.options.projector == "ridge":
+        projector, chosen = fit_ridge_projector(setup)
+        return _FittedProjector(projector, [], chosen, chosen["ridge_batches"])
+    projector = _new_projector(setup, generator)
+
+    def projection_loss(eval_features, distill_features, labels):
+        return F.mse_loss(projector(eval_features), distill_features)
+
+    _, projector_lr = _learning_rates(setup)
+    phase = optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
+                      nn.Sequential(projector, setup.golden), need_distill=True)
+    return _FittedProjector(projector, [phase], {}, phase.steps)
+
+
+def train_head(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """vanilla: a linear head on cross-entropy. kd (per alpha): alpha * T^2 * KL(the golden classifier's soft
+    labels on phi_d of the same view || head) + (1 - alpha) * cross-entropy."""
+    generator = torch.Generator().manual_seed(setup.seed)
+    head = _new_head(setup, setup.eval_backbone.feature_dim, generator, inherit=False)
+    temperature = setup.options.kd_temperature
+
+    def head_loss(eval_features, distill_features, labels):
+        logits = head(eval_features)
+        value = F.cross_entropy(logits, labels)
+        if not mode.per_alpha:
+            return value
+        soft = F.softmax(setup.golden(distill_features) / temperature, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
+        return alpha * temperature**2 * kl + (1 - alpha) * value
+
+    head_lr, _ = _learning_rates(setup)
+    phase = optimise(setup, [{"params": head.parameters(), "lr": head_lr}], head_loss, head,
+                      need_distill=mode.per_alpha)
+    return TrainedModel(head, [phase])
+
+
+def train_projector(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """ci: only P is trained (Eq. 10); predictions are those of the frozen golden classifier on P(phi_e(x)) (Eq. 11)."""
+    fitted = _fit_projector(setup, torch.Generator().manual_seed(setup.seed))
+    return TrainedModel(nn.Sequential(fitted.module, setup.golden), fitted.phases, fitted.module, fitted.chosen)
+
+
+def train_joint(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """jt / jt_ip: P and a head trained together on MSE + cross-entropy; the head random or the golden one (IP)."""
+    generator = torch.Generator().manual_seed(setup.seed)
+    projector = _new_projector(setup, generator)
+    head = _new_head(setup, setup.golden.in_features, generator, inherit=mode.inherits_golden_head)
+
+    def joint_loss(eval_features, distill_features, labels):
+        projected = projector(eval_features)
+        return F.mse_loss(projected, distill_features) + F.cross_entropy(head(projected), labels)
+
+    head_lr, projector_lr = _learning_rates(setup)
+    groups = [{"params": projector.parameters(), "lr": projector_lr}, {"params": head.parameters(), "lr": head_lr}]
+    predictor = nn.Sequential(projector, head)
+    return TrainedModel(predictor, [optimise(setup, groups, joint_loss, predictor, need_distill=True)], projector)
+
+
+def train_sequential(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """st / st_ip: P first (Eq. 10), then, with P frozen, a head (random or the golden one) on cross-entropy."""
+    generator = torch.Generator().manual_seed(setup.seed)
+    fitted = _fit_projector(setup, generator)
+    projector = fitted.module.requires_grad_(False)
+    head = _new_head(setup, setup.golden.in_features, generator, inherit=mode.inherits_golden_head)
+    predictor = nn.Sequential(projector, head)
+
+    def sequential_loss(eval_features, distill_features, labels):
+        return F.cross_entropy(head(projector(eval_features)), labels)
+
+    head_lr, _ = _learning_rates(setup)
+    second = optimise(setup, [{"params": head.parameters(), "lr": head_lr}], sequential_loss, predictor,
+                       need_distill=False, step_offset=fitted.views_drawn)
+    return TrainedModel(predictor, [*fitted.phases, second], projector, fitted.chosen)
+
+
+def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedModel) -> dict[str, Any]:
+    """How a trial was trained, as its record says: protocol, the learning rates that applied, steps, what a
+    ridge projector chose, plateau."""
+    options = setup.options
+    settings = effective_settings(options, len(setup.images))
+    ridge = mode.fits_projector_alone and options.projector == "ridge"
+    if not mode.trains_projector or ridge:
+        settings.pop("projector_lr")
+    if not mode.trains_head:
+        settings.pop("head_lr")
+    details = {**settings, "steps": sum(phase.steps for phase in trained.phases), **trained.chosen}
+    if mode.fits_projector_alone:
+        details["projector_fit"] = options.projector
+    if options.protocol == "authors":
+        details["epochs"] = options.epochs
+    if setup.view_bank is not None:
+        details["view_bank"] = setup.view_bank.views
+    searched = [phase.search_views for phase in trained.phases if phase.search_views is not None]
+    if searched:
+        details["plateau_search_views"] = searched[0]
+    if trained.phases and all(phase.plateau is not None for phase in trained.phases):
+        details["plateau"] = all(phase.plateau for phase in trained.phases)
+        details["validation_accuracy"] = trained.phases[-1].validation_accuracy
+    return details
+
+
+def train_trial(setup: TrialSetup, recorded_mode: str) -> TrialOutcome:
+    """Train one model of ``recorded_mode`` ('ci', 'kd-0.5', ...) on ``setup.images``; score its final iteration."""
+    start = time.perf_counter()
+    banked_before = setup.view_bank.seconds if setup.view_bank is not None else 0.0
+    mode, alpha = parse_mode(recorded_mode)
+    if mode is None:
+        raise ValueError(f"unknown evaluation mode {recorded_mode!r}")
+    trained = mode.train_function()(setup, mode, alpha)
+    final = accuracy(trained.predictor, setup.eval_features, setup.eval_labels)
+    curve = [point for phase in trained.phases[-1:] for point in phase.curve]
+    details = _trial_details(setup, mode, trained)
+    banked = 0.0
+    if setup.view_bank is not None:
+        banked = setup.view_bank.seconds - banked_before
+        details["view_bank_seconds"] = banked
+    return TrialOutcome(final, curve, time.perf_counter() - start - banked, trained.predictor.eval(),
+                        trained.projector, details)
