@@ -54,6 +54,7 @@ from ..config import Config, EvaluateOptions
 from .. import hub
 from ..probe import accuracy, fit_reference_probe
 from ..progress import StageClock, progress as track
+from ..registry import parse_mode
 from ..names import short_name
 from ..utils import gather_lists
 from ..layout import RunLayout
@@ -220,7 +221,7 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
                            progress=TrainingProgress(clock, label, config.progress, shown))
         outcome = train_trial(setup, job.mode)
         clock.finish_unit()
-        if job.train_set == inputs.own_method and job.mode == "ci" and job.trial == 0:
+        if job.train_set == inputs.own_method and parse_mode(job.mode)[0].bundles_projector and job.trial == 0:
             save_projector(outcome.projector, RunLayout(config.output_dir).projector(job.eval_backbone),
                            eval_backbone=job.eval_backbone, distill_backbone=config.backbone)
         mine.append(JobResult(job, outcome.accuracy, outcome.curve, outcome.seconds, len(images), outcome.details))

@@ -91,7 +91,7 @@ def build_records(
         for name, model in backbones.items():
             for mode in train_set.modes:
                 record = _trial_record(config, train_set, model, mode, grouped[(train_set.name, name, mode)])
-                if train_set.name == own_method and mode == "ci":
+                if train_set.name == own_method and parse_mode(mode)[0].bundles_projector:
                     record.update(_saved_projector_score(config, model, golden))
                 records.append(record)
     records.append(_golden_record(config, golden, distill_evaluation, golden_train_images))
