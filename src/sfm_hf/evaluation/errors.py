@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-
-
-
-
 from ..errors import UserError
 
 

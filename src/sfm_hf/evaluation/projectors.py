@@ -1,4 +1,4 @@
-"""Saved CI projector files (save, load with shape checks, re-score) and the golden classifier they feed."""
+"""Saved projector files (save, load with shape checks, re-score) and the golden classifier they feed."""
 
 from __future__ import annotations
 
