@@ -130,7 +130,9 @@ def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, 
     batches = AugmentedFeatures(setup, need_distill, step_offset)
     report = (setup.progress or _SILENT).phase(steps, what)
     # Copies: optimiser and schedule write their lr into the group dicts, and a retraining must start afresh.
-    optimizer = torch.optim.Adam([dict(group) for group in groups])
+    # Fused: one kernel per step instead of a dozen; with a bank the step is otherwise a few small matmuls, and a
+    # 1280 x 1280 CI projector's Adam update took 4.4-5.0 ms of foreach kernels against 1.7-2.1 ms fused (2 CPU cores).
+    optimizer = torch.optim.Adam([dict(group) for group in groups], fused=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps // steps_per_decay))
     checkpoints = _curve_steps(steps, options.curve_points)
     curve = [(step_offset, accuracy(predictor, setup.eval_features, setup.eval_labels))] if checkpoints else []
