@@ -25,8 +25,8 @@ from sfm_hf.evaluation import (
     train_trial,
 )
 from sfm_hf.evaluation.trainers import fit_ridge_projector
-from sfm_hf.evaluation.training import AugmentedFeatures, TrainingProgress
-from sfm_hf.evaluation.views import TRAIN_AUGMENTATION, ViewBank, trial_banks
+from sfm_hf.evaluation.training import AugmentedFeatures, TrainingProgress, optimise
+from sfm_hf.evaluation.views import TRAIN_AUGMENTATION, ViewBank, trial_bank
 from sfm_hf.layout import projector_path
 from sfm_hf.names import backbone_slug
 from sfm_hf.probe import accuracy
@@ -459,10 +459,42 @@ def test_converge_protocol_trains_until_the_train_validation_accuracy_is_flat(di
     assert details["steps"] > 15 and details["steps"] in [15 * 2**k for k in range(5)]
     assert details["plateau"] or details["steps"] == 15 * 16
     assert details["head_lr"] == 0.02  # not scaled by the batch
-    # The longer training starts afresh (same start, full lr): it is exactly a training of that length.
-    direct = train_trial(setup(details["steps"], details["steps"]), "vanilla")
-    assert torch.equal(direct.predictor.weight, outcome.predictor.weight)
     assert train_trial(setup(15, 15), "vanilla").details["steps"] == 15
+
+
+def test_the_plateau_search_continues_one_run_with_a_new_cosine_cycle(trial_parts, statistics_run, monkeypatch):
+    """Each doubling continues the run where the last cycle ended (not from the start) with the lr back at its
+    value: a search that ends at 2N steps forwards 2N batches, not N + 2N, and its cycle 2 starts from the
+    parameters a one-cycle training of N steps ends with. A tolerance of 1 makes the first doubling flat."""
+    backbone, golden, _, _, _ = trial_parts
+    train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
+    forwarded = _counting_forwards(backbone, monkeypatch)
+
+    def run(max_iterations):
+        setup = make_setup(trial_parts, iterations=10, max_iterations=max_iterations, plateau_tolerance=1.0,
+                           view_bank=0, batch_size=4)
+        setup.validation_features, setup.validation_labels = train_features.float(), train_labels
+        head = torch.nn.Linear(backbone.feature_dim, 10)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        seen = []
+
+        def loss(eval_features, distill_features, labels):
+            seen.append(head.weight.detach().clone())
+            return torch.nn.functional.cross_entropy(head(eval_features), labels)
+
+        phase = optimise(setup, [{"params": head.parameters(), "lr": 0.05}], loss, head, need_distill=False)
+        return phase, seen, head.weight.detach().clone()
+
+    one_cycle, _, after_one_cycle = run(10)
+    assert one_cycle.steps == 10 and one_cycle.plateau is False and sum(forwarded) == 10 * 4
+    forwarded.clear()
+    searched, seen, _ = run(80)
+    assert searched.steps == 20 and searched.plateau is True and sum(forwarded) == 20 * 4
+    assert torch.equal(seen[10], after_one_cycle)
+    last_update_of_cycle_1 = (seen[10] - seen[9]).abs().max()
+    first_update_of_cycle_2 = (seen[11] - seen[10]).abs().max()
+    assert first_update_of_cycle_2 > 10 * last_update_of_cycle_1  # the cosine restarted at the full lr
 
 
 def _counting_forwards(backbone, monkeypatch) -> list[int]:
@@ -492,65 +524,30 @@ def test_a_bank_holding_a_view_per_step_trains_exactly_as_fresh_views(trial_part
     assert banked.accuracy == pytest.approx(fresh.accuracy, abs=1 / len(trial_parts[3]))
 
 
-def test_the_plateau_search_on_a_bank_picks_the_restart_searchs_length_and_trains_it_once_fresh(
-        trial_parts, statistics_run, monkeypatch):
-    """With fresh views the doubling runs on a bank of views (linear steps) and only the chosen length is trained
-    with fresh views. A tolerance of 1 makes the length determined (the first doubling always counts as flat),
-    so both searches must end at 2 x iterations; the forwards show no fresh training was restarted."""
-    backbone, _, _, _, images = trial_parts
-    train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
-    forwarded = _counting_forwards(backbone, monkeypatch)
-
-    def setup(search_views):
-        made = make_setup(trial_parts, iterations=10, max_iterations=80, plateau_tolerance=1.0, view_bank=0,
-                          plateau_search_views=search_views)
-        made.validation_features, made.validation_labels = train_features.float(), train_labels
-        if search_views:
-            made.search_bank = ViewBank(images, search_views, seed=3407, chunk=100)
-        return made
-
-    restarted = train_trial(setup(0), "vanilla")
-    assert sum(forwarded) == (10 + 20) * len(images) and "plateau_search_views" not in restarted.details
-    forwarded.clear()
-    searched = train_trial(setup(4), "vanilla")
-    assert sum(forwarded) == 4 * len(images) + 20 * len(images)  # the bank once, then one fresh training
-    assert searched.details["steps"] == restarted.details["steps"] == 20
-    assert searched.details["plateau"] and restarted.details["plateau"]
-    assert searched.details["plateau_search_views"] == 4 and "view_bank" not in searched.details
-    # The fresh training of the chosen length is the one the restart search ended with: same start, same views.
-    torch.testing.assert_close(searched.predictor.weight, restarted.predictor.weight, atol=1e-5, rtol=1e-4)
-    fixed = setup(4)
-    fixed.options.max_iterations = 10  # nothing to search: one fresh training, and no record of a search
-    assert "plateau_search_views" not in train_trial(fixed, "vanilla").details
-
-
-def test_a_trials_banks_fit_the_memory_cap(caplog):
+def test_a_trials_bank_fits_the_memory_cap(caplog):
     caplog.set_level(logging.INFO, logger="sfm_hf")
     images = torch.zeros(10, 3, 8, 8)
     # 64 views x 10 images x (64 + 32) float32 features = 240 KiB.
-    fits = trial_banks(EvaluateOptions(view_bank=64), images, 3407, 96, progress_mode="off", shown=False,
-                       announce=True, train_set="sfm")
-    assert fits.views.views == 64 and fits.search is None and not caplog.records
-    cut = trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.1), images, 3407, 96,
+    fits = trial_bank(EvaluateOptions(view_bank=64), images, 3407, 96, progress_mode="off", shown=False,
+                      announce=True, train_set="sfm")
+    assert fits.views == 64 and not caplog.records
+    cut = trial_bank(EvaluateOptions(view_bank=64, view_bank_max_mib=0.1), images, 3407, 96,
+                     progress_mode="off", shown=False, announce=True, train_set="sfm")
+    assert cut.views == 27  # 0.1 MiB / (10 x 96 x 4 bytes)
+    none = trial_bank(EvaluateOptions(view_bank=64, view_bank_max_mib=0.001), images, 3407, 96,
                       progress_mode="off", shown=False, announce=True, train_set="sfm")
-    assert cut.views.views == 27  # 0.1 MiB / (10 x 96 x 4 bytes)
-    none = trial_banks(EvaluateOptions(view_bank=64, view_bank_max_mib=0.001), images, 3407, 96,
-                       progress_mode="off", shown=False, announce=True, train_set="sfm")
-    assert none.views is None and none.search is None
+    assert none is None
     assert ["using 27 views per image" in caplog.records[0].getMessage(),
             "using fresh views every step" in caplog.records[1].getMessage()] == [True, True]
-    search = trial_banks(EvaluateOptions(view_bank=0, plateau_search_views=8), images, 3407, 96,
-                         progress_mode="off", shown=False, announce=True, train_set="sfm")
-    assert search.views is None and search.search.views == 8
-    authors = trial_banks(EvaluateOptions(view_bank=0, protocol="authors"), images, 3407, 96,
-                          progress_mode="off", shown=False, announce=True, train_set="sfm")
-    assert authors.views is None and authors.search is None
+    assert trial_bank(EvaluateOptions(view_bank=0), images, 3407, 96, progress_mode="off", shown=False,
+                      announce=True, train_set="sfm") is None
 
 
 def test_every_training_reports_each_tenth_of_its_steps_with_the_stage_eta(trial_parts, statistics_run, accelerator,
                                                                           caplog):
-    """Without a terminal: a line per 10 % of each training's steps (each plateau phase is a training), each with
-    the stage's remaining time; the last line of a phase with the validation accuracy the plateau check read."""
+    """Without a terminal: a line per 10 % of each cycle of a training's steps (the plateau search's cycles
+    continue one run), each with the stage's remaining time; the last line of a cycle with the validation accuracy
+    the plateau check read."""
     from sfm_hf.progress import StageClock
 
     caplog.set_level(logging.INFO, logger="sfm_hf")
@@ -560,11 +557,11 @@ def test_every_training_reports_each_tenth_of_its_steps_with_the_stage_eta(trial
     setup.progress = TrainingProgress(StageClock(3), "sfm vanilla -> tiny #0", mode="lines")
     train_trial(setup, "vanilla")
     lines = [record.getMessage() for record in caplog.records if record.name == "sfm_hf.progress"]
-    pattern = (r"Stage III: sfm vanilla -> tiny #0 \((\d+) steps\): (\d+)% \((\d+)/\d+ step\), .* "
-               r"stage ETA (\?|\d+s|\d+m \d\ds|\d+h \d\dm)$")
+    pattern = (r"Stage III: sfm vanilla -> tiny #0 \((\d+) (?:more )?steps(?:, to (\d+))?\): (\d+)% "
+               r"\((\d+)/\d+ step\), .* stage ETA (\?|\d+s|\d+m \d\ds|\d+h \d\dm)$")
     parsed = [re.search(pattern, line) for line in lines]
     assert all(parsed), lines
-    assert [(int(m[1]), int(m[2])) for m in parsed] == [(20, p) for p in range(10, 101, 10)] + [
-        (40, p) for p in range(10, 101, 10)]
+    assert [(int(m[1]), m[2], int(m[3])) for m in parsed] == [(20, None, p) for p in range(10, 101, 10)] + [
+        (20, "40", p) for p in range(10, 101, 10)]
     finished = [line for line in lines if "100%" in line]
     assert len(finished) == 2 and all(re.search(r"validation accuracy \d+\.\d%, stage ETA", line) for line in finished)

@@ -124,16 +124,21 @@ class StepProgress:
     Call :meth:`advance` after every step but the last, then :meth:`finish` (whose ``summary`` joins the last line).
     """
 
-    def __init__(self, clock: StageClock, steps: int, *, desc: str, mode: str, enabled: bool) -> None:
-        self.clock, self.steps, self.done = clock, steps, 0
+    def __init__(self, clock: StageClock, steps: int, *, desc: str, mode: str, enabled: bool,
+                 steps_before: int = 0) -> None:
+        # steps_before: steps the same training ran before this cycle, so the training's share done never drops.
+        self.clock, self.steps, self.done, self.steps_before = clock, steps, 0, steps_before
         self.bar = progress(total=steps, desc=desc, unit="step", mode=mode, enabled=enabled, leave=False)
         self.marks = {math.ceil(steps * percent / 100) for percent in range(LINE_PERCENT, 101, LINE_PERCENT)}
 
     def advance(self) -> None:
         self.done += 1
         if self.done in self.marks:
-            self.bar.set_postfix_str(f"stage ETA {self.clock.remaining(self.done / self.steps)}")
+            self.bar.set_postfix_str(f"stage ETA {self.clock.remaining(self._fraction())}")
         self.bar.update(1)
+
+    def _fraction(self) -> float:
+        return (self.steps_before + self.done) / (self.steps_before + self.steps)
 
     def finish(self, summary: str = "") -> None:
         """The last step, reported with ``summary`` (e.g. the validation accuracy it reached)."""

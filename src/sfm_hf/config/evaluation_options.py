@@ -40,13 +40,14 @@ class EvaluateOptions:
     protocol: str = option(
         "converge",
         "How long and at which learning rates heads and projectors train. 'converge' (default): lr and projector_lr "
-        "as given (no batch scaling), `iterations` steps, then retrained from the same start for twice as long "
-        "while that still raises the accuracy on a validation slice of the real TRAIN features by more than "
-        "plateau_tolerance, up to max_iterations, so every probe reaches its plateau whatever the number of images. 'authors' (their code): "
+        "as given (no batch scaling), `iterations` steps under a cosine to 0, then the same run continues with a new "
+        "cosine cycle as long as everything before it (doubling its length) while the last cycle raised the accuracy "
+        "on a validation slice of the real TRAIN features by more than plateau_tolerance, up to max_iterations, so "
+        "every probe reaches its plateau whatever the number of images. 'authors' (their code): "
         "lr and projector_lr scaled by min(batch, N)/256, `epochs` epochs at batch min(batch_size, N), cosine "
         "stepped per epoch.",
     )
-    iterations: int = option(1000, "converge: first length (steps) of every head / projector training (each phase of st).")
+    iterations: int = option(1000, "converge: first cosine cycle (steps) of every head / projector training (each phase of st).")
     max_iterations: int = option(16000, "converge: the doubling of `iterations` stops here (results say if it plateaued).")
     plateau_tolerance: float = option(
         0.005, "converge: largest validation accuracy gain of a twice-as-long training that still counts as a plateau."
@@ -63,7 +64,7 @@ class EvaluateOptions:
     view_bank: int = option(
         64,
         "N > 0 (default 64): each trial forwards N augmented views of every train image once per backbone, and each "
-        "of its trainings (every mode, every plateau phase, the ridge solve) uses at step s each image's view s mod N, "
+        "of its trainings (every mode, every plateau cycle, the ridge solve) uses at step s each image's view s mod N, "
         "the very view fresh views would give it at step s: identical to view_bank 0 for the first N steps, after "
         "which views recur. A linear probe then costs N x images forwards per trial instead of batch x steps per "
         "training (benchmarks/README.md, Stage III cost). 0: the paper's protocol, fresh augmented views through "
@@ -73,16 +74,9 @@ class EvaluateOptions:
     )
     view_bank_max_mib: float = option(
         4096.0,
-        "Memory cap of one trial's view bank (and of the plateau-search bank) in MiB: when N views of every train "
+        "Memory cap of one trial's view bank in MiB: when N views of every train "
         "image through every backbone would not fit, the bank holds as many views as fit (a logged line says so), "
         "and with not even one it falls back to fresh views.",
-    )
-    plateau_search_views: int = option(
-        64,
-        "converge with view_bank 0: the plateau search (iterations, doubled while validation improves) runs on a "
-        "bank of this many views per image (cheap linear steps), then the chosen length is trained once with fresh "
-        "views; records say `plateau_search_views`. 0: search with fresh views, retraining from the start at each "
-        "doubling (the exact search, several times the cost).",
     )
     lr: float = option(
         0.001, "Adam learning rate of linear heads (cosine, no decay); authors: at a batch of 256, scaled by "
@@ -136,8 +130,6 @@ class EvaluateOptions:
         )
         if self.view_bank < 0:
             raise ConfigError(f"`evaluate.view_bank` must be >= 0 (0: fresh views every step), got {self.view_bank}.")
-        if self.plateau_search_views < 0:
-            raise ConfigError(f"`evaluate.plateau_search_views` must be >= 0, got {self.plateau_search_views}.")
         check_positive("evaluate", self, ("lr", "projector_lr", "kd_temperature", "view_bank_max_mib"))
         check_choice("evaluate.protocol", self.protocol, EVALUATE_PROTOCOLS)
         if self.max_iterations < self.iterations:

@@ -33,7 +33,7 @@ for this run's own synthetic set, the trial-0 CI projector of each eval backbone
 
 Modules, in the order a run uses them: ``features`` (cached split features, Stage I's cache reused),
 ``train_sets`` (synthetic sets and real-image baselines), ``views`` (view banks and their memory cap),
-``training`` (a training's setup, batches, phases and protocols), ``trainers`` (one training function per mode,
+``training`` (a training's setup, batches, cosine cycles and protocols), ``trainers`` (one training function per mode,
 the ridge fit, a scored trial), ``projectors`` (saved projector files, the golden classifier), ``records``
 (results.json, tables, plots, summary), ``errors``; this module runs the stage (load inputs, plan and run the
 trainings, write).
@@ -62,7 +62,7 @@ from ..statistics import Statistics
 from .errors import EvaluationError, ProjectorMismatchError
 from .features import FeatureSet, split_features, EvalBackbone
 from .projectors import save_projector, load_golden, load_projector, score_projector
-from .views import trial_banks
+from .views import trial_bank
 from .training import TrialSetup, TrainingProgress
 from .trainers import train_trial
 from .train_sets import SyntheticSet, load_synthetic, synthetic_sets, TrainSet, build_train_sets
@@ -212,12 +212,12 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
         images, labels = sets_by_name[job.train_set].images_for(job.trial)
         images = images.to(device)
         if bank_of != (job.train_set, job.trial):
-            bank_of, banks = (job.train_set, job.trial), trial_banks(
+            bank_of, bank = (job.train_set, job.trial), trial_bank(
                 options, images, seed, bank_widths, progress_mode=config.progress, shown=shown,
                 announce=shown and job.trial == 0, train_set=job.train_set)
         setup = TrialSetup(images, labels.to(device), model.backbone, inputs.distill_backbone,
                            inputs.golden, eval_features, eval_labels, options, seed, *validation,
-                           view_bank=banks.views, search_bank=banks.search,
+                           view_bank=bank,
                            progress=TrainingProgress(clock, label, config.progress, shown))
         outcome = train_trial(setup, job.mode)
         clock.finish_unit()

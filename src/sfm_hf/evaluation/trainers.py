@@ -187,9 +187,6 @@ def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedMode
         details["epochs"] = options.epochs
     if setup.view_bank is not None:
         details["view_bank"] = setup.view_bank.views
-    searched = [phase.search_views for phase in trained.phases if phase.search_views is not None]
-    if searched:
-        details["plateau_search_views"] = searched[0]
     if trained.phases and all(phase.plateau is not None for phase in trained.phases):
         details["plateau"] = all(phase.plateau for phase in trained.phases)
         details["validation_accuracy"] = trained.phases[-1].validation_accuracy

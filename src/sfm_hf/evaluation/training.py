@@ -1,8 +1,7 @@
-"""One training run: its setup, per-step batches of features, Adam phases and the authors / converge protocols."""
+"""One training run: its setup, per-step batches of features, Adam in cosine cycles, the authors / converge protocols."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,8 +35,6 @@ class TrialSetup:
     validation_labels: torch.Tensor | None = None
     # evaluate.view_bank > 0: this trial's views, shared by all its trainings.
     view_bank: ViewBank | None = None
-    # converge with fresh views: the bank the plateau search runs on before one fresh-view training.
-    search_bank: ViewBank | None = None
     progress: TrainingProgress | None = None
 
 
@@ -50,9 +47,10 @@ class TrainingProgress:
     mode: str = "auto"
     enabled: bool = True
 
-    def phase(self, steps: int, what: str = "") -> StepProgress:
-        return StepProgress(self.clock, steps, desc=f"Stage III: {self.label}{what} ({steps} steps)",
-                            mode=self.mode, enabled=self.enabled)
+    def cycle(self, steps: int, steps_before: int) -> StepProgress:
+        what = f"{steps} steps" if not steps_before else f"{steps} more steps, to {steps_before + steps}"
+        return StepProgress(self.clock, steps, desc=f"Stage III: {self.label} ({what})", mode=self.mode,
+                            enabled=self.enabled, steps_before=steps_before)
 
 
 def effective_settings(options: EvaluateOptions, images: int) -> dict[str, Any]:
@@ -114,45 +112,59 @@ def _curve_steps(iterations: int, points: int) -> set[int]:
 
 @dataclass
 class Phase:
-    """One training run of a parameter group: its plot curve, length and (converge) plateau check."""
+    """One training of a parameter group: its plot curve, length and (converge) plateau check."""
 
     curve: list[tuple[int, float]]
     steps: int
     plateau: bool | None = None
     validation_accuracy: float | None = None
-    search_views: int | None = None  # its length was found on a bank of this many views (then trained fresh)
 
 
-def _run_phase(setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, predictor: nn.Module, *,
-               need_distill: bool, step_offset: int, steps: int, steps_per_decay: int, what: str = "") -> Phase:
-    """Adam for ``steps`` steps, cosine over them, the schedule stepped once every ``steps_per_decay`` steps."""
-    options = setup.options
-    batches = AugmentedFeatures(setup, need_distill, step_offset)
-    report = (setup.progress or _SILENT).phase(steps, what)
-    # Copies: optimiser and schedule write their lr into the group dicts, and a retraining must start afresh.
-    # Fused: one kernel per step instead of a dozen; with a bank the step is otherwise a few small matmuls, and a
-    # 1280 x 1280 CI projector's Adam update took 4.4-5.0 ms of foreach kernels against 1.7-2.1 ms fused (2 CPU cores).
-    optimizer = torch.optim.Adam([dict(group) for group in groups], fused=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps // steps_per_decay))
-    checkpoints = _curve_steps(steps, options.curve_points)
-    curve = [(step_offset, accuracy(predictor, setup.eval_features, setup.eval_labels))] if checkpoints else []
-    for step in range(steps):
-        value = loss(*batches(step))
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-        if (step + 1) % steps_per_decay == 0:
-            scheduler.step()
-        if step + 1 in checkpoints:
-            curve.append((step_offset + step + 1, accuracy(predictor, setup.eval_features, setup.eval_labels)))
-        if step + 1 < steps:
-            report.advance()
-    phase = Phase(curve, steps)
-    if options.protocol == "converge" and setup.validation_features is not None:
-        phase.validation_accuracy = accuracy(predictor, setup.validation_features, setup.validation_labels)
-    report.finish("" if phase.validation_accuracy is None
-                  else f"validation accuracy {100 * phase.validation_accuracy:.1f}%")
-    return phase
+class _Run:
+    """One Adam run of a parameter group, continued cycle after cycle: the same batches (views keep their step
+    numbers, the image order its permutation stream), the same optimiser moments, a new cosine cycle each time."""
+
+    def __init__(self, setup: TrialSetup, groups: list[dict[str, Any]], loss: Callable, predictor: nn.Module, *,
+                 need_distill: bool, step_offset: int) -> None:
+        self.setup, self.loss, self.predictor = setup, loss, predictor
+        self.batches = AugmentedFeatures(setup, need_distill, step_offset)
+        self.step_offset, self.done = step_offset, 0
+        # Fused: one kernel per step instead of a dozen; with a bank the step is otherwise a few small matmuls, and a
+        # 1280 x 1280 CI projector's Adam update took 4.4-5.0 ms of foreach kernels against 1.7-2.1 ms fused
+        # (2 CPU cores).
+        self.optimizer = torch.optim.Adam(groups, fused=True)
+        self.curve: list[tuple[int, float]] = []
+
+    def cycle(self, steps: int, steps_per_decay: int) -> float | None:
+        """``steps`` more steps under a cosine from the groups' lr down to 0, the schedule stepped once every
+        ``steps_per_decay`` steps; the validation accuracy at its end (converge with a validation slice)."""
+        setup, options = self.setup, self.setup.options
+        for group in self.optimizer.param_groups:
+            # A cosine schedule that starts at epoch 0 takes the group's current lr, which the last cycle left at 0.
+            group["lr"] = group.setdefault("initial_lr", group["lr"])
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, steps // steps_per_decay))
+        first = self.step_offset + self.done
+        report = (setup.progress or _SILENT).cycle(steps, self.done)
+        checkpoints = _curve_steps(steps, options.curve_points)
+        if checkpoints and not self.curve:
+            self.curve.append((first, accuracy(self.predictor, setup.eval_features, setup.eval_labels)))
+        for step in range(steps):
+            value = self.loss(*self.batches(self.done + step))
+            self.optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            self.optimizer.step()
+            if (step + 1) % steps_per_decay == 0:
+                scheduler.step()
+            if step + 1 in checkpoints:
+                self.curve.append((first + step + 1, accuracy(self.predictor, setup.eval_features, setup.eval_labels)))
+            if step + 1 < steps:
+                report.advance()
+        self.done += steps
+        validation = None
+        if options.protocol == "converge" and setup.validation_features is not None:
+            validation = accuracy(self.predictor, setup.validation_features, setup.validation_labels)
+        report.finish("" if validation is None else f"validation accuracy {100 * validation:.1f}%")
+        return validation
 
 
 def optimise(
@@ -166,53 +178,30 @@ def optimise(
 ) -> Phase:
     """Train ``groups`` on ``loss`` under ``options.protocol``.
 
-    authors: ``epochs`` epochs of ceil(N / batch) steps, cosine stepped per epoch. converge:
-    ``iterations`` steps (cosine), then again from the same start for twice as long, and so on while
-    the longer training's accuracy on the validation slice of real train features is more than
-    ``plateau_tolerance`` above the shorter one's (up to ``max_iterations``). Comparing whole
-    trainings, not the tail of one: under a cosine schedule the last part of any run is nearly flat,
-    however far from its plateau the model is. The slice is train data: no choice sees the eval split.
-
-    With fresh views and a ``search_bank`` the doubling runs on the bank (each retraining then costs linear
-    steps only) and the length it ends at is trained once more, from the same start, with fresh views.
+    authors: ``epochs`` epochs of ceil(N / batch) steps, cosine stepped per epoch. converge: ``iterations``
+    steps (cosine to 0), then the same run continues with a new cosine cycle as long as all steps before it
+    (doubling its length), and again, while a cycle raises the accuracy on the validation slice of real train
+    features by more than ``plateau_tolerance`` (up to ``max_iterations`` steps in all). Comparing the ends of
+    whole cycles, each annealed to lr 0, not the tail of one cycle: under a cosine schedule the last part of any
+    cycle is nearly flat, however far from its plateau the model is. A run of T steps costs T steps, where
+    retraining from the start at each doubling cost nearly 2T. The slice is train data: no choice sees the eval
+    split.
     """
     options = setup.options
+    # Copies: the optimiser writes its lr schedule into its groups, and the caller's dicts stay as given.
     groups = [{**group, "params": list(group["params"])} for group in groups]
+    run = _Run(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset)
     if options.protocol == "authors":
         per_epoch = math.ceil(len(setup.images) / min(options.batch_size, len(setup.images)))
-        return _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
-                          steps=options.epochs * per_epoch, steps_per_decay=per_epoch)
-    parameters = [parameter for group in groups for parameter in group["params"]]
-    start = [parameter.detach().clone() for parameter in parameters]
-
-    def restart() -> None:
-        with torch.no_grad():
-            for parameter, initial in zip(parameters, start):
-                parameter.copy_(initial)
-
-    search_on_bank = (setup.view_bank is None and setup.search_bank is not None
-                      and setup.validation_features is not None and options.max_iterations >= 2 * options.iterations)
-    searched = dataclasses.replace(setup, view_bank=setup.search_bank) if search_on_bank else setup
-    what = " plateau search" if search_on_bank else ""
-    steps, shorter = options.iterations, None
-    while True:
-        phase = _run_phase(searched, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
-                           steps=steps, steps_per_decay=1, what=what)
-        if phase.validation_accuracy is None:
+        run.cycle(options.epochs * per_epoch, steps_per_decay=per_epoch)
+        return Phase(run.curve, run.done)
+    validation, shorter, plateau = run.cycle(options.iterations, steps_per_decay=1), None, None
+    while validation is not None:
+        if shorter is not None and validation - shorter <= options.plateau_tolerance:
+            plateau = True
             break
-        if shorter is not None and phase.validation_accuracy - shorter <= options.plateau_tolerance:
-            phase.plateau = True
+        if 2 * run.done > options.max_iterations:
+            plateau = False
             break
-        if 2 * steps > options.max_iterations:
-            phase.plateau = False
-            break
-        shorter = phase.validation_accuracy
-        restart()
-        steps *= 2
-    if not search_on_bank:
-        return phase
-    restart()
-    final = _run_phase(setup, groups, loss, predictor, need_distill=need_distill, step_offset=step_offset,
-                       steps=phase.steps, steps_per_decay=1)
-    final.plateau, final.search_views = phase.plateau, setup.search_bank.views
-    return final
+        shorter, validation = validation, run.cycle(run.done, steps_per_decay=1)
+    return Phase(run.curve, run.done, plateau, validation)

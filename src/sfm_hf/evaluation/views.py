@@ -1,10 +1,8 @@
-"""Augmented training views: the per-trial view bank, its memory cap, and the plateau search's bank."""
+"""Augmented training views: the per-trial view bank and its memory cap."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 from accelerate.logging import get_logger
 
@@ -24,7 +22,7 @@ TRAIN_AUGMENTATION = AugmentConfig(noise_p=0.0)
 class ViewBank:
     """``views`` augmented views of every train image of one trial, through each backbone that asks for them.
 
-    Computed on first use and shared by every training of the trial (its modes, plateau phases and the ridge
+    Computed on first use and shared by every training of the trial (its modes, plateau cycles and the ridge
     solve): a trial then forwards ``views x N`` images once per backbone, where fresh views cost ``batch x steps``
     forwards per training. View ``k`` of image ``i`` is the view fresh views give image ``i`` at step ``k``; views
     at the same size are the same through every backbone, as with fresh views.
@@ -58,12 +56,6 @@ class ViewBank:
         return self._features[key]
 
 
-@dataclass
-class _TrialBanks:
-    views: ViewBank | None  # evaluate.view_bank: every training draws from it
-    search: ViewBank | None  # fresh views under converge: the plateau search's bank
-
-
 def bank_views(wanted: int, images: int, feature_widths: int, max_mib: float) -> int:
     """How many of ``wanted`` views of ``images`` images fit ``max_mib`` as float32 features of ``feature_widths``
     summed widths (one per backbone the bank serves)."""
@@ -71,23 +63,16 @@ def bank_views(wanted: int, images: int, feature_widths: int, max_mib: float) ->
     return min(wanted, int(max_mib * (1 << 20) // per_view))
 
 
-def trial_banks(options: EvaluateOptions, images: torch.Tensor, seed: int, feature_widths: int, *,
-                progress_mode: str, shown: bool, announce: bool, train_set: str) -> _TrialBanks:
-    """The view bank of one trial (``evaluate.view_bank``) or, with fresh views under converge, the bank its plateau
-    searches run on, each cut to what fits ``evaluate.view_bank_max_mib``; ``announce`` logs a cut."""
-    searching = options.view_bank == 0 and options.protocol == "converge"
-    wanted = options.view_bank or (options.plateau_search_views if searching else 0)
-    if not wanted:
-        return _TrialBanks(None, None)
-    views = bank_views(wanted, len(images), feature_widths, options.view_bank_max_mib)
-    if views < wanted and announce:
-        key = "evaluate.view_bank" if options.view_bank else "evaluate.plateau_search_views"
-        outcome = (f"using {views} views per image" if views else
-                   "using fresh views every step" if options.view_bank else "searching with fresh views")
-        logger.info(f"Stage III: {train_set}: {wanted} views of {len(images)} images through backbones of "
+def trial_bank(options: EvaluateOptions, images: torch.Tensor, seed: int, feature_widths: int, *,
+               progress_mode: str, shown: bool, announce: bool, train_set: str) -> ViewBank | None:
+    """The view bank of one trial (``evaluate.view_bank``), cut to what fits ``evaluate.view_bank_max_mib``;
+    ``announce`` logs a cut. None: fresh views every step."""
+    if not options.view_bank:
+        return None
+    views = bank_views(options.view_bank, len(images), feature_widths, options.view_bank_max_mib)
+    if views < options.view_bank and announce:
+        outcome = f"using {views} views per image" if views else "using fresh views every step"
+        logger.info(f"Stage III: {train_set}: {options.view_bank} views of {len(images)} images through backbones of "
                     f"{feature_widths} summed features exceed evaluate.view_bank_max_mib="
-                    f"{options.view_bank_max_mib:g}: {outcome} ({key}).")
-    if not views:
-        return _TrialBanks(None, None)
-    bank = ViewBank(images, views, seed, options.batch_size, progress_mode, shown)
-    return _TrialBanks(bank, None) if options.view_bank else _TrialBanks(None, bank)
+                    f"{options.view_bank_max_mib:g}: {outcome}.")
+    return ViewBank(images, views, seed, options.batch_size, progress_mode, shown) if views else None
