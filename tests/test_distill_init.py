@@ -1,4 +1,4 @@
-"""distill.init: auto | noise | centroids | random, end to end on the digits (the pyramid side is in test_pyramid.py)."""
+"""distill.init: auto | noise | centroids | nearest | centroids_noise | random, end to end on the digits (the pyramid side is in test_pyramid.py)."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
 from sfm_hf.baselines import centroid_positions, fetch_rows
-from sfm_hf.distill.inputs import resolve_init, start_images
+from sfm_hf.distill.inputs import blend_with_noise, resolve_init, start_images
 from sfm_hf.errors import StageInputError
 from sfm_hf.pyramid import START_MARGIN
 from sfm_hf.runner import run_stages
@@ -38,7 +38,7 @@ def test_centroid_start_at_ipc_one_is_the_centroids_baseline(statistics_run, dig
     assert torch.equal(start_images(config, statistics), expected)
 
 
-@pytest.mark.parametrize("init", ["centroids", "random"])
+@pytest.mark.parametrize("init", ["centroids", "nearest", "random"])
 def test_real_starts_at_ipc_three_are_distinct_images_of_their_class(
     statistics_run, digits_dir, demo_backbone, tmp_path, init
 ):
@@ -107,3 +107,62 @@ def test_auto_falls_back_to_noise_without_cached_rows(statistics_run, digits_dir
     published = tiny_config(digits_dir, demo_backbone, tmp_path / "published", init="auto")
     published.statistics_from = "acme/stats"
     assert resolve_init(published) == "noise"
+
+
+def test_the_nearest_start_is_the_ipc_images_nearest_to_the_class_mean(statistics_run, digits_dir, demo_backbone,
+                                                                      tmp_path):
+    statistics = Statistics.load(statistics_run / STATISTICS_DIR)
+    features, labels, indices = load_feature_cache(statistics_run / STATISTICS_DIR / FEATURES_DIR, "train")
+    nearest = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "n3", init="nearest", ipc=3)
+    distances = torch.cdist(features.float(), statistics.class_means.float())
+    expected_rows = torch.cat([
+        indices[(labels == c).nonzero().flatten()[distances[labels == c, c].argsort()[:3]]] for c in range(10)
+    ])
+    expected, _ = fetch_rows(open_config_split(nearest, "train"), expected_rows, nearest.distill.syn_res)
+    images = start_images(nearest, statistics)
+    assert torch.equal(images, expected)
+    # ... which at ipc 3 is not the k-means start (typical images, not ones that cover the class) ...
+    kmeans = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "k3", init="centroids", ipc=3)
+    assert not torch.equal(images, start_images(kmeans, statistics))
+    # ... and at ipc 1 is the same image as it.
+    one = {init: start_images(config_for(statistics_run, digits_dir, demo_backbone, tmp_path, f"{init}1", init=init),
+                              statistics) for init in ("nearest", "centroids")}
+    assert torch.equal(one["nearest"], one["centroids"])
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_the_centroids_noise_start_blends_the_centroid_images_with_seeded_noise(
+    statistics_run, digits_dir, demo_backbone, tmp_path, weight
+):
+    statistics = Statistics.load(statistics_run / STATISTICS_DIR)
+    centroids = start_images(config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "c", init="centroids"),
+                             statistics)
+    config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, f"b{weight}", init="centroids_noise",
+                        init_noise=weight)
+    blended = start_images(config, statistics)
+    noise = torch.rand(centroids.shape, generator=torch.Generator().manual_seed(config.seed))
+    assert torch.allclose(blended, (1 - weight) * centroids + weight * noise)
+    assert torch.equal(blended, blend_with_noise(centroids, weight, config.seed))
+    assert blended.min() >= 0 and blended.max() <= 1
+    if weight == 0.5:
+        # seeded: every process and every rerun draws the same noise; another seed another
+        assert torch.equal(blended, start_images(config, statistics))
+        assert not torch.equal(blended, blend_with_noise(centroids, weight, config.seed + 1))
+
+
+def test_the_blend_weight_is_part_of_a_runs_inputs_only_for_the_blended_start(statistics_run, digits_dir,
+                                                                            demo_backbone, tmp_path):
+    from sfm_hf.distill.checkpoints import synthetic_inputs
+
+    statistics = [Statistics.load(statistics_run / STATISTICS_DIR)]
+    inputs = {}
+    for init in ("centroids", "centroids_noise"):
+        for weight in (0.25, 0.5):
+            config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "w", init=init, init_noise=weight)
+            inputs[init, weight] = synthetic_inputs(config, statistics)
+    assert inputs["centroids", 0.25] == inputs["centroids", 0.5] and "distill.init_noise" not in inputs["centroids", 0.5]
+    assert inputs["centroids_noise", 0.25] != inputs["centroids_noise", 0.5]
+    # snapshots are a measurement of the run, not an input of its images
+    snapshots = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "w", init="centroids",
+                           snapshot_every=5)
+    assert synthetic_inputs(snapshots, statistics) == inputs["centroids", 0.5]

@@ -9,10 +9,12 @@
                                   + .json, features/{train,eval}-rankRR-KKKKK.safetensors (the float16 feature
                                   cache); export adds README.md, config.yaml
       checkpoints/rankRR.pt       Stage II: resumable state, one file per process
-      synthetic/                  Stage II: images.safetensors, synthetic.json, preview.png;
+      synthetic/                  Stage II: images.safetensors, synthetic.json, preview.png, snapshots/ (with
+                                  distill.snapshot_every; sfm_hf.snapshots, never exported);
                                   export adds data/<config>/ (one Hub dataset config each) and README.md
       results.json, results.md    Stage III: one record per train set x backbones x mode, the paper-style tables
       evaluation/                 Stage III: accuracy_curves.png, flow_pca.png, projectors/<backbone>.safetensors,
+                                  time_to_quality.{json,md,png} (evaluate.time_to_quality),
                                   features/<backbone>/ (eval-backbone feature caches)
       model/                      export: the classifier bundle
       backbones/<slug>/           a joint run (`backbone: [A, B]`) only: one member folder per listed backbone,

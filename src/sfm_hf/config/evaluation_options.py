@@ -116,6 +116,12 @@ class EvaluateOptions:
         "Points of the accuracy-vs-iteration curve kept for the plot (scored on the eval split for the plot only; "
         "nothing is ever selected on it). 0: no curve.",
     )
+    time_to_quality: bool = option(
+        False,
+        "Also score every snapshot of each evaluated synthetic set (distill.snapshot_every) with the same trainings "
+        "as the final set: evaluation/time_to_quality.{json,md,png}, accuracy against seconds of distillation, whose "
+        "last point is the final row.",
+    )
 
     def validate(self) -> None:
         for key, values, choices in (

@@ -12,9 +12,9 @@ from ..registry import DISTILL_METHODS
 
 
 NORMALIZATIONS = ("backbone", "imagenet")
-DISTILL_INITS = ("auto", "noise", "centroids", "random")
+DISTILL_INITS = ("auto", "noise", "centroids", "nearest", "centroids_noise", "random")
 # Starts that must read train images (auto falls back to noise where it cannot).
-REAL_STARTS = ("centroids", "random")
+REAL_STARTS = ("centroids", "nearest", "centroids_noise", "random")
 
 
 class ConfigError(UserError):
@@ -116,11 +116,16 @@ class DistillOptions:
     init: str = option(
         "auto",
         "Start of the synthetic images: noise (the paper's), centroids (real train images nearest to the k-means "
-        "centres of each class's phi_d features, k = ipc: the class mean for ipc 1), random (ipc random train "
-        "images per class) or auto: centroids where Stage I's feature cache of a non-streamed train split is at "
-        "hand, noise otherwise (streamed Hub data, statistics_from). Real starts are decoded exactly at step 0. "
-        "auto is the default because centroids beat noise and random on validation for both ImageNet CNNs at "
-        "ipc 1 and 10 in the real-data benchmark (benchmarks/README.md).",
+        "centres of each class's phi_d features, k = ipc: the class mean for ipc 1), nearest (the ipc real train "
+        "images nearest to the class mean mu_c: the same image as centroids at ipc 1), centroids_noise (the "
+        "centroids images blended with uniform noise, weight init_noise), random (ipc random train images per "
+        "class) or auto: centroids where Stage I's feature cache of a non-streamed train split is at hand, noise "
+        "otherwise (streamed Hub data, statistics_from). Real starts are decoded exactly at step 0. auto is the "
+        "default because centroids beat the other starts on validation for both ImageNet CNNs at ipc 1 and 10 in "
+        "the real-data benchmark (benchmarks/README.md).",
+    )
+    init_noise: float = option(
+        0.5, "centroids_noise: weight w of the noise in (1 - w) * centroid image + w * uniform noise, in [0, 1]."
     )
     syn_res: int | str = option(
         "auto",
@@ -160,6 +165,12 @@ class DistillOptions:
     checkpoint_every: int = option(500, "Write a resumable checkpoint every this many steps (0 disables).")
     preview_every: int = option(0, "Write preview.png of the current images every this many steps (0: only at the end).")
     log_every: int = option(50, "Report the loss to the progress bar and trackers every this many steps.")
+    snapshot_every: int = option(
+        0,
+        "Save the current images to synthetic/snapshots/ every this many steps, at step 0 and at the last step, with "
+        "the seconds of distillation so far (snapshot writing not counted); evaluate.time_to_quality scores them. "
+        "Local only (never exported). 0: no snapshots.",
+    )
 
     def validate(self) -> None:
         check_choice("distill.method", self.method, tuple(DISTILL_METHODS))
@@ -173,6 +184,10 @@ class DistillOptions:
         if self.decoupled_alpha is not None and not 0 <= self.decoupled_alpha <= 1:
             raise ConfigError(f"`distill.decoupled_alpha` must lie in [0, 1], got {self.decoupled_alpha}.")
         check_positive("distill", self, ("lr",))
+        if not 0 <= self.init_noise <= 1:
+            raise ConfigError(f"`distill.init_noise` must lie in [0, 1], got {self.init_noise}.")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"`distill.snapshot_every` must be >= 0 (0 disables), got {self.snapshot_every}.")
         if self.checkpoint_chunk < 0:
             raise ConfigError(f"`distill.checkpoint_chunk` must be >= 0 (0 disables), got {self.checkpoint_chunk}.")
 

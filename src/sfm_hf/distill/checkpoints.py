@@ -26,8 +26,11 @@ def checkpoint_fingerprint(config: Config, statistics: list[Statistics], world_s
     set records each member's digest by backbone, so that a change in any of them is seen.
     """
     options = {f"distill.{key}": value for key, value in asdict(config.distill).items()}
-    for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "compile", "checkpoint_chunk"):
+    for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "snapshot_every", "compile",
+                 "checkpoint_chunk"):
         options.pop(f"distill.{free}")
+    if config.distill.init != "centroids_noise":  # the blend weight changes no other start
+        options.pop("distill.init_noise")
     digests = [member.digest for member in statistics]
     return {**options, "ipc": config.ipc, "seed": config.seed, "backbone": config.backbone,
             "statistics.non_target": config.statistics.non_target, "world_size": world_size,

@@ -108,8 +108,11 @@ def start_images(config: Config, statistics: Statistics) -> torch.Tensor | None:
 
     Chosen in Stage I's feature cache of phi_d: ``centroids`` takes the image nearest to the class mean for
     ipc 1 (the Centroids baseline's image) and, for ipc > 1, the images nearest to the centres of a k-means
-    of the class's features (distinct images that cover the class); ``random`` draws ipc images per class.
-    Every process makes the same choice (seeded, read from the same cache) and keeps its own slice.
+    of the class's features (distinct images that cover the class); ``nearest`` the ipc images nearest to the
+    class mean mu_c (at ipc 1 the same image as ``centroids``; above, the class's most typical images rather
+    than ones that cover it); ``centroids_noise`` the ``centroids`` images blended with uniform noise
+    (:func:`blend_with_noise`); ``random`` draws ipc images per class. Every process makes the same choice
+    (seeded, read from the same cache) and keeps its own slice.
     """
     from ..hub import statistics_dir
 
@@ -129,15 +132,24 @@ def start_images(config: Config, statistics: Statistics) -> torch.Tensor | None:
     num_classes = statistics.num_classes
     if options.init == "random":
         positions = random_positions(labels, num_classes, config.ipc, config.seed)
-    elif config.ipc == 1:
-        positions = centroid_positions(features, labels, statistics.class_means, 1)
+    elif options.init == "nearest" or config.ipc == 1:
+        positions = centroid_positions(features, labels, statistics.class_means, config.ipc)
     else:
         positions = kmeans_positions(features, labels, num_classes, config.ipc, config.seed)
     images, _ = fetch_rows(
         open_config_split(config, config.train_split), indices[positions], options.syn_res,
         batch_size=config.data.batch_size, num_workers=config.data.num_workers,
     )
+    if options.init == "centroids_noise":
+        images = blend_with_noise(images, options.init_noise, config.seed)
     return images
+
+
+def blend_with_noise(images: torch.Tensor, weight: float, seed: int) -> torch.Tensor:
+    """``(1 - weight) * images + weight * U(0, 1)`` noise drawn from ``seed`` (the same on every process): a data
+    start the optimiser can move further than a real image, while the class's layout is still there."""
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed))
+    return (1 - weight) * images + weight * noise
 
 
 def resolve_settings(config: Config, targets: list[DistillTarget]) -> Config:

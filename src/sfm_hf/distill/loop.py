@@ -14,6 +14,7 @@ from ..errors import RunStopped
 from ..progress import progress as track
 from ..pyramid import build_images, growth_due
 from ..layout import RunLayout
+from ..snapshots import keep_snapshots_until, write_snapshot
 from .checkpoints import CheckpointError, checkpoint_fingerprint, read_checkpoint, restore_rng, save_checkpoint
 from .inputs import DistillTarget, check_targets, start_images
 from .losses import ClassShare, DistillContext, build_context, class_share, compute_loss
@@ -185,7 +186,9 @@ def optimise(run: DistillRun, accelerator) -> float:
         desc=f"Stage II: {options.method}", unit="step", mode=config.progress,
         enabled=accelerator.is_local_main_process,
     )
-    start_time = time.perf_counter()
+    clock = _DistillClock(run.earlier_seconds, device)
+    snapshots = _Snapshots(run, accelerator)
+    snapshots.begin(clock)
     for step in progress:
         run.optimizer = grow_if_due(run.images, run.optimizer, step, config, device)
         if len(run.contexts) == 1:
@@ -205,12 +208,74 @@ def optimise(run: DistillRun, accelerator) -> float:
         if options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.iterations:
             _stop_if_non_finite(run, first_bad_step)
             save_checkpoint(run.checkpoint_path, run.images, run.optimizer, done, run.fingerprint,
-                            loss=float(run.last_loss), seconds=run.earlier_seconds + time.perf_counter() - start_time)
+                            loss=float(run.last_loss), seconds=clock.seconds())
             run.saved_step = done
+        if done < options.iterations:
+            snapshots.after_step(done, clock)
     progress.close()
+    seconds = clock.seconds()
     if options.iterations > run.start_step:
         _stop_if_non_finite(run, first_bad_step)
-    return run.earlier_seconds + time.perf_counter() - start_time
+        # Outside the loop, at the seconds the run reports: the last snapshot is synthetic.json's images and time.
+        snapshots.write(options.iterations, seconds)
+    return seconds
+
+
+class _DistillClock:
+    """Seconds of distillation: the earlier runs' and this one's, less the pauses (snapshot writing)."""
+
+    def __init__(self, earlier: float, device: torch.device) -> None:
+        self.earlier, self.device = earlier, device
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        if self.device.type == "cuda":  # the steps queued so far belong to the time read now
+            torch.cuda.synchronize(self.device)
+        return self.earlier + time.perf_counter() - self.start - self.paused
+
+    def pause_since(self, since: float) -> None:
+        self.paused += time.perf_counter() - since
+
+
+class _Snapshots:
+    """``distill.snapshot_every``: the images at step 0, every that many steps and at the last step
+    (:mod:`sfm_hf.snapshots`); written by the main process, gathered by all."""
+
+    def __init__(self, run: DistillRun, accelerator) -> None:
+        self.run, self.accelerator = run, accelerator
+        self.every = run.config.distill.snapshot_every
+        self.folder = RunLayout(run.config.output_dir).synthetic_dir
+
+    def begin(self, clock: _DistillClock) -> None:
+        """Drop snapshots a resumed run makes again (all of them when it starts over); snapshot step 0."""
+        if not self.every:
+            return
+        if self.accelerator.is_main_process:
+            keep_snapshots_until(self.folder, self.run.start_step)
+        if self.run.start_step == 0:
+            self._paused(0, clock)
+
+    def after_step(self, done: int, clock: _DistillClock) -> None:
+        if self.every and done % self.every == 0:
+            self._paused(done, clock)
+
+    def _paused(self, step: int, clock: _DistillClock) -> None:
+        """A snapshot inside the loop, its writing left out of the clock."""
+        seconds = clock.seconds()
+        paused_at = time.perf_counter()
+        self.write(step, seconds)
+        clock.pause_since(paused_at)
+
+    def write(self, step: int, seconds: float) -> None:
+        if not self.every:
+            return
+        with torch.no_grad():
+            local = self.run.images().detach()
+        images = _gather_images(self.accelerator, local, self.run.shares).cpu()
+        if self.accelerator.is_main_process:
+            statistics = self.run.targets[0].statistics
+            labels = torch.arange(statistics.num_classes).repeat_interleave(self.run.config.ipc)
+            write_snapshot(self.folder, step, seconds, images, labels)
 
 
 def final_images(run: DistillRun, accelerator, seconds: float) -> torch.Tensor:

@@ -29,20 +29,21 @@ Accuracy is never used to pick anything: the curve points exist only for the plo
 Outputs: ``results.json`` (one record per train set x distill backbone x eval backbone x
 mode), ``results.md``, ``evaluation/accuracy_curves.png``, ``evaluation/flow_pca.png`` and,
 for this run's own synthetic set, the trial-0 CI projector of each eval backbone in
-``evaluation/projectors/<slug>.safetensors`` (``weight`` [D_d, D_e], ``bias`` [D_d]).
+``evaluation/projectors/<slug>.safetensors`` (``weight`` [D_d, D_e], ``bias`` [D_d]); with
+``evaluate.time_to_quality``, ``evaluation/time_to_quality.{json,md,png}`` (``time_to_quality``).
 
 Modules, in the order a run uses them: ``features`` (cached split features, Stage I's cache reused),
 ``train_sets`` (synthetic sets and real-image baselines), ``views`` (view banks and their memory cap),
 ``training`` (a training's setup, batches, cosine cycles and protocols), ``trainers`` (one training function per mode,
 the ridge fit, a scored trial), ``projectors`` (saved projector files, the golden classifier), ``records``
-(results.json, tables, plots, summary), ``errors``; this module runs the stage (load inputs, plan and run the
+(results.json, tables, plots, summary), ``time_to_quality`` (snapshots scored alike), ``errors``; this module runs the stage (load inputs, plan and run the
 trainings, write).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ from .training import TrialSetup, TrainingProgress
 from .trainers import train_trial
 from .train_sets import SyntheticSet, load_synthetic, synthetic_sets, TrainSet, build_train_sets
 from .records import FULL_DATASET, Job, JobResult, build_records, write_outputs, print_summary
+from .time_to_quality import snapshot_sources, write_curves
 
 # The names callers outside the stage use (tests, benchmarks, re-scoring a saved projector).
 __all__ = ["EvaluationError", "ProjectorMismatchError", "TrialSetup", "load_projector", "load_synthetic",
@@ -250,8 +252,24 @@ def run_evaluate(config: Config, accelerator, synthetic_root: Path | None = None
                                    if record.get(key) is not None): record["mean"]
             for record in records if record.get("mean") is not None
         })
+    if config.evaluate.time_to_quality:
+        score_snapshots(config, accelerator, inputs, records)
     accelerator.wait_for_everyone()
     return records
+
+
+def score_snapshots(config: Config, accelerator, inputs: EvaluationInputs, records: list[dict[str, Any]]) -> None:
+    """evaluate.time_to_quality: every snapshot of each evaluated synthetic set, trained and scored by the final
+    set's jobs (the full-dataset probes left out: they do not depend on the set); call it on every process."""
+    sources = snapshot_sources(inputs.train_sets, inputs.synthetic, announce=accelerator.is_main_process)
+    if not sources:
+        return
+    scoring = replace(config, evaluate=replace(config.evaluate, full_dataset=False))
+    snapshots = replace(inputs, train_sets=[train_set for source in sources for train_set in source.snapshot_sets()])
+    start = time.perf_counter()
+    results = gather_lists(accelerator, run_jobs(scoring, accelerator, snapshots, plan_jobs(scoring, snapshots)))
+    if accelerator.is_main_process:
+        write_curves(config, sources, list(inputs.backbones), results, records, time.perf_counter() - start)
 
 
 def _full_dataset_trial(config: Config, job: Job, model: EvalBackbone, num_classes: int, eval_features: torch.Tensor,

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from ..config import Config
 from ..layout import CARD_FILE, FEATURES_DIR, IMAGES_FILE, PREVIEW_FILE, SYNTHETIC_JSON, VARIANTS_DIR
+from ..snapshots import SNAPSHOTS_DIR
 from .dataset_folder import dataset_card, read_variant
 from .facts import PathRedactor, PublishError, RepoNames, RunFacts
 
-# Stage II's working copies at the root of synthetic/: the Hub gets them per config under data/<config>/.
-SYNTHETIC_LOCAL_ONLY = [IMAGES_FILE, SYNTHETIC_JSON, PREVIEW_FILE, "*.tmp", "*.tmp.png"]
+# Stage II's working copies at the root of synthetic/: the Hub gets them per config under data/<config>/. Its
+# snapshots (distill.snapshot_every) are a local measurement, never published.
+SYNTHETIC_LOCAL_ONLY = [IMAGES_FILE, SYNTHETIC_JSON, PREVIEW_FILE, f"{SNAPSHOTS_DIR}/*", "*.tmp", "*.tmp.png"]
 STATISTICS_LOCAL_ONLY = [f"{FEATURES_DIR}/*", "*.tmp"]
 
 
