@@ -6,10 +6,19 @@ of each run on a busy machine, by calling the same script's ``main(argv)`` in th
 (``--launcher inprocess``; same argv, same code path). Per backbone and ipc:
 
 1. Stage I once (``eval_split: validation``), its folder copied into every run below.
-2. SFM from every start (``distill.init``: noise, centroids, random), each scored on ``validation``
-   (vanilla probe): the start with the best validation accuracy is chosen; the test split plays no part.
-3. LGM (ipc 1, the paper's 10 augmentation rounds), for accuracy and cost.
-4. The final evaluation on ``test`` of the chosen SFM images: Random, Centroids, Neighbors, LGM, SFM,
+2. SFM from every start (``distill.init``: noise, centroids, nearest, centroids_noise, random), each scored on
+   ``validation`` (vanilla probe): the start with the best validation accuracy is chosen; the test split plays
+   no part. At ipc 1 ``nearest`` is the ``centroids`` image and is not run again.
+3. LGM (``--lgm-ipcs``, the paper's 10 augmentation rounds, ``--lgm-steps`` from each of ``--lgm-init``), scored
+   on ``validation`` like the starts, for accuracy and cost.
+4. Time to quality: every run of 2 and 3 snapshots its images ``--snapshot-points`` times
+   (``distill.snapshot_every``) and scores each snapshot with the run's own validation protocol
+   (``evaluate.time_to_quality``); Random, Centroids and the full-dataset probe are scored on ``validation``
+   once (``ipc<k>-baselines``). Per cell (network x ipc), ``<runs>/<network>-ipc<k>/time_to_quality.png`` and a
+   table: seconds of distillation to reach the Centroids row and 95 % of the cell's best final accuracy, the
+   best and the final accuracy, per method and start; the headline "SFM reaches X % in S s; LGM reaches Y % in
+   T s" compares the best points of the chosen SFM start and of LGM, measured side by side in one run.
+5. The final evaluation on ``test`` of the chosen SFM images: Random, Centroids, Neighbors, LGM, SFM,
    SFM+CI, golden and full-dataset rows (Table 2), and SFM / SFM+CI on the other backbones (the
    Table 4 cross-backbone cells), ``--trials`` trials of ``--final-iterations`` steps.
 
@@ -44,7 +53,9 @@ from harness import PeakMemory, configure_threads, markdown_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
-INITS = ("noise", "centroids", "random")
+INITS = ("noise", "centroids", "nearest", "centroids_noise", "random")
+# Starts that pick the same images as another at ipc 1 (the image nearest to the class mean is the centroid).
+SAME_AT_IPC1 = {"nearest": "centroids"}
 
 
 def recipe(backbone: str) -> str:
@@ -97,7 +108,7 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
-def vanilla_accuracy(run: Path, train_set: str = "sfm") -> dict:
+def vanilla_accuracy(run: Path, train_set: str) -> dict:
     for record in read_json(run / "results.json"):
         if record["train_set"] == train_set and record["mode"] == "vanilla":
             return record
@@ -117,22 +128,50 @@ def distill_cost(run: Path, launch: dict) -> dict:
     }
 
 
-def score_on_validation(launch: Launcher, base: Path, run: Path, argv: list[str], trials: int) -> dict:
-    """An SFM run scored as the start selection scores it: distilled, then the vanilla probe on ``validation``.
+def snapshot_every(steps: int, points: int) -> int:
+    """``distill.snapshot_every`` for about ``points`` snapshots after the start (0: none)."""
+    return max(1, steps // points) if points else 0
 
-    ``argv``: recipe, data, schedule and start; ``base`` holds the Stage I folder the run starts from.
+
+def score_on_validation(launch: Launcher, base: Path, run: Path, argv: list[str], trials: int, *,
+                        method: str = "sfm", snapshots: int = 0) -> dict:
+    """A run scored as the start selection scores it: distilled, then the vanilla probe on ``validation``.
+
+    ``argv``: recipe, data, schedule and start (``--distill.iterations`` among them when ``snapshots``); ``base``
+    holds the Stage I folder the run starts from. ``snapshots`` > 0: that many snapshots along the run, each
+    scored alike (``evaluate.time_to_quality``; the curve goes under ``time_to_quality``).
     """
     copy_statistics(base, run)
+    timed = []
+    if snapshots:
+        steps = int(argv[len(argv) - 1 - argv[::-1].index("--distill.iterations") + 1])
+        timed = ["--distill.snapshot_every", str(snapshot_every(steps, snapshots)),
+                 "--evaluate.time_to_quality", "true"]
     if not (run / "results.json").is_file():
         result = launch([
             *argv, "--output_dir", str(run), "--stages", "distill,evaluate", "--eval_split", "validation",
-            "--evaluate.train_sets", "sfm", "--evaluate.modes", "vanilla", "--eval_backbones", "[]",
-            "--evaluate.full_dataset", "false", "--evaluate.trials", str(trials),
+            "--distill.method", method, "--evaluate.train_sets", method, "--evaluate.modes", "vanilla",
+            "--eval_backbones", "[]", "--evaluate.full_dataset", "false", "--evaluate.trials", str(trials), *timed,
         ])
         (run / "launch.json").write_text(json.dumps(result))
-    record = vanilla_accuracy(run)
-    return {"validation_mean": record["mean"], "validation_std": record["std"],
-            **distill_cost(run, read_json(run / "launch.json"))}
+    record = vanilla_accuracy(run, method)
+    scored = {"validation_mean": record["mean"], "validation_std": record["std"],
+              **distill_cost(run, read_json(run / "launch.json"))}
+    curves = run / "evaluation" / "time_to_quality.json"
+    if curves.is_file():
+        scored["time_to_quality"] = read_json(curves)["curves"][0]
+    return scored
+
+
+def score_baselines(launch: Launcher, base: Path, run: Path, argv: list[str], trials: int) -> list[dict]:
+    """Random, Centroids and the full-dataset probe on ``validation`` with the starts' protocol: the flat lines."""
+    copy_statistics(base, run)
+    if not (run / "results.json").is_file():
+        launch([*argv, "--output_dir", str(run), "--stages", "evaluate", "--eval_split", "validation",
+                "--evaluate.train_sets", "random,centroids", "--evaluate.baseline_modes", "vanilla",
+                "--eval_backbones", "[]", "--evaluate.trials", str(trials)])
+    return [{key: record[key] for key in ("train_set", "mode", "eval_backbone", "mean", "std")}
+            for record in read_json(run / "results.json")]
 
 
 def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict) -> None:
@@ -144,24 +183,35 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
     common = [*data, "--evaluate.view_bank", str(args.view_bank[ipc])]
     steps, every = args.steps[ipc]
     schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
+    inits = [init for init in args.inits if not (ipc == 1 and SAME_AT_IPC1.get(init) in args.inits)]
     selection = {init: score_on_validation(launch, root, root / f"ipc{ipc}-{init}",
-                                           [*config, *common, *schedule, "--distill.init", init], args.selection_trials)
-                 for init in args.inits}
+                                           [*config, *common, *schedule, "--distill.init", init], args.selection_trials,
+                                           snapshots=args.snapshot_points)
+                 for init in inits}
     chosen = max(selection, key=lambda init: selection[init]["validation_mean"])
-    summary.setdefault(backbone, {})[f"ipc{ipc}"] = {"selection": selection, "chosen_init": chosen}
+    entry = summary.setdefault(backbone, {})[f"ipc{ipc}"] = {"selection": selection, "chosen_init": chosen}
     extra = []
-    if ipc == 1 and args.lgm_steps:
-        lgm = root / "ipc1-lgm"
-        copy_statistics(root, lgm)
-        if not (lgm / "synthetic" / "synthetic.json").is_file():
-            result = launch([
-                *config, *common, "--ipc", "1", "--output_dir", str(lgm), "--stages", "distill",
-                "--distill.method", "lgm", "--distill.aug_rounds", "10", "--distill.init", "noise",
-                "--distill.iterations", str(args.lgm_steps), "--distill.pyramid_every", str(args.steps[1][1]),
-            ])
-            (lgm / "launch.json").write_text(json.dumps(result))
-        selection["lgm"] = distill_cost(lgm, read_json(lgm / "launch.json"))
-        extra = ["--evaluate.extra_synthetic", str(lgm)]
+    if ipc in args.lgm_ipcs and args.lgm_steps:
+        lgm_schedule = ["--ipc", str(ipc), "--distill.aug_rounds", "10", "--distill.iterations", str(args.lgm_steps),
+                        "--distill.pyramid_every", str(every)]
+        for init in args.lgm_init:
+            lgm = root / f"ipc{ipc}-lgm-{init}"
+            selection[f"lgm-{init}"] = score_on_validation(
+                launch, root, lgm, [*config, *common, *lgm_schedule, "--distill.init", init], args.selection_trials,
+                method="lgm", snapshots=args.snapshot_points)
+            # The final table's LGM row: the paper's start where it ran.
+            if init == "noise" or not extra:
+                extra = ["--evaluate.extra_synthetic", str(lgm)]
+    if args.snapshot_points:
+        flat = score_baselines(launch, root, root / f"ipc{ipc}-baselines", [*config, *common, "--ipc", str(ipc)],
+                               args.selection_trials)
+        entry["time_to_quality"] = time_to_quality(selection, chosen, flat)
+        cell = args.runs / f"{backbone}-ipc{ipc}"
+        cell.mkdir(parents=True, exist_ok=True)
+        from sfm_hf.evaluation.time_to_quality import plot_curves
+
+        plot_curves(entry["time_to_quality"]["curves"], flat, cell / "time_to_quality.png",
+                    f"MNIST, {backbone}, ipc {ipc}: validation accuracy (vanilla) against seconds of distillation")
     if args.selection_only:
         return
     final, cross = root / f"ipc{ipc}-final", root / f"ipc{ipc}-cross"
@@ -200,6 +250,66 @@ def selection_table(summary: dict) -> str:
                                  ("s_step", "s/step"), ("mib", "step MiB")])
 
 
+def time_to_quality(selection: dict, chosen: str, flat: list[dict]) -> dict:
+    """A cell's time-to-quality table rows and headline from the runs' curves (``score_on_validation``) and the
+    flat lines (``score_baselines``)."""
+    from sfm_hf.evaluation.time_to_quality import best_point, first_reaching
+
+    curves = []
+    for name, scored in selection.items():
+        if "time_to_quality" in scored:
+            curve = dict(scored["time_to_quality"], label=scored["method"].upper(), key=name)
+            curves.append(curve)
+    centroids = next(line["mean"] for line in flat if line["train_set"] == "centroids" and line["mode"] == "vanilla")
+    best_final = max(curve["points"][-1]["mean"] for curve in curves)
+    rows = []
+    for curve in curves:
+        reach_centroids = first_reaching(curve, centroids)
+        reach_best = first_reaching(curve, 0.95 * best_final)
+        best, final = best_point(curve), curve["points"][-1]
+        rows.append({"run": curve["key"], "label": f"{curve['label']} from {curve['init']}"
+                     + (" (chosen)" if curve["key"] == chosen else ""),
+                     "to_centroids_s": None if reach_centroids is None else reach_centroids["seconds"],
+                     "to_95_s": None if reach_best is None else reach_best["seconds"],
+                     "best": best["mean"], "best_s": best["seconds"], "best_step": best["step"],
+                     "final": final["mean"], "final_s": final["seconds"], "steps": final["step"]})
+    return {"centroids": centroids, "best_final": best_final, "rows": rows, "curves": curves,
+            "headline": headline(rows, chosen)}
+
+
+def headline(rows: list[dict], chosen: str) -> str:
+    """'SFM reaches X % in S s; LGM reaches Y % in T s': the chosen SFM start's best point against LGM's best."""
+    sfm = next(row for row in rows if row["run"] == chosen)
+    text = f"SFM (from {chosen}) reaches {100 * sfm['best']:.1f} % in {sfm['best_s']:.0f} s"
+    lgm = [row for row in rows if row["run"].startswith("lgm")]
+    if lgm:
+        best = max(lgm, key=lambda row: (row["best"], -row["best_s"]))
+        text += (f"; LGM (from {best['run'][4:]}) reaches {100 * best['best']:.1f} % in {best['best_s']:.0f} s "
+                 f"(final {100 * best['final']:.1f} % at {best['final_s']:.0f} s, {best['steps']} steps)")
+    return text
+
+
+def time_to_quality_table(summary: dict) -> str:
+    text = ""
+    for backbone, per_ipc in summary.items():
+        for ipc, entry in per_ipc.items():
+            if "time_to_quality" not in entry:
+                continue
+            cell = entry["time_to_quality"]
+            rows = [{"run": row["label"], "steps": row["steps"],
+                     "centroids": "–" if row["to_centroids_s"] is None else f"{row['to_centroids_s']:.0f}",
+                     "best95": "–" if row["to_95_s"] is None else f"{row['to_95_s']:.0f}",
+                     "best": f"{100 * row['best']:.1f} (step {row['best_step']}, {row['best_s']:.0f} s)",
+                     "final": f"{100 * row['final']:.1f} ({row['final_s']:.0f} s)"} for row in cell["rows"]]
+            text += (f"### {backbone}, ipc {ipc[3:]}\n\n**{cell['headline']}.**\n\nCentroids row "
+                     f"{100 * cell['centroids']:.1f} %; 95 % of the best final accuracy "
+                     f"({100 * cell['best_final']:.1f} %) is {95 * cell['best_final']:.1f} %.\n\n"
+                     + markdown_table(rows, [("run", "method, start"), ("steps", "steps"),
+                                             ("centroids", "s to Centroids row"), ("best95", "s to 95 % of best final"),
+                                             ("best", "best acc. (%)"), ("final", "final acc. (%)")]) + "\n\n")
+    return text
+
+
 def with_borrowed_full_dataset(records: list[dict]) -> list[dict]:
     """Table 4's full-dataset cell of each evaluation backbone, from that backbone's own final run."""
     from sfm_hf.names import short_name
@@ -221,7 +331,11 @@ def write_summary(args, summary: dict) -> str:
     from sfm_hf.report import load_records, paper_tables
 
     text = ("# MNIST, ImageNet MobileNetV2 and EfficientNet-Lite0\n\n## Start of the synthetic images (validation split)\n\n"
-            + selection_table(summary) + "\n\n## Test split\n\n")
+            + selection_table(summary) + "\n\n")
+    timed = time_to_quality_table(summary)
+    if timed:
+        text += ("## Time to quality (validation split, vanilla probe; seconds of distillation)\n\n" + timed)
+    text += "## Test split\n\n"
     for ipc in sorted({key for per_ipc in summary.values() for key in per_ipc}):
         runs = [run for per_ipc in summary.values() for key, entry in per_ipc.items() if key == ipc
                 for run in entry.get("final", [])]
@@ -244,12 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--others", default="efficientnet_lite0",
                         help="Further evaluation backbones for Table 4 (prepared, not distilled with).")
     parser.add_argument("--ipcs", default="1,10", help="Images per class to run, e.g. 1,10.")
-    parser.add_argument("--inits", default=",".join(INITS))
+    parser.add_argument("--inits", default=",".join(INITS), help="SFM starts (distill.init) to run and choose from.")
     parser.add_argument("--image-size", type=int, default=32, help="Input side of the prepared model folders.")
     parser.add_argument("--max-samples", type=int, default=5000, help="data.max_samples_per_split.")
     parser.add_argument("--steps-ipc1", default="300,40", help="distill.iterations,pyramid_every at ipc 1.")
     parser.add_argument("--steps-ipc10", default="100,15", help="distill.iterations,pyramid_every at ipc 10.")
-    parser.add_argument("--lgm-steps", type=int, default=30, help="LGM steps at ipc 1 (0: no LGM).")
+    parser.add_argument("--lgm-steps", type=int, default=300,
+                        help="LGM steps (0: no LGM); 300 runs it well past SFM's wall time at ipc 1 here.")
+    parser.add_argument("--lgm-init", default="noise",
+                        help="LGM's starts (distill.init, comma-separated; the paper's is noise); the final table "
+                        "shows LGM from noise where it ran.")
+    parser.add_argument("--lgm-ipcs", default="1", help="The ipcs LGM runs at (its 10 rounds cost 10x a step).")
+    parser.add_argument("--snapshot-points", type=int, default=10,
+                        help="Snapshots along each distillation run, scored on validation for the time-to-quality "
+                        "table and plots (0: none, no time-to-quality).")
     parser.add_argument("--selection-trials", type=int, default=2, help="Trials of each start's validation score.")
     parser.add_argument("--trials", type=int, default=5, help="Trials of the final test evaluation (the paper's 5).")
     parser.add_argument("--threads", type=int, default=None,
@@ -278,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = {1: tuple(map(int, args.steps_ipc1.split(","))), 10: tuple(map(int, args.steps_ipc10.split(",")))}
     args.view_bank = {1: args.view_bank_ipc1, 10: args.view_bank_ipc10}
     args.inits = args.inits.split(",")
+    args.lgm_init = args.lgm_init.split(",")
+    args.lgm_ipcs = [int(ipc) for ipc in args.lgm_ipcs.split(",") if ipc]
     args.backbones = args.backbones.split(",")
     # Evaluation-only backbones join the list that run_backbone reads its cross-backbone columns from.
     distilled, args.backbones = args.backbones, list(dict.fromkeys(args.backbones + [b for b in args.others.split(",") if b]))
