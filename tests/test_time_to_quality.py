@@ -128,3 +128,13 @@ def test_reaching_a_level_is_the_first_point_at_or_above_it():
     assert first_reaching(curve, 0.3)["seconds"] == 0.0
     assert first_reaching(curve, 0.7) is None
     assert best_point(curve)["seconds"] == 5.0
+
+
+def test_a_run_without_snapshots_drops_the_stale_ones_of_other_images(snapshot_run, digits_dir, demo_backbone,
+                                                                       tmp_path, accelerator):
+    output = tmp_path / "rerun"
+    shutil.copytree(snapshot_run, output)
+    config = tiny_config(digits_dir, demo_backbone, output, iterations=5, init="centroids")
+    config.stages = ["distill"]
+    run_stages(config, accelerator)
+    assert read_snapshots(output / "synthetic") == []

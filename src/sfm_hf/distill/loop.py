@@ -247,12 +247,11 @@ class _Snapshots:
         self.folder = RunLayout(run.config.output_dir).synthetic_dir
 
     def begin(self, clock: _DistillClock) -> None:
-        """Drop snapshots a resumed run makes again (all of them when it starts over); snapshot step 0."""
-        if not self.every:
-            return
+        """Drop snapshots a resumed run makes again (all of them when it starts over, with or without new ones:
+        they show other images); snapshot step 0."""
         if self.accelerator.is_main_process:
             keep_snapshots_until(self.folder, self.run.start_step)
-        if self.run.start_step == 0:
+        if self.every and self.run.start_step == 0:
             self._paused(0, clock)
 
     def after_step(self, done: int, clock: _DistillClock) -> None:

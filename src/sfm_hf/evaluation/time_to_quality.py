@@ -68,11 +68,12 @@ def snapshot_sources(train_sets: list[TrainSet], synthetic: dict[str, SyntheticS
         if train_set.name in synthetic:
             chosen = synthetic[train_set.name]
             snapshots = read_snapshots(chosen.folder)
-            if snapshots:
+            if snapshots and snapshots[-1].step == chosen.metadata["iterations"]:
                 sources.append(SnapshotSource(train_set, chosen, snapshots))
             elif announce:
-                logger.warning(f"evaluate.time_to_quality: {chosen.folder} has no snapshots (distill.snapshot_every "
-                               f"was 0 when it was made): no curve for {train_set.name}.")
+                why = (f"its snapshots end at step {snapshots[-1].step}, its images at {chosen.metadata['iterations']}"
+                       if snapshots else "it has no snapshots (distill.snapshot_every was 0 when it was made)")
+                logger.warning(f"evaluate.time_to_quality: no curve for {train_set.name}: {why} ({chosen.folder}).")
     return sources
 
 
