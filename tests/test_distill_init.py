@@ -1,4 +1,5 @@
-"""distill.init: auto | noise | centroids | nearest | centroids_noise | random, end to end on the digits (the pyramid side is in test_pyramid.py)."""
+"""distill.init: auto | noise | centroids | nearest | centroids_noise | random, end to end on the digits (the
+pyramid side is in test_pyramid.py)."""
 
 import json
 import shutil
@@ -160,7 +161,8 @@ def test_the_blend_weight_is_part_of_a_runs_inputs_only_for_the_blended_start(st
         for weight in (0.25, 0.5):
             config = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "w", init=init, init_noise=weight)
             inputs[init, weight] = synthetic_inputs(config, statistics)
-    assert inputs["centroids", 0.25] == inputs["centroids", 0.5] and "distill.init_noise" not in inputs["centroids", 0.5]
+    assert inputs["centroids", 0.25] == inputs["centroids", 0.5]
+    assert "distill.init_noise" not in inputs["centroids", 0.5]
     assert inputs["centroids_noise", 0.25] != inputs["centroids_noise", 0.5]
     # snapshots are a measurement of the run, not an input of its images
     snapshots = config_for(statistics_run, digits_dir, demo_backbone, tmp_path, "w", init="centroids",

@@ -36,8 +36,8 @@ Modules, in the order a run uses them: ``features`` (cached split features, Stag
 ``train_sets`` (synthetic sets and real-image baselines), ``views`` (view banks and their memory cap),
 ``training`` (a training's setup, batches, cosine cycles and protocols), ``trainers`` (one training function per mode,
 the ridge fit, a scored trial), ``projectors`` (saved projector files, the golden classifier), ``records``
-(results.json, tables, plots, summary), ``time_to_quality`` (snapshots scored alike), ``errors``; this module runs the stage (load inputs, plan and run the
-trainings, write).
+(results.json, tables, plots, summary), ``time_to_quality`` (the snapshots' train sets and curves), ``errors``; this
+module runs the stage (load inputs, plan and run the trainings, write).
 """
 
 from __future__ import annotations
