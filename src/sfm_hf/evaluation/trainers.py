@@ -36,11 +36,11 @@ def _as_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def _validation_choice(setup: TrialSetup, candidates: list[nn.Module]) -> int:
-    """The index of the candidate predictor most accurate on the validation slice of real TRAIN features (the
-    first of equals): what ridge_choice validation and fused choose by, never the eval split."""
+def _validation_choice(setup: TrialSetup, candidates: list[nn.Module]) -> tuple[int, float]:
+    """The index and accuracy of the candidate predictor most accurate on the validation slice of real TRAIN
+    features (the first of equals): what ridge_choice validation and fused choose by, never the eval split."""
     scores = [accuracy(candidate, setup.validation_features, setup.validation_labels) for candidate in candidates]
-    return scores.index(max(scores))
+    return scores.index(max(scores)), max(scores)
 
 
 def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
@@ -72,7 +72,7 @@ def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
         device = setup.images.device
         solutions = [_as_linear(weight.float(), bias.float()).to(device)
                      for weight, bias in ridge_solutions(moments, grid, prior)]
-        best = _validation_choice(setup, [nn.Sequential(projector, setup.golden) for projector in solutions])
+        best, _ = _validation_choice(setup, [nn.Sequential(projector, setup.golden) for projector in solutions])
         penalty, projector = grid[best], solutions[best]
     else:
         penalty, _ = choose_lambda(moments, grid, prior)
@@ -231,11 +231,10 @@ def train_fused(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) ->
     head, inherited = (_trained(setup, name) for name in mode.combines)
     weights = setup.options.fusion_weights
     candidates = [FusedPredictor(head.predictor, inherited.predictor, weight) for weight in weights]
-    best = _validation_choice(setup, candidates)
+    best, validation = _validation_choice(setup, candidates)
     parts = [*head.phases, *inherited.phases]
     # A phase of no steps that carries the fused model's own validation accuracy (and no curve: none was trained).
-    chosen_phase = Phase([], 0, all(phase.plateau for phase in parts),
-                         accuracy(candidates[best], setup.validation_features, setup.validation_labels))
+    chosen_phase = Phase([], 0, all(phase.plateau for phase in parts), validation)
     return TrainedModel(candidates[best], [*parts, chosen_phase], inherited.projector,
                         {**inherited.chosen, "fusion_weight": weights[best]})
 
