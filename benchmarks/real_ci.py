@@ -120,10 +120,34 @@ def evaluate_variants(args, backbone: str, ipc: int, run: Path, variants: list[s
         stage.trial_bank = fresh_bank
 
 
+def class_mean_reference(args) -> str:
+    """The nearest-class-mean classifier of each network on its real train class means (Stage I's caches): what
+    the anchors alone know, for comparison with CI + anchors."""
+    import torch
+
+    from sfm_hf.statistics import load_feature_cache
+
+    rows = []
+    for backbone in args.backbones:
+        cache = args.runs / backbone / "statistics" / "features"
+        if not (cache.is_dir() and any(cache.glob("eval-*"))):
+            continue
+        (train, train_labels, _), (evaluation, labels, _) = (load_feature_cache(cache, prefix) for prefix in ("train", "eval"))
+        classes = int(train_labels.max()) + 1
+        means = torch.stack([train[train_labels == c].float().mean(0) for c in range(classes)])
+        correct = torch.cdist(evaluation.float(), means).argmin(1) == labels
+        rows.append({"network": backbone, "ncm": f"{100 * correct.float().mean():.1f}", "train": len(train_labels),
+                     "validation": len(labels)})
+    return markdown_table(rows, [("network", "network"), ("ncm", "nearest real class mean (%)"),
+                                 ("train", "train images"), ("validation", "validation images")])
+
+
 def save(args, records: list[dict]) -> str:
-    """``real_ci.json`` (every record) and ``real_ci.md`` (the table); returns the table's text."""
-    text = ("# Cross-network CI on MNIST (validation split)\n\n" + table(records) + "\n\n`python benchmarks/real_ci.py "
-            + " ".join(args.argv) + "`\n")
+    """``real_ci.json`` (every record) and ``real_ci.md`` (the tables); returns their text."""
+    text = ("# Cross-network CI on MNIST (validation split)\n\n" + table(records)
+            + "\n\nReference: each network's nearest-class-mean classifier on the real train class means (the "
+            "anchors' information alone), validation split:\n\n" + class_mean_reference(args)
+            + "\n\n`python benchmarks/real_ci.py " + " ".join(args.argv) + "`\n")
     (args.runs / "real_ci.md").write_text(text)
     (args.runs / "real_ci.json").write_text(json.dumps(records, indent=2, default=str))
     return text
