@@ -15,6 +15,10 @@ Modes (paper section 3.3, Tab. 5, Fig. 3):
 - ``jt`` / ``jt_ip``: projector and head trained together on MSE + CE; the head starts random
   or from f's parameters (IP). ``st`` / ``st_ip``: the projector first (Eq. 10), then,
   with it frozen, the head on CE.
+- ``fused``: w * log_softmax(CI) + (1 - w) * log_softmax(vanilla head), w of ``evaluate.fusion_weights`` chosen on
+  the validation slice of real train features; the trial's vanilla and ci models are reused.
+The projector fits of ci / st / st_ip / fused add one real class-mean anchor pair per class
+(``evaluate.projector_anchors``): phi_e's mean train feature -> phi_d's class mean from Stage I.
 Reference rows: ``full_dataset`` / ``golden`` (f on phi_d, the eval features Stage I cached)
 and ``full_dataset`` / ``vanilla`` (the full-data linear probe of each phi_e on cached
 centre-crop train features, golden.* options).
