@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shlex
 import shutil
 import sys
 import time
@@ -147,7 +149,7 @@ def save(args, records: list[dict]) -> str:
     text = ("# Cross-network CI on MNIST (validation split)\n\n" + table(records)
             + "\n\nReference: each network's nearest-class-mean classifier on the real train class means (the "
             "anchors' information alone), validation split:\n\n" + class_mean_reference(args)
-            + "\n\n`python benchmarks/real_ci.py " + " ".join(args.argv) + "`\n")
+            + "\n\n`python benchmarks/real_ci.py " + shlex.join(args.argv) + "`\n")
     (args.runs / "real_ci.md").write_text(text)
     (args.runs / "real_ci.json").write_text(json.dumps(records, indent=2, default=str))
     return text
@@ -215,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = {1: tuple(map(int, args.steps_ipc1.split(","))), 10: tuple(map(int, args.steps_ipc10.split(",")))}
     args.view_bank = {1: args.view_bank_ipc1, 10: args.view_bank_ipc10}
     args.assets, args.runs = args.assets.resolve(), args.runs.resolve()
-    import os
-
+    args.runs.mkdir(parents=True, exist_ok=True)
     import torch
 
     os.chdir(REPO)
