@@ -67,7 +67,7 @@ def write_results(output: Path, backbone: str, feature_dim: int, accuracy: float
     common = dict(distill_backbone=backbone, eval_backbone=backbone, trials=5, ipc=1, iterations=1000, seconds=1.0,
                   versions=RESULTS_VERSIONS)
     ci = dict(train_set="sfm", mode="ci", mean=0.80, std=0.01, per_trial=[0.8] * 5, projector=PROJECTOR,
-              projector_accuracy=accuracy, **common)
+              projector_accuracy=accuracy, projector_anchors=1.0, **common)
     records = [
         dict(train_set="random", mode="vanilla", mean=0.41, std=0.03, per_trial=[0.41] * 5, **common),
         dict(train_set="sfm", mode="vanilla", mean=0.62, std=0.02, per_trial=[0.62] * 5, **common),
@@ -136,6 +136,7 @@ def test_dataset_card_metadata(exported, demo_backbone):
     body = (output / "synthetic" / "README.md").read_text()
     assert f"data/{config_name}/preview.png" in body and "81.2%" not in body  # the table shows means, not P's score
     assert "80.0% ± 1.0%" in body and "41.0% ± 3.0%" in body
+    assert "| ci + class-mean anchors |" in body and "| vanilla + class-mean anchors |" not in body
 
 
 def test_source_license_comes_from_the_source_card(tmp_path):
@@ -170,6 +171,9 @@ def test_model_card_accuracy_is_the_bundles_projector_accuracy(exported):
     assert metadata["pipeline_tag"] == "image-classification" and metadata["license"] == "cc-by-4.0"
     body = (output / "model" / "README.md").read_text()
     assert "81.2%" in body and "Storage" in body and "4,810 float32 parameters" in body
+    # The projector's fit had the real class-mean anchors (results.json says so): the card must not say "synthetic
+    # images only".
+    assert "real class-mean anchor" in body and "synthetic images only" not in body
 
 
 def test_bundle_reproduces_golden_of_projected_features_in_process(exported, demo_backbone):

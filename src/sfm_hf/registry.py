@@ -72,6 +72,8 @@ class EvaluationMode:
     # Its projector of trial 0 on the run's own synthetic set is saved and is the one the exported model bundle holds.
     bundles_projector: bool = False
     curve_style: str = ":"  # matplotlib line style of its accuracy-vs-iteration curve
+    # The modes whose trained models of the same trial it combines (and reuses when they were trained already).
+    combines: tuple[str, ...] = ()
 
     def train_function(self) -> Callable:
         return load_function(self.train)
@@ -97,6 +99,10 @@ EVALUATION_MODES = {mode.name: mode for mode in (
     EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluation.trainers:train_projector",
                    trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI",
                    bundles_projector=True, curve_style="--"),
+    # Needs vanilla and ci of the same trial: planned after them, it reuses their trained models.
+    EvaluationMode("fused", "Fused (vanilla + CI)", "vanilla head and CI log-probabilities mixed, the weight chosen "
+                   "on validation (fusion_weights)", "sfm_hf.evaluation.trainers:train_fused", trains_projector=True,
+                   fits_projector_alone=True, main_table_suffix="+fused", combines=("vanilla", "ci"), curve_style="-."),
     EvaluationMode("kd", "Soft labels (α={alpha})", "soft labels of the golden classifier, once per kd_alphas value",
                    "sfm_hf.evaluation.trainers:train_head", per_alpha=True),
 )}

@@ -32,18 +32,19 @@ class RidgeMoments:
                    torch.zeros(groups, y_dim, dtype=f64), torch.zeros(groups, x_dim, x_dim, dtype=f64),
                    torch.zeros(groups, x_dim, y_dim, dtype=f64), torch.zeros(groups, dtype=f64))
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> None:
-        """Add rows ``x`` [N, D_x], ``y`` [N, D_y] belonging to ``groups`` [N] (ints in [0, G))."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, weight: float = 1.0) -> None:
+        """Add rows ``x`` [N, D_x], ``y`` [N, D_y] belonging to ``groups`` [N] (ints in [0, G)), each counting as
+        ``weight`` rows (as if repeated ``weight`` times)."""
         x, y, groups = x.detach().double().cpu(), y.detach().double().cpu(), groups.cpu()
         for group in groups.unique().tolist():
             rows = groups == group
             xg, yg = x[rows], y[rows]
-            self.count[group] += len(xg)
-            self.sum_x[group] += xg.sum(0)
-            self.sum_y[group] += yg.sum(0)
-            self.xx[group] += xg.T @ xg
-            self.xy[group] += xg.T @ yg
-            self.yy[group] += (yg * yg).sum()
+            self.count[group] += weight * len(xg)
+            self.sum_x[group] += weight * xg.sum(0)
+            self.sum_y[group] += weight * yg.sum(0)
+            self.xx[group] += weight * (xg.T @ xg)
+            self.xy[group] += weight * (xg.T @ yg)
+            self.yy[group] += weight * (yg * yg).sum()
 
     def select(self, chosen: torch.Tensor) -> "RidgeMoments":
         """Moments of the groups where ``chosen`` [G] is true, summed into one group."""

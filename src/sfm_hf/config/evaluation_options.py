@@ -10,6 +10,7 @@ from .options import ConfigError, check_at_least_one, check_choice, check_positi
 
 EVALUATE_PROTOCOLS = ("converge", "authors")
 BASELINE_TRAIN_SETS = ("random", "centroids", "neighbors")
+RIDGE_CHOICES = ("folds", "validation")
 
 
 @dataclass
@@ -101,6 +102,27 @@ class EvaluateOptions:
         factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
     )
     ridge_folds: int = option(5, "ridge: groups of classes held out in turn to choose the penalty (at most C).")
+    ridge_choice: str = option(
+        "folds",
+        "ridge: how the penalty is chosen from ridge_lambdas. folds (default): the least held-out projection error "
+        "over ridge_folds groups of classes (the train images' views alone). validation: the best accuracy of the "
+        "CI predictor (golden classifier on the projection) on the validation slice of real TRAIN features that "
+        "protocol converge checks its plateau on (needs protocol converge; never the eval split).",
+    )
+    projector_anchors: float = option(
+        1.0,
+        "Weight of the real class-mean anchors in the projector fit of ci / st / st_ip / fused (0: off, the paper's "
+        "Eq. 10 alone). One pair per class: the eval backbone's mean TRAIN feature of the class -> the distillation "
+        "backbone's class mean from Stage I (the same real images); the SGD projector sees the C pairs beside every "
+        "batch of views, each weighing as much as one view, and the ridge solve the same objective. They tie the "
+        "projector to where real data lies, which 1-10 synthetic images per class cannot.",
+    )
+    fusion_weights: list[float] = option(
+        help="fused: candidate weights w of w * log_softmax(CI logits) + (1 - w) * log_softmax(vanilla head logits); "
+        "the one with the best accuracy on the validation slice of real TRAIN features is used (needs protocol "
+        "converge; ties go to the first listed).",
+        factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+    )
     kd_temperature: float = option(4.0, "Temperature of the golden classifier's soft labels for kd (authors: 4).")
     kd_alphas: list[float] = option(
         help="Weights alpha of the KL term in alpha*KL + (1-alpha)*CE; kd runs once per value (Fig. 3 left).",
@@ -149,6 +171,19 @@ class EvaluateOptions:
             raise ConfigError(
                 f"`evaluate.ridge_views` must be >= 1 and `evaluate.ridge_folds` >= 2, got {self.ridge_views} and "
                 f"{self.ridge_folds}."
+            )
+        check_choice("evaluate.ridge_choice", self.ridge_choice, RIDGE_CHOICES)
+        if not self.projector_anchors >= 0:  # also refuses NaN
+            raise ConfigError(f"`evaluate.projector_anchors` must be >= 0 (0: no anchors), got {self.projector_anchors}.")
+        if not self.fusion_weights or any(not 0 <= weight <= 1 for weight in self.fusion_weights):
+            raise ConfigError(f"`evaluate.fusion_weights` needs values in [0, 1], got {self.fusion_weights}.")
+        needs_validation = [what for what, used in (
+            ("`evaluate.ridge_choice: validation`", self.ridge_choice == "validation"),
+            ("mode fused", "fused" in self.modes + self.baseline_modes)) if used]
+        if needs_validation and self.protocol != "converge":
+            raise ConfigError(
+                f"{needs_validation[0]} chooses on the validation slice of real train features, which only protocol "
+                f"converge loads; got protocol {self.protocol!r}."
             )
         if not self.ridge_lambdas or any(value < 0 for value in self.ridge_lambdas):
             raise ConfigError(f"`evaluate.ridge_lambdas` needs values >= 0, got {self.ridge_lambdas}.")

@@ -15,6 +15,10 @@ Modes (paper section 3.3, Tab. 5, Fig. 3):
 - ``jt`` / ``jt_ip``: projector and head trained together on MSE + CE; the head starts random
   or from f's parameters (IP). ``st`` / ``st_ip``: the projector first (Eq. 10), then,
   with it frozen, the head on CE.
+- ``fused``: w * log_softmax(CI) + (1 - w) * log_softmax(vanilla head), w of ``evaluate.fusion_weights`` chosen on
+  the validation slice of real train features; the trial's vanilla and ci models are reused.
+The projector fits of ci / st / st_ip / fused add one real class-mean anchor pair per class
+(``evaluate.projector_anchors``): phi_e's mean train feature -> phi_d's class mean from Stage I.
 Reference rows: ``full_dataset`` / ``golden`` (f on phi_d, the eval features Stage I cached)
 and ``full_dataset`` / ``vanilla`` (the full-data linear probe of each phi_e on cached
 centre-crop train features, golden.* options).
@@ -75,6 +79,12 @@ __all__ = ["EvaluationError", "ProjectorMismatchError", "TrialSetup", "load_proj
            "run_evaluate", "save_projector", "score_projector", "train_trial"]
 
 
+def _uses_anchors(options: EvaluateOptions) -> bool:
+    """Whether a projector fit adds class-mean anchors, which need each eval backbone's cached train features."""
+    return options.projector_anchors > 0 and any(
+        parse_mode(mode)[0].fits_projector_alone for mode in options.modes + options.baseline_modes)
+
+
 def _eval_backbones(
     config: Config, accelerator, distill_backbone: FrozenBackbone, class_names: list[str]
 ) -> dict[str, EvalBackbone]:
@@ -85,7 +95,7 @@ def _eval_backbones(
             name, device=accelerator.device, normalization=config.data.normalization)
         evaluation = split_features(config, accelerator, backbone, config.eval_split, "eval", class_names)
         train = None
-        if config.evaluate.full_dataset or config.evaluate.protocol == "converge":
+        if config.evaluate.full_dataset or config.evaluate.protocol == "converge" or _uses_anchors(config.evaluate):
             train = split_features(config, accelerator, backbone, config.train_split, "train", class_names)
         backbones[name] = EvalBackbone(name, backbone, evaluation, train)
     return backbones
@@ -152,7 +162,8 @@ def plan_jobs(config: Config, inputs: EvaluationInputs) -> list[Job]:
         for train_set in inputs.train_sets
         for trial in range(options.trials)
         for name in inputs.backbones
-        for mode in train_set.modes
+        # A mode that combines others (fused) after them, so that it reuses their trained models.
+        for mode in sorted(train_set.modes, key=lambda mode: bool(parse_mode(mode)[0].combines))
     ]
     if options.full_dataset:
         # The converged fit is deterministic (no seed enters it): one fit says all that trials would.
@@ -162,12 +173,32 @@ def plan_jobs(config: Config, inputs: EvaluationInputs) -> list[Job]:
 
 
 class _OnDevice:
-    """Each eval backbone's eval features (and, under converge, its validation slice), moved to the device once."""
+    """Each eval backbone's eval features (and, under converge, its validation slice; with projector anchors, its
+    class-mean anchor pairs), moved to the device once."""
 
-    def __init__(self, options: EvaluateOptions, device) -> None:
-        self.options, self.device = options, device
+    def __init__(self, options: EvaluateOptions, device, statistics: Statistics) -> None:
+        self.options, self.device, self.statistics = options, device, statistics
         self.evaluation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.anchor_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def anchors(self, model: EvalBackbone) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per class, phi_e's mean over the real TRAIN images -> phi_d's class mean from Stage I (the same images)."""
+        if not _uses_anchors(self.options):
+            return None
+        if model.name not in self.anchor_pairs:
+            classes = self.statistics.num_classes
+            counts = torch.bincount(model.train.labels, minlength=classes)
+            if bool((counts == 0).any()):
+                raise EvaluationError(
+                    f"The cached train features of {model.name!r} lack class {int((counts == 0).nonzero()[0])}, so "
+                    "it has no class-mean anchor: set `evaluate.projector_anchors: 0`, or check the train split."
+                )
+            sums = torch.zeros(classes, model.train.features.shape[1]).index_add_(
+                0, model.train.labels, model.train.features.float())
+            self.anchor_pairs[model.name] = ((sums / counts.unsqueeze(1)).to(self.device),
+                                             self.statistics.class_means.float().to(self.device))
+        return self.anchor_pairs[model.name]
 
     def eval_split(self, model: EvalBackbone) -> tuple[torch.Tensor, torch.Tensor]:
         if model.name not in self.evaluation:
@@ -188,7 +219,8 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
     """This process's share of ``jobs`` (every world_size-th); saves this run's trial-0 CI projectors."""
     options, device = config.evaluate, accelerator.device
     sets_by_name = {train_set.name: train_set for train_set in inputs.train_sets}
-    on_device = _OnDevice(options, device)
+    on_device = _OnDevice(options, device, inputs.statistics)
+    trained_of, trained = None, {}
     mine = []
     bank_of: tuple[str, int] | None = None
     shown = accelerator.is_local_main_process
@@ -217,10 +249,13 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
             bank_of, bank = (job.train_set, job.trial), trial_bank(
                 options, images, seed, bank_widths, progress_mode=config.progress, shown=shown,
                 announce=shown and job.trial == 0, train_set=job.train_set)
+        if trained_of != (job.train_set, job.trial, job.eval_backbone):
+            trained_of, trained = (job.train_set, job.trial, job.eval_backbone), {}
         setup = TrialSetup(images, labels.to(device), model.backbone, inputs.distill_backbone,
                            inputs.golden, eval_features, eval_labels, options, seed, *validation,
                            view_bank=bank,
-                           progress=TrainingProgress(clock, label, config.progress, shown))
+                           progress=TrainingProgress(clock, label, config.progress, shown),
+                           anchors=on_device.anchors(model), trained=trained)
         outcome = train_trial(setup, job.mode)
         clock.finish_unit()
         if job.train_set == inputs.own_method and parse_mode(job.mode)[0].bundles_projector and job.trial == 0:

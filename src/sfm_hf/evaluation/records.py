@@ -120,12 +120,14 @@ def _trial_record(config: Config, train_set: TrainSet, model: EvalBackbone, mode
         "images": trials[0].images,
         "seeds": [options.seed_base + trial.job.trial for trial in trials],
         **{key: value for key, value in trials[0].details.items()
-           if key not in ("steps", "plateau", "validation_accuracy", "ridge_lambda", "view_bank_seconds")},
+           if key not in ("steps", "plateau", "validation_accuracy", "ridge_lambda", "fusion_weight",
+                          "view_bank_seconds")},
     }
     if "view_bank_seconds" in trials[0].details:
         record["view_bank_seconds"] = round(sum(trial.details["view_bank_seconds"] for trial in trials), 3)
-    if "ridge_lambda" in trials[0].details:
-        record["ridge_lambda"] = [trial.details["ridge_lambda"] for trial in trials]
+    for chosen in ("ridge_lambda", "fusion_weight"):  # chosen per trial
+        if chosen in trials[0].details:
+            record[chosen] = [trial.details[chosen] for trial in trials]
     if "plateau" in trials[0].details:
         record["plateau_reached"] = all(trial.details["plateau"] for trial in trials)
         record["validation_accuracy"] = sum(trial.details["validation_accuracy"] for trial in trials) / len(trials)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..probe import accuracy, uniform_linear
-from ..registry import EvaluationMode, parse_mode
-from ..ridge import RidgeMoments, choose_lambda, fit_ridge, lambda_grid, prior_map
+from ..registry import EVALUATION_MODES, EvaluationMode, parse_mode
+from ..ridge import RidgeMoments, choose_lambda, fit_ridge, lambda_grid, prior_map, ridge_solutions
 from .training import TrialSetup, effective_settings, AugmentedFeatures, Phase, optimise
 
 
@@ -28,12 +28,29 @@ class TrialOutcome:
     details: dict[str, Any] = field(default_factory=dict)  # protocol, effective lrs, steps, batch, plateau
 
 
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear
+
+
+def _validation_choice(setup: TrialSetup, candidates: list[nn.Module]) -> tuple[int, float]:
+    """The index and accuracy of the candidate predictor most accurate on the validation slice of real TRAIN
+    features (the first of equals): what ridge_choice validation and fused choose by, never the eval split."""
+    scores = [accuracy(candidate, setup.validation_features, setup.validation_labels) for candidate in candidates]
+    return scores.index(max(scores)), max(scores)
+
+
 def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
     """The projector P: D_e -> D_d in one solve (``evaluate.projector: ridge``); returns it and what was chosen.
 
     The views are those the SGD projector would see (same augmentation, same view through both
-    backbones). The penalty is the one with the least held-out error over ``ridge_folds`` groups
-    of classes, each held out in turn: a choice made on the train images' views alone.
+    backbones), with the class-mean anchors (``projector_anchors``) beside every batch of them as the SGD
+    projector has them. The penalty (``ridge_choice``) is the one with the least held-out error over
+    ``ridge_folds`` groups of classes, each held out in turn (a choice made on the train images' views alone),
+    or the one whose CI predictor is most accurate on the validation slice of real train features.
     """
     options = setup.options
     eval_dim, distill_dim = setup.eval_backbone.feature_dim, setup.golden.in_features
@@ -44,14 +61,24 @@ def fit_ridge_projector(setup: TrialSetup) -> tuple[nn.Linear, dict[str, Any]]:
     for step in range(draws):
         eval_features, distill_features, labels = batches(step)
         moments.add(eval_features, distill_features, labels % folds)
+    if setup.anchors is not None:
+        # The SGD objective summed over `draws` steps: each batch of views has the C anchor pairs beside it.
+        anchor_eval, anchor_distill = setup.anchors
+        classes = torch.arange(len(anchor_eval), device=anchor_eval.device)
+        moments.add(anchor_eval, anchor_distill, classes % folds, weight=options.projector_anchors * draws)
     prior = prior_map(eval_dim, distill_dim)
-    penalty, _ = choose_lambda(moments, lambda_grid(moments, options.ridge_lambdas), prior)
-    weight, bias = fit_ridge(moments, penalty, prior)
-    projector = nn.Linear(eval_dim, distill_dim)
-    with torch.no_grad():
-        projector.weight.copy_(weight)
-        projector.bias.copy_(bias)
-    chosen = {"ridge_lambda": penalty, "ridge_views": draws * batches.batch, "ridge_batches": draws}
+    grid = lambda_grid(moments, options.ridge_lambdas)
+    if options.ridge_choice == "validation":
+        device = setup.images.device
+        solutions = [_as_linear(weight.float(), bias.float()).to(device)
+                     for weight, bias in ridge_solutions(moments, grid, prior)]
+        best, _ = _validation_choice(setup, [nn.Sequential(projector, setup.golden) for projector in solutions])
+        penalty, projector = grid[best], solutions[best]
+    else:
+        penalty, _ = choose_lambda(moments, grid, prior)
+        projector = _as_linear(*(tensor.float() for tensor in fit_ridge(moments, penalty, prior)))
+    chosen = {"ridge_lambda": penalty, "ridge_choice": options.ridge_choice, "ridge_views": draws * batches.batch,
+              "ridge_batches": draws}
     return projector.to(setup.images.device), chosen
 
 
@@ -101,7 +128,14 @@ def _fit_projector(setup: TrialSetup, generator: torch.Generator) -> _FittedProj
     projector = _new_projector(setup, generator)
 
     def projection_loss(eval_features, distill_features, labels):
-        return F.mse_loss(projector(eval_features), distill_features)
+        if setup.anchors is None:
+            return F.mse_loss(projector(eval_features), distill_features)
+        # The C anchor pairs as extra rows of the batch, each weighing projector_anchors views.
+        weight = setup.options.projector_anchors
+        anchor_eval, anchor_distill = setup.anchors
+        squared = ((projector(eval_features) - distill_features).pow(2).sum()
+                   + weight * (projector(anchor_eval) - anchor_distill).pow(2).sum())
+        return squared / ((len(eval_features) + weight * len(anchor_eval)) * distill_features.shape[1])
 
     _, projector_lr = _learning_rates(setup)
     phase = optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
@@ -170,6 +204,41 @@ def train_sequential(setup: TrialSetup, mode: EvaluationMode, alpha: float | Non
     return TrainedModel(predictor, [*fitted.phases, second], projector, fitted.chosen)
 
 
+class FusedPredictor(nn.Module):
+    """w * log_softmax(CI logits) + (1 - w) * log_softmax(head logits): log-probabilities, so that the scales of
+    a head trained on few images and of the golden classifier do not decide the mix."""
+
+    def __init__(self, head: nn.Module, inherited: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.head, self.inherited, self.weight = head, inherited, weight
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return ((1 - self.weight) * F.log_softmax(self.head(features), dim=1)
+                + self.weight * F.log_softmax(self.inherited(features), dim=1))
+
+
+def _trained(setup: TrialSetup, name: str) -> TrainedModel:
+    """This trial's model of mode ``name`` (vanilla, ci): the one its own training left, or trained now."""
+    if name not in setup.trained:
+        mode = EVALUATION_MODES[name]
+        setup.trained[name] = mode.train_function()(setup, mode, None)
+    return setup.trained[name]
+
+
+def train_fused(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) -> TrainedModel:
+    """fused: the trial's vanilla head and CI predictor (reused when trained already), their log-probabilities mixed
+    with the weight of ``fusion_weights`` most accurate on the validation slice of real train features."""
+    head, inherited = (_trained(setup, name) for name in mode.combines)
+    weights = setup.options.fusion_weights
+    candidates = [FusedPredictor(head.predictor, inherited.predictor, weight) for weight in weights]
+    best, validation = _validation_choice(setup, candidates)
+    parts = [*head.phases, *inherited.phases]
+    # A phase of no steps that carries the fused model's own validation accuracy (and no curve: none was trained).
+    chosen_phase = Phase([], 0, all(phase.plateau for phase in parts), validation)
+    return TrainedModel(candidates[best], [*parts, chosen_phase], inherited.projector,
+                        {**inherited.chosen, "fusion_weight": weights[best]})
+
+
 def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedModel) -> dict[str, Any]:
     """How a trial was trained, as its record says: protocol, the learning rates that applied, steps, what a
     ridge projector chose, plateau."""
@@ -183,6 +252,7 @@ def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedMode
     details = {**settings, "steps": sum(phase.steps for phase in trained.phases), **trained.chosen}
     if mode.fits_projector_alone:
         details["projector_fit"] = options.projector
+        details["projector_anchors"] = options.projector_anchors if setup.anchors is not None else 0.0
     if options.protocol == "authors":
         details["epochs"] = options.epochs
     if setup.view_bank is not None:
@@ -201,6 +271,7 @@ def train_trial(setup: TrialSetup, recorded_mode: str) -> TrialOutcome:
     if mode is None:
         raise ValueError(f"unknown evaluation mode {recorded_mode!r}")
     trained = mode.train_function()(setup, mode, alpha)
+    setup.trained[recorded_mode] = trained
     final = accuracy(trained.predictor, setup.eval_features, setup.eval_labels)
     curve = [point for phase in trained.phases[-1:] for point in phase.curve]
     details = _trial_details(setup, mode, trained)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -36,6 +36,12 @@ class TrialSetup:
     # evaluate.view_bank > 0: this trial's views, shared by all its trainings.
     view_bank: ViewBank | None = None
     progress: TrainingProgress | None = None
+    # evaluate.projector_anchors > 0: per class, phi_e's mean real TRAIN feature [C, D_e] and phi_d's class mean
+    # from Stage I [C, D_d] (the same images): pairs the projector fit adds to its views.
+    anchors: tuple[torch.Tensor, torch.Tensor] | None = None
+    # This trial's trained models by recorded mode (trainers.TrainedModel), shared by the trial's trainings on one
+    # eval backbone so that a mode combining others (fused) reuses them instead of training them again.
+    trained: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

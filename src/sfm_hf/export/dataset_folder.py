@@ -33,6 +33,7 @@ def _result_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "std": record.get("std"),
             "trials": record.get("trials"),
             "projector_accuracy": record.get("projector_accuracy"),
+            "projector_anchors": record.get("projector_anchors"),
         }
         for record in records
     ]

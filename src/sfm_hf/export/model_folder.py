@@ -29,6 +29,8 @@ class Projector:
     kind: str  # "trained" (Stage III, Eq. 10) or "identity" (phi_e == phi_d, no Stage III)
     accuracy: float | None
     source: str
+    # Weight of the real class-mean anchor pairs in its fit (evaluate.projector_anchors); 0: synthetic images only.
+    anchors: float = 0.0
 
 
 def _bundle_projector_record(facts: RunFacts, eval_name: str) -> dict[str, Any] | None:
@@ -51,7 +53,8 @@ def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Proje
             raise ExportError(f"results.json names the projector {path}, which does not exist: run 'evaluate' again.")
         tensors = load_file(path)
         return Projector(tensors["weight"], tensors["bias"], "trained", record.get("projector_accuracy"),
-                         f"Stage III trained this projector (mode {mode}, `{record['projector']}`) and scored it")
+                         f"Stage III trained this projector (mode {mode}, `{record['projector']}`) and scored it",
+                         float(record.get("projector_anchors") or 0.0))
     if eval_name == facts.config.backbone:
         accuracy = facts.golden.get("eval_accuracy") if facts.golden else None
         return Projector(torch.eye(distill_dim), torch.zeros(distill_dim), "identity", accuracy,
