@@ -213,7 +213,8 @@ def optimise(run: DistillRun, accelerator) -> float:
         if done < options.iterations:
             snapshots.after_step(done, clock)
     progress.close()
-    seconds = clock.seconds()
+    # A finished checkpoint re-made into synthetic/ runs no step: it reports the time it recorded, to the digit.
+    seconds = clock.seconds() if options.iterations > run.start_step else run.earlier_seconds
     if options.iterations > run.start_step:
         _stop_if_non_finite(run, first_bad_step)
         # Outside the loop, at the seconds the run reports: the last snapshot is synthetic.json's images and time.
