@@ -67,10 +67,12 @@ def recipe(assets: Path, runs: Path) -> Path:
     return path
 
 
-def launch(argv: list[str], log: Path) -> float:
-    """One ``accelerate launch recipes/distill.py`` with its output in ``log``; its wall seconds."""
+def launch(argv: list[str], log: Path, threads: int | None = None) -> float:
+    """One ``accelerate launch recipes/distill.py`` with its output in ``log``; its wall seconds. ``threads``: torch's
+    CPU threads (None: accelerate's default, one thread unless ``--cpu`` is passed)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/distill.py", *argv]
+               "--mixed_precision", "no", "--dynamo_backend", "no",
+               *(["--num_cpu_threads_per_process", str(threads)] if threads else []), "recipes/distill.py", *argv]
     print(f"$ {' '.join(command)}  > {log}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as handle:
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="after", help="Folder (under --runs) of this Stage III measurement.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Further override of the evaluate run, e.g. --set evaluate.view_bank=0 (repeatable).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the evaluate run (accelerate's --num_cpu_threads_per_process; default: "
+                             "accelerate's, which is 1 on a machine without a GPU unless --cpu is given).")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     real_data.prepare(args.assets, IMAGE_SIZE, check_original=False)
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run)
     shutil.copytree(base, run, ignore=shutil.ignore_patterns(".lock", "config.yaml"))
     overrides = [f"--{pair}" for pair in args.set]
-    wall = launch([*config, "--output_dir", str(run), "--stages", "evaluate", *overrides], run / "evaluate.log")
+    wall = launch([*config, "--output_dir", str(run), "--stages", "evaluate", *overrides], run / "evaluate.log",
+                  args.threads)
     records = json.loads((run / "results.json").read_text())
     table = (run / "results.md").read_text()
     summary = {"label": args.label, "stage3_wall_seconds": round(wall, 1),
