@@ -131,14 +131,14 @@ def _fit_projector(setup: TrialSetup, generator: torch.Generator) -> _FittedProj
         if setup.anchors is None:
             return F.mse_loss(projector(eval_features), distill_features)
         # The C anchor pairs as extra rows of the batch, each weighing projector_anchors views. One matmul for views
-        # and anchors: two each wrote a full D_d x D_e weight gradient, 2.8x the step (9.7 vs 3.5 ms, 1280-d, 1 core).
+        # and anchors: two each wrote a full D_d x D_e weight gradient (a step 9.7 vs 3.9 ms, 1280-d, one core).
         weight = setup.options.projector_anchors
         anchor_eval, anchor_distill = setup.anchors
-        rows = torch.cat([torch.ones(len(eval_features), device=eval_features.device),
-                          torch.full((len(anchor_eval),), weight, device=eval_features.device)])
         squared = (projector(torch.cat([eval_features, anchor_eval]))
-                   - torch.cat([distill_features, anchor_distill])).pow(2).sum(dim=1)
-        return (rows * squared).sum() / (rows.sum() * distill_features.shape[1])
+                   - torch.cat([distill_features, anchor_distill])).pow(2)
+        views = len(eval_features)
+        return ((squared[:views].sum() + weight * squared[views:].sum())
+                / ((views + weight * len(anchor_eval)) * distill_features.shape[1]))
 
     _, projector_lr = _learning_rates(setup)
     phase = optimise(setup, [{"params": projector.parameters(), "lr": projector_lr}], projection_loss,
