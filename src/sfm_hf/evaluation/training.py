@@ -84,6 +84,12 @@ class AugmentedFeatures:
         sizes = [setup.eval_backbone.image_size] + ([setup.distill_backbone.image_size] if need_distill else [])
         # Each backbone resizes the shared view to its own input; crop at the larger size so neither upsamples.
         self.view_size = max(sizes)
+        if setup.view_bank is not None:
+            # Built before the training's progress starts, so that its step rate times steps, not the bank's
+            # forwards (which report their own progress).
+            setup.view_bank.features(setup.eval_backbone, self.view_size)
+            if need_distill:
+                setup.view_bank.features(setup.distill_backbone, self.view_size)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         setup = self.setup
