@@ -84,12 +84,13 @@ class AugmentedFeatures:
         sizes = [setup.eval_backbone.image_size] + ([setup.distill_backbone.image_size] if need_distill else [])
         # Each backbone resizes the shared view to its own input; crop at the larger size so neither upsamples.
         self.view_size = max(sizes)
+        # The bank's [views, N, D] features (phi_e, phi_d or None), fetched here so that they are built before the
+        # training's progress starts: its step rate then times steps, not the bank's forwards (which report their own).
+        self.banked = None
         if setup.view_bank is not None:
-            # Built before the training's progress starts, so that its step rate times steps, not the bank's
-            # forwards (which report their own progress).
-            setup.view_bank.features(setup.eval_backbone, self.view_size)
-            if need_distill:
-                setup.view_bank.features(setup.distill_backbone, self.view_size)
+            bank = setup.view_bank
+            self.banked = (bank.features(setup.eval_backbone, self.view_size),
+                           bank.features(setup.distill_backbone, self.view_size) if need_distill else None)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         setup = self.setup
@@ -97,13 +98,11 @@ class AugmentedFeatures:
             self.queue = torch.cat([self.queue, torch.randperm(len(setup.images), generator=self.generator)])
         chosen, self.queue = self.queue[: self.batch], self.queue[self.batch :]
         chosen = chosen.to(setup.images.device)
-        if setup.view_bank is not None:
+        if self.banked is not None:
             view = (self.step_offset + step) % setup.view_bank.views
-            eval_features = setup.view_bank.features(setup.eval_backbone, self.view_size)[view, chosen]
-            distill_features = None
-            if self.need_distill:
-                distill_features = setup.view_bank.features(setup.distill_backbone, self.view_size)[view, chosen]
-            return eval_features, distill_features, setup.labels[chosen]
+            eval_bank, distill_bank = self.banked
+            distill_features = None if distill_bank is None else distill_bank[view, chosen]
+            return eval_bank[view, chosen], distill_features, setup.labels[chosen]
         with torch.no_grad():
             views = augment(setup.images[chosen], self.view_size, TRAIN_AUGMENTATION, seed=setup.seed,
                             step=self.step_offset + step, image_ids=chosen)
