@@ -101,16 +101,21 @@ def test_results_reference_rows_projector_and_report(distilled_run, digits_dir, 
         mean = sum(record["per_trial"]) / record["trials"]
         assert record["mean"] == pytest.approx(mean)
         assert record["std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in record["per_trial"]) / record["trials"]))
+    # Every image set through every mode: the real baselines get ci by default too.
     assert set(records) == {(name, demo_backbone, mode) for name, mode in [
-        ("random", "vanilla"), ("centroids", "vanilla"), ("sfm", "vanilla"), ("sfm", "ci"),
-        ("full_dataset", "vanilla"), ("full_dataset", "golden")]}
+        ("random", "vanilla"), ("random", "ci"), ("centroids", "vanilla"), ("centroids", "ci"), ("sfm", "vanilla"),
+        ("sfm", "ci"), ("full_dataset", "vanilla"), ("full_dataset", "golden")]}
     assert records[("random", demo_backbone, "vanilla")]["ipc"] == 1 and vanilla["iterations"] == 100
-    assert vanilla["protocol"] == ci["protocol"] == "converge" and vanilla["steps_per_trial"] == [100, 100]
+    assert vanilla["protocol"] == ci["protocol"] == "fixed" and vanilla["steps_per_trial"] == [100, 100]
     assert vanilla["batch_size"] == ci["batch_size"] == 10
     assert vanilla["head_lr"] == 0.02 and "projector_lr" not in vanilla
     assert ci["projector_lr"] == 0.1 and "head_lr" not in ci
-    assert isinstance(ci["plateau_reached"], bool) and 0 <= ci["validation_accuracy"] <= 1
-    assert ci["validation_images"] == 1347  # all real train images of the digits, never the eval split
+    # The default protocol reads nothing but the train set's images: no plateau check on real train features.
+    assert "plateau_reached" not in ci and "validation_accuracy" not in ci and "validation_images" not in ci
+    for key, record in records.items():
+        assert record["real_eval_data"] == ([] if key[0] != "full_dataset" else ["whole train split"])
+    # On the distillation backbone the anchors are the statistics' class means, and CI rows are same-network.
+    assert ci["projector_anchors"] == 1.0 and ci["same_network"] is True
     full = records[("full_dataset", demo_backbone, "vanilla")]
     assert full["protocol"] == golden["protocol"] == "golden:converged" and full["trials"] == 1
     assert full["l2"] in config.golden.l2_grid and golden["l2"] == stage_one["l2"]
@@ -125,9 +130,14 @@ def test_results_reference_rows_projector_and_report(distilled_run, digits_dir, 
     assert ci["curve"]["mean"][-1] == pytest.approx(ci["mean"])
 
     table = (output / "results.md").read_text()
-    for row in ("| Random |", "| Centroids |", "| SFM |", "| SFM+CI |", "| Full dataset |"):
+    for row in ("| Random |", "| Random+CI |", "| Centroids |", "| Centroids+CI |", "| SFM |", "| SFM+CI |",
+                "| Full dataset |"):
         assert row in table
-    assert "| SFM+CI |" in caplog.text  # the summary reaches the log
+    assert "real eval-net data" not in table
+    # Same-network CI cells carry the marker and its footnote, in results.md and in the summary in the log.
+    assert re.search(r"\| SFM\+CI \| \d+\.\d ± \d+\.\d † \|", table) and "† same network" in table
+    assert re.search(r"\| SFM \| \d+\.\d ± \d+\.\d \|", table)
+    assert re.search(r"\| SFM\+CI \| \d+\.\d ± \d+\.\d † \|", caplog.text) and "† same network" in caplog.text
     for plot in ("accuracy_curves.png", "flow_pca.png"):
         assert (output / "evaluation" / plot).stat().st_size > 10_000
 
@@ -473,7 +483,8 @@ def test_converge_protocol_trains_until_the_train_validation_accuracy_is_flat(di
     train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
 
     def setup(iterations, max_iterations):
-        settings = EvaluateOptions(iterations=iterations, max_iterations=max_iterations, lr=0.02, curve_points=0)
+        settings = EvaluateOptions(iterations=iterations, max_iterations=max_iterations, lr=0.02, curve_points=0,
+                                   protocol="converge", real_eval_data=True)
         return TrialSetup(synthetic["images"], synthetic["labels"], backbone, backbone, golden, features, labels,
                           settings, 3407, train_features.float(), train_labels)
 
@@ -495,7 +506,7 @@ def test_the_plateau_search_continues_one_run_with_a_new_cosine_cycle(trial_part
 
     def run(max_iterations):
         setup = make_setup(trial_parts, iterations=10, max_iterations=max_iterations, plateau_tolerance=1.0,
-                           view_bank=0, batch_size=4)
+                           view_bank=0, batch_size=4, protocol="converge", real_eval_data=True)
         setup.validation_features, setup.validation_labels = train_features.float(), train_labels
         head = torch.nn.Linear(backbone.feature_dim, 10)
         torch.nn.init.zeros_(head.weight)
@@ -575,7 +586,8 @@ def test_every_training_reports_each_tenth_of_its_steps_with_the_stage_eta(trial
 
     caplog.set_level(logging.INFO, logger="sfm_hf")
     train_features, train_labels, _ = load_feature_cache(statistics_run / "statistics" / "features", "train")
-    setup = make_setup(trial_parts, iterations=20, max_iterations=40, plateau_tolerance=1.0)
+    setup = make_setup(trial_parts, iterations=20, max_iterations=40, plateau_tolerance=1.0, protocol="converge",
+                       real_eval_data=True)
     setup.validation_features, setup.validation_labels = train_features.float(), train_labels
     setup.progress = TrainingProgress(StageClock(3), "sfm vanilla -> tiny #0", mode="lines")
     train_trial(setup, "vanilla")

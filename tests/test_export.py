@@ -66,11 +66,16 @@ def write_results(output: Path, backbone: str, feature_dim: int, accuracy: float
     save_file({"weight": weight, "bias": 0.01 * torch.randn(feature_dim, generator=generator)}, str(output / PROJECTOR))
     common = dict(distill_backbone=backbone, eval_backbone=backbone, trials=5, ipc=1, iterations=1000, seconds=1.0,
                   versions=RESULTS_VERSIONS)
+    # Same network (eval = distillation backbone): anchors from the statistics; this one was trained under the
+    # real-data plateau check (evaluate.real_eval_data), which its cards must say.
     ci = dict(train_set="sfm", mode="ci", mean=0.80, std=0.01, per_trial=[0.8] * 5, projector=PROJECTOR,
-              projector_accuracy=accuracy, projector_anchors=1.0, **common)
+              projector_accuracy=accuracy, projector_anchors=1.0, same_network=True,
+              real_eval_data=["plateau check"], **common)
     records = [
-        dict(train_set="random", mode="vanilla", mean=0.41, std=0.03, per_trial=[0.41] * 5, **common),
-        dict(train_set="sfm", mode="vanilla", mean=0.62, std=0.02, per_trial=[0.62] * 5, **common),
+        dict(train_set="random", mode="vanilla", mean=0.41, std=0.03, per_trial=[0.41] * 5, same_network=True,
+             real_eval_data=[], **common),
+        dict(train_set="sfm", mode="vanilla", mean=0.62, std=0.02, per_trial=[0.62] * 5, same_network=True,
+             real_eval_data=[], **common),
         ci,
     ]
     (output / "results.json").write_text(json.dumps(records))
@@ -135,8 +140,10 @@ def test_dataset_card_metadata(exported, demo_backbone):
     assert metadata["sfm"]["method"] == "sfm" and metadata["sfm"]["ipc"] == 1 and metadata["sfm"]["iterations"] == 20
     body = (output / "synthetic" / "README.md").read_text()
     assert f"data/{config_name}/preview.png" in body and "81.2%" not in body  # the table shows means, not P's score
-    assert "80.0% ± 1.0%" in body and "41.0% ± 3.0%" in body
-    assert "| ci + class-mean anchors |" in body and "| vanilla + class-mean anchors |" not in body
+    assert "80.0% ± 1.0% †" in body and "41.0% ± 3.0% |" in body and "62.0% ± 2.0% |" in body
+    assert "| ci + class-mean anchors (real eval-net data: plateau check) |" in body
+    assert "| vanilla + class-mean anchors" not in body and "| vanilla (real eval-net data" not in body
+    assert "† same network" in body
 
 
 def test_source_license_comes_from_the_source_card(tmp_path):
@@ -171,9 +178,11 @@ def test_model_card_accuracy_is_the_bundles_projector_accuracy(exported):
     assert metadata["pipeline_tag"] == "image-classification" and metadata["license"] == "cc-by-4.0"
     body = (output / "model" / "README.md").read_text()
     assert "81.2%" in body and "Storage" in body and "4,810 float32 parameters" in body
-    # The projector's fit had the real class-mean anchors (results.json says so): the card must not say "synthetic
-    # images only".
-    assert "real class-mean anchor" in body and "synthetic images only" not in body
+    # Same network: the projector's anchors are the published statistics' class means (no real image), and the card
+    # says that its accuracy is the golden classifier's, and what real data its training read (results.json).
+    assert "class-mean anchor pair per class from the published statistics" in body
+    assert "real class-mean anchor" not in body and "synthetic images only" not in body
+    assert "**Same network:**" in body and "**Real eval-net data:**" in body and "for: plateau check" in body
 
 
 def test_bundle_reproduces_golden_of_projected_features_in_process(exported, demo_backbone):

@@ -66,23 +66,53 @@ def test_anchors_pull_the_projector_fit_towards_the_class_mean_pairs(parts, proj
         assert anchor_error(heavy, anchors) < 1e-3 * anchor_error(plain.projector, anchors)
 
 
-def test_anchors_are_the_eval_backbones_train_class_means_and_off_at_zero(statistics_run, demo_backbone):
-    """The anchor pairs come from the cached TRAIN features (never the eval split): on the distillation backbone
-    the eval-side means are Stage I's class means (float16 cache rounding apart)."""
+class _Unread:
+    """A split whose features must not be read: any access fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"real train features read ({name})")
+
+
+def test_same_network_anchors_come_from_the_statistics_alone(statistics_run, demo_backbone):
+    """On the distillation backbone both sides of an anchor pair are Stage I's class mean (the published
+    statistics): no real train feature is read, whatever real_eval_data says."""
     from sfm_hf.evaluation import _OnDevice
 
     statistics = Statistics.load(statistics_run / "statistics")
     cache = statistics_run / "statistics" / "features"
-    model = EvalBackbone(demo_backbone, None, FeatureSet(*load_feature_cache(cache, "eval")),
-                         FeatureSet(*load_feature_cache(cache, "train")))
-    anchors = _OnDevice(EvaluateOptions(), "cpu", statistics).anchors(model)
+    model = EvalBackbone(demo_backbone, None, FeatureSet(*load_feature_cache(cache, "eval")), _Unread())
+    for real in (False, True):
+        on_device = _OnDevice(EvaluateOptions(real_eval_data=real), "cpu", statistics, demo_backbone)
+        anchors = on_device.anchors(model)
+        assert torch.equal(anchors[0], statistics.class_means.float())
+        assert torch.equal(anchors[1], statistics.class_means.float())
+        assert not on_device.real_anchors(model)
+    assert _OnDevice(EvaluateOptions(projector_anchors=0.0), "cpu", statistics, demo_backbone).anchors(model) is None
+    assert _OnDevice(EvaluateOptions(modes=["vanilla"], baseline_modes=["vanilla"]), "cpu", statistics,
+                     demo_backbone).anchors(model) is None
+
+
+def test_cross_network_anchors_are_the_eval_backbones_train_class_means_only_with_real_eval_data(statistics_run,
+                                                                                                  demo_backbone):
+    """On another eval backbone: no anchors by default (its train features are not read); with real_eval_data, its
+    mean TRAIN feature per class (never the eval split) -> Stage I's class mean. The demo backbone's cache under
+    another name stands in for that backbone, so its train means are Stage I's class means (float16 rounding apart)."""
+    from sfm_hf.evaluation import _OnDevice
+
+    statistics = Statistics.load(statistics_run / "statistics")
+    cache = statistics_run / "statistics" / "features"
+    evaluation = FeatureSet(*load_feature_cache(cache, "eval"))
+    unread = EvalBackbone("other", None, evaluation, _Unread())
+    assert _OnDevice(EvaluateOptions(), "cpu", statistics, demo_backbone).anchors(unread) is None
+    model = EvalBackbone("other", None, evaluation, FeatureSet(*load_feature_cache(cache, "train")))
+    on_device = _OnDevice(EvaluateOptions(real_eval_data=True), "cpu", statistics, demo_backbone)
+    anchors = on_device.anchors(model)
+    assert on_device.real_anchors(model)
     torch.testing.assert_close(anchors[0], statistics.class_means, atol=2e-3, rtol=0)
-    assert anchors[1] is not None and torch.equal(anchors[1], statistics.class_means.float())
-    eval_means = torch.stack([model.evaluation.features[model.evaluation.labels == c].float().mean(0)
+    assert torch.equal(anchors[1], statistics.class_means.float())
+    eval_means = torch.stack([evaluation.features[evaluation.labels == c].float().mean(0)
                               for c in range(statistics.num_classes)])
     assert not torch.allclose(anchors[0], eval_means, atol=2e-3)
-    assert _OnDevice(EvaluateOptions(projector_anchors=0.0), "cpu", statistics).anchors(model) is None
-    assert _OnDevice(EvaluateOptions(modes=["vanilla"]), "cpu", statistics).anchors(model) is None
 
 
 def test_ridge_choice_validation_picks_the_penalty_that_scores_best_on_the_validation_slice(parts):
@@ -135,6 +165,7 @@ def test_a_run_records_the_anchors_the_ridge_choice_and_the_fused_rows(distilled
     config.stages = ["evaluate"]
     options = config.evaluate
     options.train_sets, options.modes, options.trials = ["sfm"], ["fused", "ci", "vanilla"], 2
+    options.protocol, options.real_eval_data = "converge", True
     options.iterations = options.max_iterations = 60
     options.projector, options.ridge_views, options.ridge_choice = "ridge", 200, "validation"
     options.full_dataset, options.curve_points = False, 0
@@ -143,12 +174,18 @@ def test_a_run_records_the_anchors_the_ridge_choice_and_the_fused_rows(distilled
     records = {r["mode"]: r for r in json.loads((distilled_run_for_fused / "results.json").read_text())}
     fused, ci = records["fused"], records["ci"]
     assert fused["projector_anchors"] == ci["projector_anchors"] == 1.0 and "projector_anchors" not in records["vanilla"]
+    # Same network: the anchors come from the statistics; the rest read real train features, and the records say so.
+    assert records["vanilla"]["real_eval_data"] == ["plateau check"]
+    assert ci["real_eval_data"] == ["ridge penalty"]  # one solve: no SGD cycles, no plateau check
+    assert fused["real_eval_data"] == ["plateau check", "fusion weight", "ridge penalty"]
     assert ci["ridge_choice"] == "validation" and len(ci["ridge_lambda"]) == 2
     assert fused["ridge_lambda"] == ci["ridge_lambda"]  # the trial's ci projector, reused
     assert len(fused["fusion_weight"]) == 2 and all(w in options.fusion_weights for w in fused["fusion_weight"])
     # Weight 0 is the vanilla head: the chosen mix is at least as good on the validation slice.
     assert fused["validation_accuracy"] >= records["vanilla"]["validation_accuracy"] - 1e-9
-    assert "| SFM+fused |" in (distilled_run_for_fused / "results.md").read_text()
+    table = (distilled_run_for_fused / "results.md").read_text()
+    assert "| SFM+fused (real eval-net data) |" in table and "| SFM+CI (real eval-net data) |" in table
+    assert "| SFM+CI |" not in table and "| SFM (real eval-net data) |" in table
 
 
 @pytest.fixture
@@ -167,14 +204,19 @@ def distilled_run_for_fused(statistics_run, digits_dir, demo_backbone, tmp_path,
     ({"ridge_choice": "eval"}, "`evaluate.ridge_choice` must be one of"),
     ({"fusion_weights": []}, "`evaluate.fusion_weights` needs values in"),
     ({"fusion_weights": [0.5, 1.5]}, "`evaluate.fusion_weights` needs values in"),
-    ({"ridge_choice": "validation", "protocol": "authors"}, "ridge_choice: validation.* only protocol converge"),
-    ({"modes": ["vanilla", "fused"], "protocol": "authors"}, "mode fused .* only protocol converge"),
+    ({"ridge_choice": "validation"}, "`evaluate.ridge_choice: validation` reads real .* `evaluate.real_eval_data: true`"),
+    ({"modes": ["vanilla", "fused"]}, "mode fused reads real .* `evaluate.real_eval_data: true`"),
+    ({"baseline_modes": ["fused"]}, "mode fused reads real .* `evaluate.real_eval_data: true`"),
+    ({"protocol": "converge"}, "`evaluate.protocol: converge` reads real .* `evaluate.real_eval_data: true`"),
 ])
 def test_cross_network_options_are_checked(options, message, digits_dir, demo_backbone, tmp_path):
     config = tiny_config(digits_dir, demo_backbone, tmp_path)
     for key, value in options.items():
         setattr(config.evaluate, key, value)
     with pytest.raises(ConfigError, match=message):
+        config.validate()
+    if "real_eval_data" in message:  # the named switch allows it, under any protocol
+        config.evaluate.real_eval_data = True
         config.validate()
 
 

@@ -74,6 +74,10 @@ class EvaluationMode:
     curve_style: str = ":"  # matplotlib line style of its accuracy-vs-iteration curve
     # The modes whose trained models of the same trial it combines (and reuses when they were trained already).
     combines: tuple[str, ...] = ()
+    # It predicts through the frozen golden classifier on P(phi_e(x)). On the distillation backbone (phi_e = phi_d)
+    # the projector's optimum is the identity whatever the images, so such a row returns about the golden classifier
+    # and cannot tell image sets apart: its results are marked as same-network there.
+    predicts_through_golden: bool = False
 
     def train_function(self) -> Callable:
         return load_function(self.train)
@@ -98,11 +102,13 @@ EVALUATION_MODES = {mode.name: mode for mode in (
                    inherits_golden_head=True),
     EvaluationMode("ci", "Our CI", "classifier inheritance, Eq. 10-11", "sfm_hf.evaluation.trainers:train_projector",
                    trains_head=False, trains_projector=True, fits_projector_alone=True, main_table_suffix="+CI",
-                   bundles_projector=True, curve_style="--"),
+                   bundles_projector=True, curve_style="--", predicts_through_golden=True),
     # Needs vanilla and ci of the same trial: planned after them, it reuses their trained models.
     EvaluationMode("fused", "Fused (vanilla + CI)", "vanilla head and CI log-probabilities mixed, the weight chosen "
-                   "on validation (fusion_weights)", "sfm_hf.evaluation.trainers:train_fused", trains_projector=True,
-                   fits_projector_alone=True, main_table_suffix="+fused", combines=("vanilla", "ci"), curve_style="-."),
+                   "on real train features (fusion_weights; needs real_eval_data)",
+                   "sfm_hf.evaluation.trainers:train_fused", trains_projector=True, fits_projector_alone=True,
+                   main_table_suffix="+fused", combines=("vanilla", "ci"), curve_style="-.",
+                   predicts_through_golden=True),
     EvaluationMode("kd", "Soft labels (α={alpha})", "soft labels of the golden classifier, once per kd_alphas value",
                    "sfm_hf.evaluation.trainers:train_head", per_alpha=True),
 )}

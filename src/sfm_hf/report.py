@@ -40,6 +40,33 @@ BASE_ORDER = ["random", "centroids", *(f"neighbors_{name}" for name in DISTILL_M
 MAIN_MODES = (*(mode.name for mode in EVALUATION_MODES.values() if mode.main_table_suffix is not None), "golden")
 
 
+# A row whose training read real labelled train data through its evaluation backbone (evaluate.real_eval_data).
+REAL_DATA_LABEL = " (real eval-net data)"
+REAL_DATA_NOTE = (
+    "(real eval-net data): the training read real labelled train images through the evaluation backbone "
+    "(`evaluate.real_eval_data`; results.json's `real_eval_data` lists what), which a user of the distilled set does "
+    "not have."
+)
+SAME_NETWORK_MARK = "†"
+SAME_NETWORK_NOTE = (
+    f"{SAME_NETWORK_MARK} same network: evaluated on the distillation backbone, where the CI projector's optimum is "
+    "the identity whatever the images, so the row returns about the golden classifier and cannot tell image sets "
+    "apart (results.json: `same_network`)."
+)
+
+
+def reads_real_eval_data(record: Record) -> bool:
+    """Whether a trained row read real train data through its evaluation backbone (the reference rows train on the
+    whole train split by definition, and their labels say so)."""
+    return record["train_set"] != "full_dataset" and bool(record.get("real_eval_data"))
+
+
+def same_network_ci(record: Record) -> bool:
+    """Whether a row predicts through the golden classifier on the distillation backbone itself (≈ golden)."""
+    entry, _ = parse_mode(record["mode"])
+    return bool(record.get("same_network")) and entry is not None and entry.predicts_through_golden
+
+
 def _base_label(train_set: str) -> str:
     if train_set.startswith("neighbors_"):
         method = train_set.removeprefix("neighbors_")
@@ -54,9 +81,9 @@ def row_label(record: Record) -> str:
         return "Golden classifier (full data)"
     base = _base_label(record["train_set"])
     entry, _ = parse_mode(mode)
-    if entry is not None and entry.main_table_suffix is not None:
-        return base + entry.main_table_suffix
-    return f"{base} [{mode}]"
+    label = base + entry.main_table_suffix if entry is not None and entry.main_table_suffix is not None else (
+        f"{base} [{mode}]")
+    return label + (REAL_DATA_LABEL if reads_real_eval_data(record) else "")
 
 
 def _row_key(record: Record) -> tuple[int, str, int]:
@@ -69,7 +96,14 @@ def _row_key(record: Record) -> tuple[int, str, int]:
 def cell(record: Record | None) -> str:
     if record is None:
         return "–"
-    return f"{100 * record['mean']:.1f} ± {100 * record['std']:.1f}"
+    marker = f" {SAME_NETWORK_MARK}" if same_network_ci(record) else ""
+    return f"{100 * record['mean']:.1f} ± {100 * record['std']:.1f}{marker}"
+
+
+def table_notes(records: list[Record]) -> list[str]:
+    """The footnotes that the marked or labelled rows among ``records`` need."""
+    return [note for note, needed in ((SAME_NETWORK_NOTE, any(map(same_network_ci, records))),
+                                      (REAL_DATA_NOTE, any(map(reads_real_eval_data, records)))) if needed]
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -127,7 +161,8 @@ def cross_model_tables(records: list[Record]) -> list[tuple[str, str]]:
 
 def _strategy_label(record: Record) -> str:
     entry, _ = parse_mode(record["mode"])
-    return entry.label.format(alpha=record["mode"].partition("-")[2])
+    label = entry.label.format(alpha=record["mode"].partition("-")[2])
+    return label + (REAL_DATA_LABEL if reads_real_eval_data(record) else "")
 
 
 def _strategy_key(record: Record) -> tuple[int, str]:
@@ -161,6 +196,8 @@ def paper_tables(records: list[Record]) -> str:
     for distill, train_set, table in strategy_tables(records):
         parts.append(f"Table 5 style: strategies on {_base_label(train_set)} images distilled with "
                      f"{short_name(distill)}\n\n" + table)
+    if parts:
+        parts.extend(table_notes(records))
     return "\n\n".join(parts)
 
 
@@ -209,7 +246,9 @@ def plot_accuracy_curves(records: list[Record], path: Path) -> Path | None:
         axis.set_ylabel("eval accuracy (%)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.suptitle("Accuracy vs iteration (grey: full-dataset probe / golden classifier)", fontsize=10)
+    same_network = (f"; {SAME_NETWORK_MARK} same network: CI ≈ golden classifier"
+                    if any(map(same_network_ci, curves)) else "")
+    figure.suptitle(f"Accuracy vs iteration (grey: full-dataset probe / golden classifier{same_network})", fontsize=10)
     figure.tight_layout()
     return save_figure(figure, path, dpi=110)
 

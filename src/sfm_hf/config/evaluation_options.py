@@ -8,7 +8,7 @@ from ..registry import DISTILL_METHODS, EVALUATION_MODES
 from .options import ConfigError, check_at_least_one, check_choice, check_positive, option
 
 
-EVALUATE_PROTOCOLS = ("converge", "authors")
+EVALUATE_PROTOCOLS = ("fixed", "converge", "authors")
 BASELINE_TRAIN_SETS = ("random", "centroids", "neighbors")
 RIDGE_CHOICES = ("folds", "validation")
 
@@ -28,35 +28,52 @@ class EvaluateOptions:
         factory=lambda: ["random", "centroids", "sfm"],
     )
     baseline_modes: list[str] = option(
-        help="Modes for the real-image baselines (the paper reports them with vanilla only).",
-        factory=lambda: ["vanilla"],
+        help="Modes for the real-image baselines (random, centroids, neighbors). Default vanilla and ci, as for the "
+        "synthetic sets, so that 'SFM+CI - Centroids+CI' is one subtraction (the paper reports the baselines with "
+        "vanilla only).",
+        factory=lambda: ["vanilla", "ci"],
     )
     extra_synthetic: list[str] = option(
         help="Synthetic sets of other runs to evaluate beside this run's (their output_dir or synthetic/ folder), "
         "e.g. an LGM run for the Tab. 2 comparison; each is named by its method.",
         factory=list,
     )
+    real_eval_data: bool = option(
+        False,
+        "Let the trainings on a synthetic or baseline set read the real labelled TRAIN split through each evaluation "
+        "backbone (its cached features), which a user of the distilled set does not have. It allows: class-mean "
+        "anchors of the projector fit on an evaluation backbone other than the distillation one (projector_anchors; "
+        "phi_e's mean train feature per class), protocol converge's plateau check, mode fused's weight and "
+        "ridge_choice validation, each on a validation slice of real train features. A row that read any of them is "
+        "labelled '(real eval-net data)' in results.md, the plots and the cards, and results.json's `real_eval_data` "
+        "lists what it read. false (default): a training sees its train set's images (through every evaluation "
+        "backbone) and the published Stage I outputs (class means, golden classifier) only. The full-dataset rows "
+        "are references that train on the whole real train split by definition, whatever this says.",
+    )
     trials: int = option(5, "Trials per result (seeds seed_base + k); mean and population std are reported.")
     seed_base: int = option(3407, "Seed of trial 0 (LGM/SFM evaluation code: 3407).")
     protocol: str = option(
-        "converge",
-        "How long and at which learning rates heads and projectors train. 'converge' (default): lr and projector_lr "
-        "as given (no batch scaling), `iterations` steps under a cosine to 0, then the same run continues with a new "
-        "cosine cycle as long as everything before it (doubling its length) while the last cycle raised the accuracy "
-        "on a validation slice of the real TRAIN features by more than plateau_tolerance, up to max_iterations, so "
-        "every probe reaches its plateau whatever the number of images. 'authors' (their code): "
-        "lr and projector_lr scaled by min(batch, N)/256, `epochs` epochs at batch min(batch_size, N), cosine "
+        "fixed",
+        "How long and at which learning rates heads and projectors train. 'fixed' (default): lr and projector_lr as "
+        "given, `iterations` steps under one cosine to 0; nothing but the train set's own images is read. 'converge' "
+        "(needs real_eval_data; its rows are labelled): lr and projector_lr as given, `iterations` steps under a "
+        "cosine to 0, then the same run continues with a new cosine cycle as long as everything before it (doubling "
+        "its length) while the last cycle raised the accuracy on a validation slice of the real TRAIN features "
+        "through the evaluation backbone by more than plateau_tolerance, up to max_iterations. 'authors' (their "
+        "code): lr and projector_lr scaled by min(batch, N)/256, `epochs` epochs at batch min(batch_size, N), cosine "
         "stepped per epoch.",
     )
-    iterations: int = option(1000, "converge: first cosine cycle (steps) of every head / projector training (each phase of st).")
+    iterations: int = option(
+        1000, "fixed: steps of every head / projector training (each phase of st); converge: its first cosine cycle.")
     max_iterations: int = option(16000, "converge: the doubling of `iterations` stops here (results say if it plateaued).")
     plateau_tolerance: float = option(
         0.005, "converge: largest validation accuracy gain of a twice-as-long training that still counts as a plateau."
     )
     validation_images: int = option(
         2000,
-        "converge: real train images (their cached features, a fixed random subset) on which the plateau is checked; "
-        "never the eval split.",
+        "real_eval_data: real train images (their cached features through each evaluation backbone, a fixed random "
+        "subset) on which protocol converge checks its plateau, fused picks its weight and ridge_choice validation its "
+        "penalty; never the eval split.",
     )
     epochs: int = option(1000, "authors: epochs of every head / projector training (authors: 1000).")
     batch_size: int = option(
@@ -108,21 +125,23 @@ class EvaluateOptions:
         "folds",
         "ridge: how the penalty is chosen from ridge_lambdas. folds (default): the least held-out projection error "
         "over ridge_folds groups of classes (the train images' views alone). validation: the best accuracy of the "
-        "CI predictor (golden classifier on the projection) on the validation slice of real TRAIN features that "
-        "protocol converge checks its plateau on (needs protocol converge; never the eval split).",
+        "CI predictor (golden classifier on the projection) on the validation slice of real TRAIN features "
+        "(validation_images; needs real_eval_data; never the eval split).",
     )
     projector_anchors: float = option(
         1.0,
-        "Weight of the real class-mean anchors in the projector fit of ci / st / st_ip / fused (0: off, the paper's "
-        "Eq. 10 alone). One pair per class: the eval backbone's mean TRAIN feature of the class -> the distillation "
-        "backbone's class mean from Stage I (the same real images); the SGD projector sees the C pairs beside every "
-        "batch of views, each weighing as much as one view, and the ridge solve the same objective. They tie the "
-        "projector to where real data lies, which 1-10 synthetic images per class cannot.",
+        "Weight of the class-mean anchors in the projector fit of ci / st / st_ip / fused (0: off, the paper's Eq. "
+        "10 alone). One pair per class beside every batch of views, each weighing as much as one view (the ridge "
+        "solve has the same objective). On the distillation backbone both sides are the class mean from Stage I "
+        "(the published statistics: no real image is read). On another evaluation backbone only with "
+        "real_eval_data: the eval backbone's mean real TRAIN feature of the class -> the class mean from Stage I "
+        "(the same real images), which ties the projector to where real data lies; without it there are no anchors "
+        "there.",
     )
     fusion_weights: list[float] = option(
         help="fused: candidate weights w of w * log_softmax(CI logits) + (1 - w) * log_softmax(vanilla head logits); "
-        "the one with the best accuracy on the validation slice of real TRAIN features is used (needs protocol "
-        "converge; ties go to the first listed).",
+        "the one with the best accuracy on the validation slice of real TRAIN features is used (needs real_eval_data; "
+        "ties go to the first listed).",
         factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
     )
     kd_temperature: float = option(4.0, "Temperature of the golden classifier's soft labels for kd (authors: 4).")
@@ -179,13 +198,12 @@ class EvaluateOptions:
             raise ConfigError(f"`evaluate.projector_anchors` must be >= 0 (0: no anchors), got {self.projector_anchors}.")
         if not self.fusion_weights or any(not 0 <= weight <= 1 for weight in self.fusion_weights):
             raise ConfigError(f"`evaluate.fusion_weights` needs values in [0, 1], got {self.fusion_weights}.")
-        needs_validation = [what for what, used in (
-            ("`evaluate.ridge_choice: validation`", self.ridge_choice == "validation"),
-            ("mode fused", "fused" in self.modes + self.baseline_modes)) if used]
-        if needs_validation and self.protocol != "converge":
+        reads_real = self.reads_real_train_features
+        if reads_real and not self.real_eval_data:
             raise ConfigError(
-                f"{needs_validation[0]} chooses on the validation slice of real train features, which only protocol "
-                f"converge loads; got protocol {self.protocol!r}."
+                f"{reads_real[0]} reads real labelled train images through each evaluation backbone, which a user of "
+                "the distilled set does not have: set `evaluate.real_eval_data: true` to allow it (its rows are then "
+                "labelled '(real eval-net data)'), or leave it out."
             )
         if not self.ridge_lambdas or any(value < 0 for value in self.ridge_lambdas):
             raise ConfigError(f"`evaluate.ridge_lambdas` needs values >= 0, got {self.ridge_lambdas}.")
@@ -198,6 +216,14 @@ class EvaluateOptions:
             raise ConfigError(f"Mode {per_alpha[0]} needs at least one value in `evaluate.kd_alphas`.")
         if "neighbors" in self.train_sets and not self.synthetic_train_sets:
             raise ConfigError("Train set `neighbors` needs a synthetic set in `evaluate.train_sets` (e.g. sfm).")
+
+    @property
+    def reads_real_train_features(self) -> list[str]:
+        """The chosen options that read a validation slice of real train features through each eval backbone."""
+        return [what for what, used in (
+            ("`evaluate.protocol: converge`", self.protocol == "converge"),
+            ("`evaluate.ridge_choice: validation`", self.ridge_choice == "validation"),
+            ("mode fused", "fused" in self.modes + self.baseline_modes)) if used]
 
     @property
     def synthetic_train_sets(self) -> list[str]:

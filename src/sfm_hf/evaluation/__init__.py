@@ -16,12 +16,22 @@ Modes (paper section 3.3, Tab. 5, Fig. 3):
   or from f's parameters (IP). ``st`` / ``st_ip``: the projector first (Eq. 10), then,
   with it frozen, the head on CE.
 - ``fused``: w * log_softmax(CI) + (1 - w) * log_softmax(vanilla head), w of ``evaluate.fusion_weights`` chosen on
-  the validation slice of real train features; the trial's vanilla and ci models are reused.
-The projector fits of ci / st / st_ip / fused add one real class-mean anchor pair per class
-(``evaluate.projector_anchors``): phi_e's mean train feature -> phi_d's class mean from Stage I.
+  the validation slice of real train features (needs ``evaluate.real_eval_data``); the trial's vanilla and ci
+  models are reused.
+The projector fits of ci / st / st_ip / fused add one class-mean anchor pair per class
+(``evaluate.projector_anchors``): on the distillation backbone phi_d's class mean from Stage I on both sides (the
+published statistics); on another eval backbone, only with ``evaluate.real_eval_data``, phi_e's mean real train
+feature -> that class mean.
+
+What a training on a synthetic or baseline set reads: its images (through every eval backbone) and the published
+Stage I outputs (statistics, golden classifier). Whatever reads real labelled train data through an eval backbone
+(the anchors above, protocol converge's plateau check, fused's weight, ``ridge_choice: validation``) needs
+``evaluate.real_eval_data``, and the record lists it in ``real_eval_data`` (report.py labels the row). A ci / fused
+record on the distillation backbone itself says ``same_network``: its projector's optimum is the identity whatever
+the images, so it returns about the golden classifier.
 Reference rows: ``full_dataset`` / ``golden`` (f on phi_d, the eval features Stage I cached)
 and ``full_dataset`` / ``vanilla`` (the full-data linear probe of each phi_e on cached
-centre-crop train features, golden.* options).
+centre-crop train features, golden.* options): they train on the whole real train split by definition.
 
 The eval split goes through each phi_e once: its features are cached (Stage I's cache for
 phi_d; ``evaluation/features/<slug>/`` otherwise), each process streaming a disjoint share
@@ -80,22 +90,33 @@ __all__ = ["EvaluationError", "ProjectorMismatchError", "TrialSetup", "load_proj
 
 
 def _uses_anchors(options: EvaluateOptions) -> bool:
-    """Whether a projector fit adds class-mean anchors, which need each eval backbone's cached train features."""
+    """Whether a projector fit adds class-mean anchors (on the distillation backbone from the statistics; on another
+    eval backbone from its cached train features, with real_eval_data)."""
     return options.projector_anchors > 0 and any(
         parse_mode(mode)[0].fits_projector_alone for mode in options.modes + options.baseline_modes)
+
+
+def _reads_train_features(config: Config, name: str) -> bool:
+    """Whether Stage III needs the cached real train features of eval backbone ``name``: for the full-dataset probe
+    (a reference row), or for what evaluate.real_eval_data allows (plateau check, fused, ridge validation, anchors on
+    an eval backbone other than the distillation one)."""
+    options = config.evaluate
+    real = options.real_eval_data and bool(
+        options.reads_real_train_features or (_uses_anchors(options) and name != config.backbone))
+    return options.full_dataset or real
 
 
 def _eval_backbones(
     config: Config, accelerator, distill_backbone: FrozenBackbone, class_names: list[str]
 ) -> dict[str, EvalBackbone]:
-    """Each eval backbone with its cached eval features (and train features for the full-dataset probe)."""
+    """Each eval backbone with its cached eval features (and train features when :func:`_reads_train_features`)."""
     backbones = {}
     for name in config.evaluation_backbones:
         backbone = distill_backbone if name == config.backbone else load_backbone(
             name, device=accelerator.device, normalization=config.data.normalization)
         evaluation = split_features(config, accelerator, backbone, config.eval_split, "eval", class_names)
         train = None
-        if config.evaluate.full_dataset or config.evaluate.protocol == "converge" or _uses_anchors(config.evaluate):
+        if _reads_train_features(config, name):
             train = split_features(config, accelerator, backbone, config.train_split, "train", class_names)
         backbones[name] = EvalBackbone(name, backbone, evaluation, train)
     return backbones
@@ -173,32 +194,47 @@ def plan_jobs(config: Config, inputs: EvaluationInputs) -> list[Job]:
 
 
 class _OnDevice:
-    """Each eval backbone's eval features (and, under converge, its validation slice; with projector anchors, its
-    class-mean anchor pairs), moved to the device once."""
+    """Each eval backbone's eval features (and, with real_eval_data, its validation slice), and its class-mean anchor
+    pairs, moved to the device once."""
 
-    def __init__(self, options: EvaluateOptions, device, statistics: Statistics) -> None:
+    def __init__(self, options: EvaluateOptions, device, statistics: Statistics, distill_backbone: str) -> None:
         self.options, self.device, self.statistics = options, device, statistics
+        self.distill_backbone = distill_backbone
         self.evaluation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.validation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.anchor_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.anchor_pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def real_anchors(self, model: EvalBackbone) -> bool:
+        """Whether ``model``'s anchors are read from real train features through it (not from the statistics)."""
+        return model.name != self.distill_backbone and self.anchors(model) is not None
 
     def anchors(self, model: EvalBackbone) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per class, phi_e's mean over the real TRAIN images -> phi_d's class mean from Stage I (the same images)."""
+        """Per class, phi_e's mean feature -> phi_d's class mean from Stage I. On the distillation backbone phi_e's
+        mean is that class mean itself (the published statistics); elsewhere, with real_eval_data, phi_e's mean over
+        the real TRAIN images (the same images); otherwise none."""
         if not _uses_anchors(self.options):
             return None
         if model.name not in self.anchor_pairs:
-            classes = self.statistics.num_classes
-            counts = torch.bincount(model.train.labels, minlength=classes)
-            if bool((counts == 0).any()):
-                raise EvaluationError(
-                    f"The cached train features of {model.name!r} lack class {int((counts == 0).nonzero()[0])}, so "
-                    "it has no class-mean anchor: set `evaluate.projector_anchors: 0`, or check the train split."
-                )
-            sums = torch.zeros(classes, model.train.features.shape[1]).index_add_(
-                0, model.train.labels, model.train.features.float())
-            self.anchor_pairs[model.name] = ((sums / counts.unsqueeze(1)).to(self.device),
-                                             self.statistics.class_means.float().to(self.device))
+            means = self.statistics.class_means.float().to(self.device)
+            pairs = None
+            if model.name == self.distill_backbone:
+                pairs = (means, means)
+            elif self.options.real_eval_data:
+                pairs = (self._train_means(model).to(self.device), means)
+            self.anchor_pairs[model.name] = pairs
         return self.anchor_pairs[model.name]
+
+    def _train_means(self, model: EvalBackbone) -> torch.Tensor:
+        classes = self.statistics.num_classes
+        counts = torch.bincount(model.train.labels, minlength=classes)
+        if bool((counts == 0).any()):
+            raise EvaluationError(
+                f"The cached train features of {model.name!r} lack class {int((counts == 0).nonzero()[0])}, so "
+                "it has no class-mean anchor: set `evaluate.projector_anchors: 0`, or check the train split."
+            )
+        sums = torch.zeros(classes, model.train.features.shape[1]).index_add_(
+            0, model.train.labels, model.train.features.float())
+        return sums / counts.unsqueeze(1)
 
     def eval_split(self, model: EvalBackbone) -> tuple[torch.Tensor, torch.Tensor]:
         if model.name not in self.evaluation:
@@ -207,7 +243,7 @@ class _OnDevice:
         return self.evaluation[model.name]
 
     def validation_slice(self, model: EvalBackbone) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.options.protocol != "converge":
+        if not (self.options.real_eval_data and self.options.reads_real_train_features):
             return None, None
         if model.name not in self.validation:
             features, labels = model.validation_slice(self.options.validation_images, self.options.seed_base)
@@ -219,7 +255,7 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
     """This process's share of ``jobs`` (every world_size-th); saves this run's trial-0 CI projectors."""
     options, device = config.evaluate, accelerator.device
     sets_by_name = {train_set.name: train_set for train_set in inputs.train_sets}
-    on_device = _OnDevice(options, device, inputs.statistics)
+    on_device = _OnDevice(options, device, inputs.statistics, config.backbone)
     trained_of, trained = None, {}
     mine = []
     bank_of: tuple[str, int] | None = None
@@ -255,7 +291,8 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
                            inputs.golden, eval_features, eval_labels, options, seed, *validation,
                            view_bank=bank,
                            progress=TrainingProgress(clock, label, config.progress, shown),
-                           anchors=on_device.anchors(model), trained=trained)
+                           anchors=on_device.anchors(model), real_anchors=on_device.real_anchors(model),
+                           trained=trained)
         outcome = train_trial(setup, job.mode)
         clock.finish_unit()
         if job.train_set == inputs.own_method and parse_mode(job.mode)[0].bundles_projector and job.trial == 0:

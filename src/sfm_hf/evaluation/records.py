@@ -29,6 +29,8 @@ logger = get_logger(__name__)
 
 
 FULL_DATASET = "full_dataset"
+# What the reference rows (full-dataset probe, golden classifier) read of the real data: all of it, by definition.
+WHOLE_TRAIN_SPLIT = "whole train split"
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ def _trial_record(config: Config, train_set: TrainSet, model: EvalBackbone, mode
         "distill_backbone": config.backbone,
         "eval_backbone": model.name,
         "mode": mode,
+        # Evaluated on the distillation backbone itself: for a mode that predicts through the golden classifier
+        # (ci, fused) the projector's optimum is then the identity whatever the images (report.py marks such rows).
+        "same_network": model.name == config.backbone,
         **_summary([trial.accuracy for trial in trials]),
         "ipc": train_set.ipc,
         "iterations": max(steps),
@@ -130,6 +135,7 @@ def _trial_record(config: Config, train_set: TrainSet, model: EvalBackbone, mode
             record[chosen] = [trial.details[chosen] for trial in trials]
     if "plateau" in trials[0].details:
         record["plateau_reached"] = all(trial.details["plateau"] for trial in trials)
+    if "validation_accuracy" in trials[0].details:
         record["validation_accuracy"] = sum(trial.details["validation_accuracy"] for trial in trials) / len(trials)
         record["validation_images"] = min(options.validation_images, len(model.train.labels))
     if entry.per_alpha:
@@ -167,6 +173,7 @@ def _golden_record(config: Config, golden: nn.Linear, distill_evaluation: Featur
         "seconds": round(time.perf_counter() - start, 3), "images": int(golden_train_images),
         "protocol": f"golden:{fitted.get('recipe', 'unknown')}", "iterations": fitted.get("steps"),
         **{key: value for key, value in fitted.items() if key not in ("eval_accuracy", "eval_split", "eval_images")},
+        "real_eval_data": [WHOLE_TRAIN_SPLIT],
         "note": "the golden classifier of Stage I on phi_d features of the eval split",
     }
 
@@ -179,6 +186,7 @@ def _full_dataset_record(config: Config, eval_backbone: str, trials: list[JobRes
         "seconds": round(sum(trial.seconds for trial in trials), 3), "images": trials[0].images,
         "protocol": f"golden:{config.golden.recipe}", "iterations": trials[0].details["steps"],
         **trials[0].details,
+        "real_eval_data": [WHOLE_TRAIN_SPLIT],
         "note": "linear probe on cached centre-crop features of the whole train split (golden.* options)",
     }
 
@@ -217,8 +225,9 @@ def print_summary(config: Config, records: list[dict[str, Any]], trainings: int,
 
     options = config.evaluate
     reference = EvaluateOptions()
-    length = (f"{options.epochs} epochs each" if options.protocol == "authors"
-              else f"{options.iterations} steps or more each, until the validation accuracy plateaus")
+    length = {"authors": f"{options.epochs} epochs each", "fixed": f"{options.iterations} steps each",
+              "converge": f"{options.iterations} steps or more each, until the real validation accuracy plateaus"}[
+        options.protocol]
     logger.info(
         f"Stage III ({options.protocol} protocol): {trainings} trainings ({options.trials} trial(s), {length}) on "
         f"{world_size} process(es) in {seconds:.1f} s. -> {RunLayout(config.output_dir).results_file}"

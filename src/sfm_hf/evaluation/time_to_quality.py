@@ -27,6 +27,7 @@ from ..config import Config
 from ..layout import RunLayout
 from ..names import short_name
 from ..registry import DISTILL_METHODS
+from ..report import REAL_DATA_LABEL, SAME_NETWORK_MARK, reads_real_eval_data, same_network_ci, table_notes
 from ..snapshots import Snapshot, read_snapshots
 from ..utils import write_text_atomically
 from ..visualize import pyplot, save_figure
@@ -83,7 +84,8 @@ def write_curves(config: Config, sources: list[SnapshotSource], eval_backbones: 
     evaluation/time_to_quality.{json,md,png} and returns what the json holds."""
     curves = [_curve(source, eval_backbone, mode, results, records)
               for source in sources for eval_backbone in eval_backbones for mode in source.train_set.modes]
-    flat = [{key: record[key] for key in ("train_set", "eval_backbone", "mode", "mean", "std")}
+    flat = [{**{key: record[key] for key in ("train_set", "eval_backbone", "mode", "mean", "std")},
+             **_honesty(record)}
             for record in records if record["train_set"] not in DISTILL_METHODS and record.get("mean") is not None]
     result = {"eval_split": config.eval_split, "scoring_seconds": round(seconds, 3), "curves": curves, "flat": flat}
     folder = RunLayout(config.output_dir).evaluation_dir
@@ -110,12 +112,27 @@ def _curve(source: SnapshotSource, eval_backbone: str, mode: str, results: list[
                 and record["eval_backbone"] == eval_backbone and record["mode"] == mode), None)
     return {"train_set": name, "init": source.synthetic.metadata.get("distill", {}).get("init"),
             "eval_backbone": eval_backbone, "mode": mode, "points": points,
-            "final_row_mean": None if row is None else row["mean"]}
+            "final_row_mean": None if row is None else row["mean"], **({} if row is None else _honesty(row))}
+
+
+def _honesty(record: dict[str, Any]) -> dict[str, Any]:
+    """What a row read of real data through its eval backbone, and whether it is same-network CI: the curve or line
+    drawn from it carries the same label and marker as the row (report.py)."""
+    return {"real_eval_data": record.get("real_eval_data", []), "same_network": record.get("same_network", False)}
+
+
+def _label_marks(entry: dict[str, Any]) -> str:
+    return ((REAL_DATA_LABEL if reads_real_eval_data(entry) else "")
+            + (f" {SAME_NETWORK_MARK}" if same_network_ci(entry) else ""))
 
 
 def curve_label(curve: dict[str, Any]) -> str:
     start = f" from {curve['init']}" if curve.get("init") else ""
-    return f"{curve.get('label') or curve['train_set']}{start} ({curve['mode']})"
+    return f"{curve.get('label') or curve['train_set']}{start} ({curve['mode']}){_label_marks(curve)}"
+
+
+def flat_label(flat: dict[str, Any]) -> str:
+    return f"{flat['train_set']} {flat['mode']}{_label_marks(flat)}"
 
 
 def first_reaching(curve: dict[str, Any], target: float) -> dict[str, Any] | None:
@@ -140,8 +157,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if result["flat"]:
         lines += ["Real train sets and references: " + "; ".join(
-            f"{flat['train_set']} {flat['mode']} -> {short_name(flat['eval_backbone'])} {100 * flat['mean']:.1f} %"
+            f"{flat_label(flat)} -> {short_name(flat['eval_backbone'])} {100 * flat['mean']:.1f} %"
             for flat in result["flat"]) + ".", ""]
+    lines += [line for note in table_notes(result["curves"] + result["flat"]) for line in (note, "")]
     return "\n".join(lines)
 
 
@@ -159,7 +177,7 @@ def plot_curves(curves: list[dict[str, Any]], flat: list[dict[str, Any]], path: 
         for line, style in zip((flat_ for flat_ in flat if flat_["eval_backbone"] == backbone),
                                itertools.cycle(("--", ":", "-.", (0, (1, 3)), (0, (5, 5))))):
             axis.axhline(100 * line["mean"], color="grey", linewidth=0.9, linestyle=style,
-                         label=f"{line['train_set']} {line['mode']} ({100 * line['mean']:.1f})")
+                         label=f"{flat_label(line)} ({100 * line['mean']:.1f})")
         axis.set_title(f"eval: {short_name(backbone)}", fontsize=10)
         axis.set_xlabel("seconds of distillation")
         axis.set_ylabel("accuracy (%)")

@@ -236,8 +236,9 @@ def train_fused(setup: TrialSetup, mode: EvaluationMode, alpha: float | None) ->
     candidates = [FusedPredictor(head.predictor, inherited.predictor, weight) for weight in weights]
     best, validation = _validation_choice(setup, candidates)
     parts = [*head.phases, *inherited.phases]
+    plateaus = [phase.plateau for phase in parts]
     # A phase of no steps that carries the fused model's own validation accuracy (and no curve: none was trained).
-    chosen_phase = Phase([], 0, all(phase.plateau for phase in parts), validation)
+    chosen_phase = Phase([], 0, None if None in plateaus else all(plateaus), validation)
     return TrainedModel(candidates[best], [*parts, chosen_phase], inherited.projector,
                         {**inherited.chosen, "fusion_weight": weights[best]})
 
@@ -262,8 +263,22 @@ def _trial_details(setup: TrialSetup, mode: EvaluationMode, trained: TrainedMode
         details["view_bank"] = setup.view_bank.views
     if trained.phases and all(phase.plateau is not None for phase in trained.phases):
         details["plateau"] = all(phase.plateau for phase in trained.phases)
+    if trained.phases and trained.phases[-1].validation_accuracy is not None:  # converge's check, fused's choice
         details["validation_accuracy"] = trained.phases[-1].validation_accuracy
+    details["real_eval_data"] = real_data_read(setup, mode, trained)
     return details
+
+
+def real_data_read(setup: TrialSetup, mode: EvaluationMode, trained: TrainedModel) -> list[str]:
+    """What real labelled train data the training read through its eval backbone (evaluate.real_eval_data)."""
+    options = setup.options
+    ridge_validation = options.projector == "ridge" and options.ridge_choice == "validation"
+    return [what for what, read in (
+        ("class-mean anchors", mode.fits_projector_alone and setup.anchors is not None and setup.real_anchors),
+        ("plateau check", any(phase.plateau is not None for phase in trained.phases if phase.steps)),
+        ("fusion weight", bool(mode.combines)),
+        ("ridge penalty", mode.fits_projector_alone and ridge_validation),
+    ) if read]
 
 
 def train_trial(setup: TrialSetup, recorded_mode: str) -> TrialOutcome:

@@ -1,4 +1,5 @@
-"""One training run: its setup, per-step batches of features, Adam in cosine cycles, the authors / converge protocols."""
+"""One training run: its setup, per-step batches of features, Adam in cosine cycles, the fixed / converge / authors
+protocols."""
 
 from __future__ import annotations
 
@@ -30,15 +31,18 @@ class TrialSetup:
     eval_labels: torch.Tensor
     options: EvaluateOptions
     seed: int
-    # phi_e features of a slice of the real train split: the plateau check of protocol converge.
+    # real_eval_data: phi_e features of a slice of the real train split (protocol converge's plateau check, fused's
+    # weight, ridge_choice validation).
     validation_features: torch.Tensor | None = None
     validation_labels: torch.Tensor | None = None
     # evaluate.view_bank > 0: this trial's views, shared by all its trainings.
     view_bank: ViewBank | None = None
     progress: TrainingProgress | None = None
-    # evaluate.projector_anchors > 0: per class, phi_e's mean real TRAIN feature [C, D_e] and phi_d's class mean
-    # from Stage I [C, D_d] (the same images): pairs the projector fit adds to its views.
+    # evaluate.projector_anchors > 0: per class, phi_e's mean feature [C, D_e] and phi_d's class mean from Stage I
+    # [C, D_d]: pairs the projector fit adds to its views. On the distillation backbone both are the class mean.
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The anchors' phi_e side is the mean of real TRAIN features through the eval backbone (real_eval_data).
+    real_anchors: bool = False
     # This trial's trained models by recorded mode (trainers.TrainedModel), shared by the trial's trainings on one
     # eval backbone so that a mode combining others (fused) reuses them instead of training them again.
     trained: dict[str, Any] = field(default_factory=dict)
@@ -189,10 +193,11 @@ def optimise(
 ) -> Phase:
     """Train ``groups`` on ``loss`` under ``options.protocol``.
 
-    authors: ``epochs`` epochs of ceil(N / batch) steps, cosine stepped per epoch. converge: ``iterations``
-    steps (cosine to 0), then the same run continues with a new cosine cycle as long as all steps before it
-    (doubling its length), and again, while a cycle raises the accuracy on the validation slice of real train
-    features by more than ``plateau_tolerance`` (up to ``max_iterations`` steps in all). Comparing the ends of
+    fixed: ``iterations`` steps (cosine to 0). authors: ``epochs`` epochs of ceil(N / batch) steps, cosine stepped
+    per epoch. converge (real_eval_data): ``iterations`` steps (cosine to 0), then the same run continues with a
+    new cosine cycle as long as all steps before it (doubling its length), and again, while a cycle raises the
+    accuracy on the validation slice of real train features by more than ``plateau_tolerance`` (up to
+    ``max_iterations`` steps in all). Comparing the ends of
     whole cycles, each annealed to lr 0, not the tail of one cycle: under a cosine schedule the last part of any
     cycle is nearly flat, however far from its plateau the model is. A run of T steps costs T steps, where
     retraining from the start at each doubling cost nearly 2T. The slice is train data: no choice sees the eval
@@ -205,6 +210,9 @@ def optimise(
     if options.protocol == "authors":
         per_epoch = math.ceil(len(setup.images) / min(options.batch_size, len(setup.images)))
         run.cycle(options.epochs * per_epoch, steps_per_decay=per_epoch)
+        return Phase(run.curve, run.done)
+    if options.protocol == "fixed":
+        run.cycle(options.iterations, steps_per_decay=1)
         return Phase(run.curve, run.done)
     validation, shorter, plateau = run.cycle(options.iterations, steps_per_decay=1), None, None
     while validation is not None:

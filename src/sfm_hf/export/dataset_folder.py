@@ -17,6 +17,7 @@ from ..layout import (
     CARD_FILE, CONFIG_FILE, IMAGES_FILE, PREVIEW_FILE, RESULTS_FILE, SYNTHETIC_JSON, VARIANTS_DIR, RunLayout,
 )
 from ..names import is_hub_id, public_name, slug
+from ..report import reads_real_eval_data, same_network_ci
 from .cards import make_card, size_category
 from .facts import ExportError, RepoNames, RunFacts, public_config_yaml
 
@@ -34,6 +35,9 @@ def _result_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "trials": record.get("trials"),
             "projector_accuracy": record.get("projector_accuracy"),
             "projector_anchors": record.get("projector_anchors"),
+            # What the card's row must say: real train data read through the eval backbone; same-network CI.
+            "real_eval_data": record.get("real_eval_data") if reads_real_eval_data(record) else [],
+            "same_network": same_network_ci(record),
         }
         for record in records
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,13 @@ class Projector:
     kind: str  # "trained" (Stage III, Eq. 10) or "identity" (phi_e == phi_d, no Stage III)
     accuracy: float | None
     source: str
-    # Weight of the real class-mean anchor pairs in its fit (evaluate.projector_anchors); 0: synthetic images only.
+    # Weight of the class-mean anchor pairs in its fit (evaluate.projector_anchors); 0: synthetic images only.
     anchors: float = 0.0
+    # What real train data its fit read through the eval backbone (results.json's real_eval_data; the anchors'
+    # pairs are real only there, from the statistics on the distillation backbone).
+    real_eval_data: list[str] = field(default_factory=list)
+    # Trained on the distillation backbone itself: its optimum is the identity whatever the images.
+    same_network: bool = False
 
 
 def _bundle_projector_record(facts: RunFacts, eval_name: str) -> dict[str, Any] | None:
@@ -54,7 +59,8 @@ def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Proje
         tensors = load_file(path)
         return Projector(tensors["weight"], tensors["bias"], "trained", record.get("projector_accuracy"),
                          f"Stage III trained this projector (mode {mode}, `{record['projector']}`) and scored it",
-                         float(record.get("projector_anchors") or 0.0))
+                         float(record.get("projector_anchors") or 0.0), list(record.get("real_eval_data") or []),
+                         eval_name == facts.config.backbone)
     if eval_name == facts.config.backbone:
         accuracy = facts.golden.get("eval_accuracy") if facts.golden else None
         return Projector(torch.eye(distill_dim), torch.zeros(distill_dim), "identity", accuracy,
