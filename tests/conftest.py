@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -175,6 +176,21 @@ def statistics_run(tmp_path_factory, digits_dir, demo_backbone):
     return output
 
 
+@pytest.fixture(scope="module")
+def distilled_run(statistics_run, digits_dir, demo_backbone, tmp_path_factory):
+    """Stages I and II on the digits (a short SFM run); tests copy it before writing into it."""
+    from accelerate import Accelerator
+
+    from sfm_hf.runner import run_stages
+
+    output = tmp_path_factory.mktemp("evaluate") / "distilled"
+    shutil.copytree(statistics_run, output)
+    config = tiny_config(digits_dir, demo_backbone, output, iterations=120, pyramid_every=20, lr=0.02)
+    config.stages = ["distill"]
+    run_stages(config, Accelerator(cpu=True))
+    return output
+
+
 def launch_config(dataset: Path | str, backbone: str, output_dir: Path):
     """The tiny three-stage recipe the multi-process tests run both in one process and in several."""
     # The default start, so that the multi-process runs also check that every rank picks the same real images.
@@ -184,9 +200,6 @@ def launch_config(dataset: Path | str, backbone: str, output_dir: Path):
     config.evaluate.modes = ["vanilla", "ci"]
     config.evaluate.trials = 2
     config.evaluate.iterations = 20
-    # A fixed length: these runs check that processes agree, and the converge protocol's doubling towards a
-    # plateau (up to 16,000 steps) made each of them cost minutes.
-    config.evaluate.max_iterations = 20
     config.evaluate.full_dataset = False
     config.evaluate.curve_points = 0
     return config

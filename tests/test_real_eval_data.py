@@ -10,8 +10,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
-
 import sfm_hf.evaluation as evaluation
 from conftest import tiny_config
 from sfm_hf.evaluation.time_to_quality import curve_label, flat_label, markdown
@@ -21,23 +19,10 @@ from sfm_hf.runner import run_stages
 SETS = ("random", "centroids", "neighbors_sfm", "sfm")
 
 
-@pytest.fixture(scope="module")
-def distilled(statistics_run, digits_dir, demo_backbone, tmp_path_factory):
-    """Stages I and II on the digits (a short SFM run); tests copy it before writing into it."""
-    from accelerate import Accelerator
-
-    output = tmp_path_factory.mktemp("real-eval-data") / "distilled"
-    shutil.copytree(statistics_run, output)
-    config = tiny_config(digits_dir, demo_backbone, output, iterations=20, pyramid_every=10, lr=0.02)
-    config.stages = ["distill"]
-    run_stages(config, Accelerator(cpu=True))
-    return output
-
-
-def cross_config(distilled, digits_dir, demo_backbone, other, tmp_path, **options):
+def cross_config(distilled_run, digits_dir, demo_backbone, other, tmp_path, **options):
     """Stage III of the distilled set on the distillation backbone and another one, with every train set."""
     output = tmp_path / "run"
-    shutil.copytree(distilled, output)
+    shutil.copytree(distilled_run, output)
     config = tiny_config(digits_dir, demo_backbone, output)
     config.stages = ["evaluate"]
     config.eval_backbones = [demo_backbone, other]
@@ -65,7 +50,7 @@ class GuardedSplit:
 
 
 def test_by_default_no_training_reads_the_train_split_through_an_eval_backbone(
-        distilled, digits_dir, demo_backbone, tiny_backbone, tmp_path, accelerator, monkeypatch, caplog):
+        distilled_run, digits_dir, demo_backbone, tiny_backbone, tmp_path, accelerator, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="sfm_hf")
     features_of_split = evaluation.split_features
 
@@ -81,7 +66,7 @@ def test_by_default_no_training_reads_the_train_split_through_an_eval_backbone(
     monkeypatch.setattr(evaluation, "split_features", guarded)
     monkeypatch.setattr(evaluation, "_full_dataset_trial", reference_row)
     other = tiny_backbone("dinov2")
-    config = cross_config(distilled, digits_dir, demo_backbone, other, tmp_path)
+    config = cross_config(distilled_run, digits_dir, demo_backbone, other, tmp_path)
     run_stages(config, accelerator)
     records = records_by_key(config)
     for train_set in SETS:  # every image set through every mode, on both backbones
@@ -105,7 +90,7 @@ def test_by_default_no_training_reads_the_train_split_through_an_eval_backbone(
 
 
 def test_real_eval_data_reads_the_train_split_and_its_rows_say_so(
-        distilled, digits_dir, demo_backbone, tiny_backbone, tmp_path, accelerator, monkeypatch):
+        distilled_run, digits_dir, demo_backbone, tiny_backbone, tmp_path, accelerator, monkeypatch):
     """With the named option and the default protocol, only the other backbone's anchors read real data: its CI rows
     are labelled, the same-network CI rows (anchors from the statistics) and the vanilla rows are not."""
     read = []
@@ -117,7 +102,7 @@ def test_real_eval_data_reads_the_train_split_and_its_rows_say_so(
 
     monkeypatch.setattr(evaluation, "split_features", recorded)
     other = tiny_backbone("dinov2")
-    config = cross_config(distilled, digits_dir, demo_backbone, other, tmp_path, train_sets=["centroids", "sfm"],
+    config = cross_config(distilled_run, digits_dir, demo_backbone, other, tmp_path, train_sets=["centroids", "sfm"],
                           full_dataset=False, real_eval_data=True)
     run_stages(config, accelerator)
     assert (other, "train") in read and (demo_backbone, "train") not in read
