@@ -62,7 +62,6 @@ sys.path.insert(0, str(REPO / "src"))
 
 import real_data  # noqa: E402
 
-RECIPES = {"mobilenet_v2": "recipes/real_mnist_mobilenet_v2.yaml", real_data.DINOV2: "recipes/real_mnist_dinov2.yaml"}
 DEFAULT_ASSETS = REPO / "outputs" / "gpu-assets"
 DEFAULT_WHEELS = REPO / ".whl"
 DEFAULT_RUNS = REPO / "outputs" / "gpu-check"
@@ -114,7 +113,7 @@ class Cell:
 
     @property
     def recipe(self) -> str:
-        return RECIPES[self.backbone]
+        return f"recipes/real_mnist_{self.backbone}.yaml"
 
     def backbone_folder(self, assets: Path) -> Path:
         return assets / f"{self.backbone}-{self.image_size}px"

@@ -192,7 +192,7 @@ def test_the_dinov2_cell_runs_the_papers_schedule_from_weights_that_travel_in_fl
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if line.startswith("[")]
     assert [line.split("]")[0][1:] for line in commands] == ["stage1", "lgm-bf16", "sfm-bf16"]  # no compile run
-    assert all(" --config recipes/real_mnist_dinov2.yaml " in line for line in commands)
+    assert all(" --config recipes/real_mnist_dinov2_vits14.yaml " in line for line in commands)
     assert "--distill.init noise" in commands[2] and "--distill.syn_res 32" in commands[2]
     restored = gpu_check.materialise_fp32(carried, DINO_TINY.backbone_folder(assets))
     from sfm_hf.backbones import load_backbone
