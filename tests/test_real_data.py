@@ -298,3 +298,30 @@ def test_dinov2_check_fails_on_a_misread_graph(tmp_path):
 def test_prepare_refuses_an_unknown_backbone(tmp_path):
     with pytest.raises(ValueError, match="unknown backbones"):
         real_data.prepare(tmp_path, 56, backbones=("dinov2_vitb14",))
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("real_mnist_dinov2*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_dinov2_recipes_read_the_folders_real_data_prepares_on_the_papers_schedule(recipe):
+    import math
+    import re
+
+    from sfm_hf.config import load_recipe, parse_config
+
+    config = load_recipe(recipe)
+    config.validate()
+    # real_bench finds a recipe by its key and prepares <key>-<size>px, the folder real_data writes.
+    assert recipe.stem == f"real_mnist_{real_data.DINOV2}"
+    size = int(re.fullmatch(rf"{real_data.DINOV2}-(\d+)px", Path(config.backbone).name)[1])
+    assert config.distill.syn_res == 2 ** math.ceil(math.log2(size / 0.875))
+    assert config.eval_backbones[0] == config.backbone
+    assert {Path(name).name for name in config.eval_backbones[1:]} == {f"{key}-32px" for key in real_data.CNN_BACKBONES}
+    assert (config.train_split, config.eval_split) == ("train", "test")
+    assert (config.distill.method, config.distill.lr, config.distill.pyramid_every, config.distill.aug_rounds) == (
+        "sfm", 0.002, 200, 1)
+    # As the benchmarks run it: folders from the cache, choices on validation, a shorter schedule.
+    parsed = parse_config(["--config", str(recipe), "--dataset", "/cache/mnist", "--backbone",
+                           f"/cache/{real_data.DINOV2}-112px", "--distill.syn_res", "128", "--eval_split",
+                           "validation", "--distill.iterations", "1200"])
+    assert (parsed.backbone, parsed.distill.syn_res, parsed.eval_split, parsed.distill.iterations) == (
+        f"/cache/{real_data.DINOV2}-112px", 128, "validation", 1200)
