@@ -543,14 +543,21 @@ def comparison_table(figures: dict, reference: dict | None, cell: Cell) -> str:
     return "\n".join(lines)
 
 
-def measure(cell: Cell, args) -> int:
-    if args.device == "cuda":
-        import torch
+def lacks_cuda(args, hint: str) -> bool:
+    """Whether --device cuda was asked for on a machine without one (said in one line, before any work)."""
+    if args.device != "cuda":
+        return False
+    import torch
 
-        if not torch.cuda.is_available():
-            print("error: no CUDA device (torch.cuda.is_available() is False): this check needs one GPU; "
-                  "--device cpu measures the CPU reference, --dry-run checks the plan", file=sys.stderr)
-            return 2
+    if torch.cuda.is_available():
+        return False
+    print(f"error: no CUDA device (torch.cuda.is_available() is False): {hint}", file=sys.stderr)
+    return True
+
+
+def measure(cell: Cell, args) -> int:
+    if lacks_cuda(args, "this check needs one GPU; --device cpu measures the CPU reference, --dry-run checks the plan"):
+        return 2
     runs = plan(cell, args.assets, args.runs / args.device, compile_run=compile_run(cell, args))
     site = None if args.collect else install_wheels(args.wheels)
     if cell.carry_fp16 and (cell.carried_folder(args.assets) / "config.json").is_file():
@@ -642,13 +649,8 @@ def cost_figures(compared: dict, chunked: dict | None, chunk: int) -> dict[str, 
 
 def measure_cost(cost: CostCell, args) -> int:
     """The paper's cost comparison (module docstring); figures to --json-out."""
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("error: no CUDA device (torch.cuda.is_available() is False): --cost measures a GPU; "
-                  "--cost --tiny --device cpu runs it at test size", file=sys.stderr)
-            return 2
+    if lacks_cuda(args, "--cost measures a GPU; --cost --tiny --device cpu runs it at test size"):
+        return 2
     environment = child_environment(install_wheels(args.wheels))
     folder = args.runs / f"cost-{args.device}"
     folder.mkdir(parents=True, exist_ok=True)
