@@ -81,6 +81,8 @@ SEED_BASE, SEED_STRIDE = 3407, 1000
 # class-mean anchors default to 1.0 on every evaluation network (issue 32, item 1).
 HONEST_EVALUATION = ["--evaluate.projector_anchors", "0"]
 GOLDEN = "Golden classifier (full data)"
+# The unit costs behind the estimate printed at the start: a smoke run's costs.json (its command is inside).
+MEASURED_COSTS = Path(__file__).with_name("real_bench_costs.json")
 COMPARISONS = (("SFM", "Centroids"), ("SFM", "LGM"), ("SFM+CI", "Centroids+CI"), ("SFM+CI", "LGM+CI"))
 
 # The README's "Real data" table as it stood at f7ee5c0 (measured at ab9d9e6 by `make bench-real`, 2 CPU cores):
@@ -112,34 +114,35 @@ def recipe(backbone: str) -> Path:
     return REPO / "recipes" / f"real_mnist_{backbone}.yaml"
 
 
-def recipe_value(backbone: str, key: str) -> str:
-    """A top-level value of ``backbone``'s recipe (its dataset or backbone folder)."""
+def recipe_config(backbone: str) -> dict:
+    """``backbone``'s recipe as a dict (its dataset and backbone folders, its schedule)."""
     import yaml
 
     path = recipe(backbone)
     if not path.is_file():
         raise SystemExit(f"error: --backbones/--others: no recipe {path.relative_to(REPO)} for {backbone!r}; "
                          f"write one (see recipes/real_mnist_{BACKBONES[0]}.yaml) or drop the key.")
-    return str(yaml.safe_load(path.read_text())[key])
+    return yaml.safe_load(path.read_text())
 
 
 def network_folder(args, backbone: str) -> str:
     """The prepared model folder of ``backbone``: its recipe's folder name under ``--assets``."""
-    return str(args.assets / Path(recipe_value(backbone, "backbone")).name)
+    return str(args.assets / Path(recipe_config(backbone)["backbone"]).name)
 
 
 def prepare_assets(args) -> None:
-    """MNIST and every network's folder under ``--assets``, each at the input size its recipe's folder names."""
-    sizes = set()
+    """MNIST and every network's folder under ``--assets``, each at the input size its recipe's folder names
+    (``benchmarks/real_data.py`` writes ``<key>-<size>px``)."""
+    by_size: dict[int, list[str]] = {}
     for network in args.networks:
         folder = Path(network_folder(args, network)).name
-        size = re.fullmatch(r".+-(\d+)px", folder)
+        size = re.fullmatch(rf"{re.escape(network)}-(\d+)px", folder)
         if size is None:
-            raise SystemExit(f"error: {recipe(network).relative_to(REPO)}: backbone folder {folder!r} does not end in "
-                             "-<size>px, the names benchmarks/real_data.py writes.")
-        sizes.add(int(size.group(1)))
-    for size in sorted(sizes):
-        print(json.dumps(real_data.prepare(args.assets, size)["backbones"], indent=2))
+            raise SystemExit(f"error: {recipe(network).relative_to(REPO)}: backbone folder {folder!r} is not "
+                             f"{network}-<size>px, the name benchmarks/real_data.py gives it.")
+        by_size.setdefault(int(size.group(1)), []).append(network)
+    for size, networks in sorted(by_size.items()):
+        print(json.dumps(real_data.prepare(args.assets, size, backbones=tuple(networks))["backbones"], indent=2))
 
 
 class Launcher:
@@ -277,16 +280,25 @@ def distill_only(launch: Launcher, base: Path, run: Path, argv: list[str]) -> No
         launch([*argv, "--output_dir", str(run), "--stages", "distill", "--eval_split", "validation"])
 
 
+def schedule_of(option: str, backbone: str) -> tuple[int, int]:
+    """(distill.iterations, distill.pyramid_every) of a ``--steps-ipc<k>`` value: "STEPS,EVERY" or "recipe"."""
+    if option == "recipe":
+        distill = recipe_config(backbone)["distill"]
+        return int(distill["iterations"]), int(distill["pyramid_every"])
+    steps, every = option.split(",")
+    return int(steps), int(every)
+
+
 def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict) -> None:
     root = args.runs / backbone
     folder = network_folder(args, backbone)
     config = ["--config", str(recipe(backbone).relative_to(REPO)), "--backbone", folder,
-              "--dataset", str(args.assets / Path(recipe_value(backbone, "dataset")).name)]
+              "--dataset", str(args.assets / Path(recipe_config(backbone)["dataset"]).name)]
     data = ["--data.max_samples_per_split", str(args.max_samples), *args.overrides]
     if not (root / "statistics" / "statistics.safetensors").is_file():
         launch([*config, *data, "--output_dir", str(root), "--stages", "statistics", "--eval_split", "validation"])
     common = [*data, "--evaluate.view_bank", str(args.view_bank[ipc])]
-    steps, every = args.steps[ipc]
+    steps, every = schedule_of(args.steps[ipc], backbone)
     schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
     first = args.seeds[0]
     seeded = ["--seed", str(first)]
@@ -548,6 +560,119 @@ def final_tables(args, summary: dict) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Cost: what each piece of a cell costs, read from a finished bench's folders, and the matrix's estimate from it
+
+
+def quiet_scale(run: Path) -> float:
+    """CPU seconds per wall second of a launch: a wall time measured inside it (a distillation's seconds, a
+    training's) times this is about what it takes on a quiet core, when the launch ran one thread."""
+    cost = read_json(run / "launch.json")
+    return cost["cpu_seconds"] / cost["seconds"]
+
+
+def distill_cpu(run: Path) -> float:
+    metadata = read_json(run / "synthetic" / "synthetic.json")
+    return metadata["seconds"] * quiet_scale(run)
+
+
+def scorings(steps: int, points: int) -> int:
+    """How many times a scored run trains its probes: on each snapshot (step 0 to the last) and the final images."""
+    return (steps // snapshot_every(steps, points) + 2) if points else 1
+
+
+def unit_costs(args, summary: dict) -> dict:
+    """One-thread CPU seconds of the pieces of each cell, measured by this bench's own runs (``--launcher
+    inprocess --threads 1``: CPU seconds of the process; see ``Launcher``), for ``estimate_seconds``."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    units = {"max_samples": args.max_samples, "final_iterations": args.final_iterations,
+             "view_bank": {str(ipc): views for ipc, views in args.view_bank.items()}, "stage1": {}, "launch": {},
+             "cells": {}}
+    per_step = lambda run: distill_cpu(run) / read_json(run / "synthetic" / "synthetic.json")["iterations"]  # noqa: E731
+    for backbone, per_ipc in summary.items():
+        root = args.runs / backbone
+        units["stage1"][backbone] = read_json(root / "launch.json")["cpu_seconds"]
+        # A launch's fixed part (start, loading the model and statistics) shows in the LGM runs that only distil.
+        distilled = sorted(root.glob("ipc*-lgm-*-seed*"))
+        units["launch"][backbone] = launch = mean([read_json(run / "launch.json")["cpu_seconds"] - distill_cpu(run)
+                                                   for run in distilled]) if distilled else 0.0
+        for ipc, entry in per_ipc.items():
+            cell = {}
+            sfm = [root / f"{ipc}-{name}" for name in entry["selection"] if not name.startswith("lgm-")]
+            cell["sfm_step"] = mean([per_step(run) for run in sfm])
+            lgm = sorted(root.glob(f"{ipc}-lgm-*-seed*"))
+            if lgm:
+                cell["lgm_step"] = mean([per_step(run) for run in lgm])
+            entry_steps = entry["selection"][next(name for name in entry["selection"] if not name.startswith("lgm-"))]
+            trainings = scorings(entry_steps["steps"], args.snapshot_points) * args.selection_trials
+            cell["score_trial"] = mean([
+                read_json(run / "launch.json")["cpu_seconds"] - distill_cpu(run) - launch for run in sfm]) / trainings
+            banks, trains, fixed = [], [], []
+            for seed, run in entry.get("final", {}).items():
+                run, records = Path(run), read_json(Path(run) / "results.json")
+                scale, trials = quiet_scale(run), max(record["trials"] for record in records)
+                banks.append(sum(record.get("view_bank_seconds") or 0.0 for record in records) * scale / trials)
+                trains.append(sum(record["seconds"] for record in records if record["mode"] != "golden") * scale / trials)
+                made_here = int(seed) != args.seeds[0]
+                fixed.append(read_json(run / "launch.json")["cpu_seconds"] - trials * (banks[-1] + trains[-1])
+                             - (distill_cpu(run) if made_here else 0.0))
+            if fixed:
+                cell.update(final_bank=mean(banks), final_train=mean(trains), final_fixed=mean(fixed))
+            units["cells"][f"{backbone}/{ipc[3:]}"] = cell
+    return units
+
+
+def accelerate_start_cpu() -> float:
+    """CPU seconds ``accelerate launch`` adds to a run that ``--launcher inprocess`` does not pay: the launcher's
+    interpreter and the run's own interpreter with its imports (measured by doing just that)."""
+    before = cpu_seconds(resource.RUSAGE_CHILDREN)
+    for code in ("import accelerate.commands.launch",
+                 "import torch, transformers, datasets, timm, sfm_hf.runner, sfm_hf.evaluation, sfm_hf.distill"):
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    return cpu_seconds(resource.RUSAGE_CHILDREN) - before
+
+
+def estimate_seconds(args, units: dict) -> tuple[float, list[str]]:
+    """One quiet core's seconds for ``args``' matrix from ``units`` (``unit_costs``), and the cells it could not
+    price. Fixed parts of a launch that read real images (Stage I, the final runs' feature passes) scale with
+    ``--max-samples``; view banks with the views, probe trainings with ``--final-iterations``."""
+    samples = args.max_samples / units["max_samples"]
+    start = units.get("accelerate_start", 0.0) if args.launcher == "accelerate" else 0.0
+    total, missing = 0.0, []
+    for backbone in args.backbones:
+        if backbone not in units["stage1"]:
+            missing.append(backbone)
+            continue
+        launch = units["launch"][backbone]
+        total += start + launch + (units["stage1"][backbone] - launch) * samples
+    for ipc in args.ipcs:
+        for backbone in args.backbones:
+            cell = units["cells"].get(f"{backbone}/{ipc}")
+            if cell is None or "final_fixed" not in cell:
+                missing.append(f"{backbone} ipc {ipc}")
+                continue
+            launch = start + units["launch"][backbone]
+            steps, _ = schedule_of(args.steps[ipc], backbone)
+            inits = [init for init in args.inits if not (ipc == 1 and SAME_AT_IPC1.get(init) in args.inits)]
+            scored = scorings(steps, args.snapshot_points) * args.selection_trials * cell["score_trial"]
+            total += len(inits) * (launch + steps * cell["sfm_step"] + scored)
+            if ipc in args.lgm_ipcs and args.lgm_steps:
+                if "lgm_step" not in cell:
+                    missing.append(f"LGM of {backbone} ipc {ipc}")
+                else:
+                    lgm = launch + args.lgm_steps * cell["lgm_step"]
+                    lgm_scored = scorings(args.lgm_steps, args.snapshot_points) * args.selection_trials
+                    total += len(args.lgm_init) * (lgm + lgm_scored * cell["score_trial"])
+                    total += (len(args.seeds) - 1) * lgm
+            if args.snapshot_points:
+                total += launch + 2 * args.selection_trials * cell["score_trial"]
+            views = args.view_bank[ipc] / units["view_bank"][str(ipc)]
+            trial = cell["final_bank"] * views + cell["final_train"] * args.final_iterations / units["final_iterations"]
+            fixed = launch + (cell["final_fixed"] - units["launch"][backbone]) * samples
+            total += len(args.seeds) * (fixed + args.trials * trial) + (len(args.seeds) - 1) * steps * cell["sfm_step"]
+    return total, missing
+
+
 def write_summary(args, summary: dict) -> str:
     text = (f"# MNIST, {', '.join(args.backbones)} (evaluated on {', '.join(args.networks)})\n\n"
             f"Command: `{args.command}`\n\n## Start of the synthetic images (validation split, seed "
@@ -581,8 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "SFM and LGM and is evaluated on test (issue 32: at least 3).")
     parser.add_argument("--inits", default=",".join(INITS), help="SFM starts (distill.init) to run and choose from.")
     parser.add_argument("--max-samples", type=int, default=5000, help="data.max_samples_per_split.")
-    parser.add_argument("--steps-ipc1", default="300,40", help="distill.iterations,pyramid_every at ipc 1.")
-    parser.add_argument("--steps-ipc10", default="100,15", help="distill.iterations,pyramid_every at ipc 10.")
+    parser.add_argument("--steps-ipc1", default="recipe",
+                        help="distill.iterations,pyramid_every at ipc 1, or 'recipe': each network's recipe's (the CNN "
+                        "recipes: 300,40).")
+    parser.add_argument("--steps-ipc10", default="100,15",
+                        help="distill.iterations,pyramid_every at ipc 10 (or 'recipe').")
     parser.add_argument("--lgm-steps", type=int, default=300,
                         help="LGM steps (0: no LGM); 300 runs it well past SFM's wall time at ipc 1 here.")
     parser.add_argument("--lgm-init", default="noise",
@@ -608,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate.view_bank of the ipc 10 runs, whose banks hold ten times the images.")
     parser.add_argument("--selection-only", action="store_true",
                         help="Stop after choosing the start on validation (and LGM): no test evaluation.")
+    parser.add_argument("--costs", type=Path, default=MEASURED_COSTS,
+                        help="Unit costs the estimate printed at the start is made of: a costs.json that a bench run "
+                        "writes into its --runs folder (measured with --launcher inprocess --threads 1).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Further override for every run, e.g. --set evaluate.iterations=100 (repeatable).")
     return parser
@@ -617,7 +748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.command = " ".join(["python benchmarks/real_bench.py", *(sys.argv[1:] if argv is None else argv)])
     args.overrides = [f"--{pair}" for pair in args.set]
-    args.steps = {1: tuple(map(int, args.steps_ipc1.split(","))), 10: tuple(map(int, args.steps_ipc10.split(",")))}
+    args.steps = {1: args.steps_ipc1, 10: args.steps_ipc10}
     args.view_bank = {1: args.view_bank_ipc1, 10: args.view_bank_ipc10}
     args.ipcs = [int(ipc) for ipc in args.ipcs.split(",")]
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -626,6 +757,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lgm_ipcs = [int(ipc) for ipc in args.lgm_ipcs.split(",") if ipc]
     args.backbones = args.backbones.split(",")
     args.networks = list(dict.fromkeys(args.backbones + [key for key in args.others.split(",") if key]))
+    for ipc, option in args.steps.items():
+        if option != "recipe" and not re.fullmatch(r"\d+,\d+", option):
+            raise SystemExit(f"error: --steps-ipc{ipc} {option!r}: give STEPS,EVERY (e.g. 300,40) or 'recipe'.")
     unknown = [ipc for ipc in args.ipcs if ipc not in args.steps]
     if unknown:
         raise SystemExit(f"error: --ipcs: no schedule for ipc {unknown[0]}; the bench runs ipc 1 and 10.")
@@ -640,6 +774,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.chdir(REPO)
     start = time.perf_counter()
+    estimate = None
+    if args.costs.is_file():
+        costs = read_json(args.costs)
+        estimate, unpriced = estimate_seconds(args, costs["units"])
+        print(f"bench-real: estimated {estimate / 3600:.2f} h of one quiet CPU core (unit costs from {args.costs}: "
+              f"{costs['measured']})" + (f"; not priced: {', '.join(unpriced)}" if unpriced else ""), flush=True)
+    else:
+        print(f"bench-real: no estimate ({args.costs} does not exist)", flush=True)
     prepare_assets(args)
     launch = Launcher(args.launcher, args.threads)
     summary: dict = {}
@@ -648,7 +790,15 @@ def main(argv: list[str] | None = None) -> int:
             run_backbone(args, launch, backbone, ipc, summary)
             write_summary(args, summary)
     print(write_summary(args, summary))
-    print(f"bench-real: {time.perf_counter() - start:.0f} s wall")
+    units = {**unit_costs(args, summary), "accelerate_start": accelerate_start_cpu()}
+    measured = (f"`{args.command}`, launcher {args.launcher}, {args.threads or 'default'} thread(s), "
+                f"{time.strftime('%Y-%m-%d')}")
+    (args.runs / "costs.json").write_text(json.dumps({"measured": measured, "units": units}, indent=2))
+    default, _ = estimate_seconds(parse_args([]), units)
+    print(f"bench-real: {time.perf_counter() - start:.0f} s wall (estimated "
+          f"{'–' if estimate is None else f'{estimate:.0f}'} s of one quiet core); "
+          f"this run's unit costs ({args.runs / 'costs.json'}; one thread measures them) price the default matrix "
+          f"at {default / 3600:.2f} h of one quiet core")
     return 0
 
 

@@ -68,38 +68,58 @@ def fake_accuracy(train_set: str, mode: str, network: str, seed: int, trial: int
     return base + (0.1 if mode == "ci" else 0.0) + (0.02 if "efficientnet" in network else 0.0) + 0.002 * trial
 
 
+# What the fake runs cost, in CPU seconds (their wall seconds too: a quiet machine): a launch's fixed part, Stage I,
+# a distillation step, one probe training of a validation score, a final run's feature passes, and per trial and
+# record of a final run its trainings and its view bank.
+LAUNCH, STAGE1, STEP, SCORE, FEATURES, TRAIN, BANK = 2.0, 5.0, {"sfm": 0.01, "lgm": 0.1}, 0.5, 3.0, 0.1, 0.2
+
+
 class FakeLauncher:
     """Leaves what each launch of recipes/distill.py would (statistics, synthetic.json, results.json, a curve,
-    launch.json) and records every argv."""
+    launch.json, at the costs above) and records every argv and cost."""
 
     def __init__(self):
-        self.argvs = []
+        self.argvs, self.cpu = [], []
 
     def __call__(self, argv):
         self.argvs.append(argv)
         run, stages = Path(value(argv, "--output_dir")), value(argv, "--stages").split(",")
         run.mkdir(parents=True, exist_ok=True)
         seed, method = int(value(argv, "--seed", 0)), value(argv, "--distill.method", "sfm")
+        cpu = LAUNCH
         if "statistics" in stages:
             (run / "statistics").mkdir()
             (run / "statistics" / "statistics.safetensors").write_text("")
+            cpu += STAGE1
         if "distill" in stages:
+            iterations = int(value(argv, "--distill.iterations"))
             (run / "synthetic").mkdir()
             (run / "synthetic" / "synthetic.json").write_text(json.dumps({
-                "method": method, "ipc": int(value(argv, "--ipc")), "seconds": 3.0, "seed": seed,
-                "iterations": int(value(argv, "--distill.iterations")),
+                "method": method, "ipc": int(value(argv, "--ipc")), "seconds": iterations * STEP[method],
+                "seed": seed, "iterations": iterations,
                 "distill": {"init": value(argv, "--distill.init"), "aug_rounds": 1},
                 "flow_cosine": {"initial_images": 0.1, "final_images": 0.9}}))
+            cpu += iterations * STEP[method]
         if "evaluate" in stages:
-            (run / "results.json").write_text(json.dumps(self.records(argv, seed, method)))
+            records = self.records(argv, seed, method)
+            (run / "results.json").write_text(json.dumps(records))
+            trials, sets = int(value(argv, "--evaluate.trials")), len(value(argv, "--evaluate.train_sets").split(","))
+            if value(argv, "--eval_split") == "validation":
+                every = int(value(argv, "--distill.snapshot_every", 0))
+                scorings = int(value(argv, "--distill.iterations")) // every + 2 if every else 1
+                cpu += scorings * sets * trials * SCORE
+            else:
+                cpu += FEATURES + sum(record.get("seconds", 0.0) + record.get("view_bank_seconds", 0.0)
+                                      for record in records)
         if value(argv, "--evaluate.time_to_quality") == "true":
             (run / "evaluation").mkdir()
             points = [{"step": 0, "seconds": 0.0, "mean": 0.3}, {"step": 10, "seconds": 5.0, "mean": 0.5}]
             (run / "evaluation" / "time_to_quality.json").write_text(json.dumps({"curves": [{
                 "train_set": method, "init": value(argv, "--distill.init"), "eval_backbone": MBV2, "mode": "vanilla",
                 "points": points}]}))
-        cost = {"seconds": 1.0, "cpu_seconds": 1.0, "memory": None}
+        cost = {"seconds": cpu, "cpu_seconds": cpu, "memory": None}
         (run / "launch.json").write_text(json.dumps(cost))
+        self.cpu.append(cpu)
         return cost
 
     @staticmethod
@@ -126,10 +146,11 @@ class FakeLauncher:
                     records.append({"train_set": name, "mode": mode, "distill_backbone": backbone,
                                     "eval_backbone": network, "mean": sum(per_trial) / trials, "std": 0.0,
                                     "per_trial": per_trial, "seeds": [seed_base + k for k in range(trials)],
+                                    "trials": trials, "seconds": TRAIN * trials, "view_bank_seconds": BANK * trials,
                                     "a_field_added_later": {"anything": 1}})
         golden = 0.86 if "mobilenet" in backbone else 0.79
         records.append({"train_set": "full_dataset", "mode": "golden", "distill_backbone": backbone,
-                        "eval_backbone": backbone, "mean": golden, "std": 0.0, "per_trial": [golden]})
+                        "eval_backbone": backbone, "mean": golden, "std": 0.0, "per_trial": [golden], "trials": 1})
         return records
 
 
@@ -148,6 +169,9 @@ def bench(tmp_path):
 def test_the_start_is_chosen_on_validation_of_the_first_seed_before_any_run_sees_test(bench):
     args, launch, summary = bench
     assert summary["mobilenet_v2"]["ipc1"]["chosen_init"] == "centroids"
+    # --steps-ipc1 recipe (the default): each network's recipe's schedule.
+    assert (value(launch.argvs[1], "--distill.iterations"), value(launch.argvs[1], "--distill.pyramid_every")) == (
+        "300", "40")
     first_test = next(k for k, argv in enumerate(launch.argvs) if value(argv, "--eval_split") == "test")
     for argv in launch.argvs[:first_test]:
         assert value(argv, "--seed", "0") == "0" or value(argv, "--stages") == "distill"
@@ -221,12 +245,30 @@ def test_a_cell_without_lgm_says_so_in_its_differences(tmp_path):
 
 def test_bench_options_that_cannot_run_fail_with_one_line(tmp_path):
     for argv, message in ((["--seeds", "0,0,1"], "repeats a seed"), (["--trials", "1000"], "--trials"),
-                          (["--ipcs", "5"], "no schedule for ipc 5")):
+                          (["--ipcs", "5"], "no schedule for ipc 5"), (["--steps-ipc10", "100"], "STEPS,EVERY")):
         with pytest.raises(SystemExit, match=message):
             real_bench.parse_args(argv)
     args = real_bench.parse_args(["--backbones", "mobilenet_v2,no_such_net"])
     with pytest.raises(SystemExit, match="no recipe recipes/real_mnist_no_such_net.yaml"):
         real_bench.prepare_assets(args)
+
+
+def test_the_unit_costs_a_run_measures_price_that_very_matrix_at_what_its_launches_cost(bench):
+    args, launch, summary = bench
+    units = real_bench.unit_costs(args, summary)
+    assert units["launch"] == {"mobilenet_v2": LAUNCH, "efficientnet_lite0": LAUNCH}
+    cell = units["cells"]["mobilenet_v2/1"]
+    assert cell["sfm_step"] == STEP["sfm"] and cell["lgm_step"] == pytest.approx(STEP["lgm"])
+    assert cell["score_trial"] == pytest.approx(SCORE)
+    estimate, unpriced = real_bench.estimate_seconds(args, units)
+    assert estimate == pytest.approx(sum(launch.cpu)) and unpriced == []
+    # Twice the trials, seeds and samples cost what the model says; a network without costs is named, not priced.
+    bigger = real_bench.parse_args(["--ipcs", "1", "--seeds", "0,1,2,3", "--inits", "noise,centroids", "--trials",
+                                    "4", "--lgm-steps", "30", "--snapshot-points", "2", "--final-iterations", "40",
+                                    "--max-samples", "10000", "--backbones", "mobilenet_v2,dinov2_vits14"])
+    cost, unpriced = real_bench.estimate_seconds(bigger, units)
+    assert unpriced == ["dinov2_vits14", "dinov2_vits14 ipc 1"]
+    assert cost > estimate / 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,7 +319,7 @@ def test_a_scored_run_snapshots_its_steps_and_scores_them_on_validation(tmp_path
     assert called[called.index("--eval_split") + 1] == "validation"
     assert called[called.index("--distill.method") + 1] == called[called.index("--evaluate.train_sets") + 1] == "lgm"
     assert scored["validation_mean"] == 0.2 and len(scored["time_to_quality"]["points"]) == 2
-    assert scored["method"] == "lgm" and scored["s_per_step"] == 0.01
+    assert scored["method"] == "lgm" and scored["s_per_step"] == STEP["lgm"]
     # Scored once: a second call reads the folder.
     real_bench.score_on_validation(launch, tmp_path / "base", tmp_path / "lgm", argv, 2, method="lgm", snapshots=10)
     assert len(launch.argvs) == 1
