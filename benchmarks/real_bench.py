@@ -44,8 +44,8 @@ Cost: every launch writes ``launch.json`` (wall and CPU seconds); at the end the
 costs (a launch's fixed part, a distillation step, a validation score, a final run's trial and feature passes: CPU
 seconds of one thread, ``--launcher inprocess --threads 1`` measures them) and writes ``<runs>/costs.json``. At the
 start it prices the matrix it is asked for from ``--costs`` (``benchmarks/real_bench_costs.json``, a smoke run's
-costs.json) and prints the estimate: the default matrix (2 CNNs x ipc 1, 10 x 5 seeds x 3 trials) at about 2 h of
-one quiet core.
+costs.json) and prints the estimate: the default matrix (2 CNNs x ipc 1, 10 x 4 seeds x 2 trials, the recipes' probe
+schedule) at 1.7 h of one quiet core with 300-step probes, 2.4 h with 1000.
 
 The tables go to ``<runs>/summary.md`` (and are printed): per cell and evaluation network every set x {vanilla,
 CI} as mean ± population std over seeds x trials beside the README's table at f7ee5c0 (``README_BEFORE``), the
@@ -287,6 +287,12 @@ def distill_only(launch: Launcher, base: Path, run: Path, argv: list[str]) -> No
         launch([*argv, "--output_dir", str(run), "--stages", "distill", "--eval_split", "validation"])
 
 
+def final_iterations_of(args, backbone: str) -> int:
+    """The probe steps of ``backbone``'s final evaluation: ``--final-iterations`` or its recipe's."""
+    option = args.final_iterations
+    return int(recipe_config(backbone)["evaluate"]["iterations"] if option == "recipe" else option)
+
+
 def schedule_of(option: str, backbone: str) -> tuple[int, int]:
     """(distill.iterations, distill.pyramid_every) of a ``--steps-ipc<k>`` value: "STEPS,EVERY" or "recipe"."""
     if option == "recipe":
@@ -346,6 +352,7 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
         return
     others = [network_folder(args, other) for other in args.networks if other != backbone]
     train_sets = [name for name in FINAL_TRAIN_SETS if name != "lgm" or lgm_runs]
+    final_iterations = final_iterations_of(args, backbone)
     entry["final"] = {}
     for seed in args.seeds:
         run = root / f"ipc{ipc}-seed{seed}"
@@ -359,8 +366,8 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
             launch([*config, *common, *schedule, "--distill.init", chosen, "--output_dir", str(run),
                     "--stages", stages, "--eval_split", "test", "--seed", str(seed),
                     "--evaluate.seed_base", str(SEED_BASE + SEED_STRIDE * seed), "--evaluate.trials", str(args.trials),
-                    "--evaluate.iterations", str(args.final_iterations),
-                    "--evaluate.max_iterations", str(args.final_iterations),
+                    "--evaluate.iterations", str(final_iterations),
+                    "--evaluate.max_iterations", str(final_iterations),
                     "--evaluate.train_sets", ",".join(train_sets), "--evaluate.modes", MODES,
                     "--evaluate.baseline_modes", MODES, "--eval_backbones", ",".join([folder, *others]),
                     "--evaluate.full_dataset", "false", *HONEST_EVALUATION,
@@ -592,7 +599,7 @@ def unit_costs(args, summary: dict) -> dict:
     """One-thread CPU seconds of the pieces of each cell, measured by this bench's own runs (``--launcher
     inprocess --threads 1``: CPU seconds of the process; see ``Launcher``), for ``estimate_seconds``."""
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    units = {"max_samples": args.max_samples, "final_iterations": args.final_iterations,
+    units = {"max_samples": args.max_samples,
              "view_bank": {str(ipc): views for ipc, views in args.view_bank.items()}, "stage1": {}, "launch": {},
              "cells": {}}
     per_step = lambda run: distill_cpu(run) / read_json(run / "synthetic" / "synthetic.json")["iterations"]  # noqa: E731
@@ -624,7 +631,8 @@ def unit_costs(args, summary: dict) -> dict:
                 fixed.append(read_json(run / "launch.json")["cpu_seconds"] - trials * (banks[-1] + trains[-1])
                              - (distill_cpu(run) if made_here else 0.0))
             if fixed:
-                cell.update(final_bank=mean(banks), final_train=mean(trains), final_fixed=mean(fixed))
+                cell.update(final_bank=mean(banks), final_train=mean(trains), final_fixed=mean(fixed),
+                            final_iterations=final_iterations_of(args, backbone))
             units["cells"][f"{backbone}/{ipc[3:]}"] = cell
     return units
 
@@ -674,7 +682,8 @@ def estimate_seconds(args, units: dict) -> tuple[float, list[str]]:
             if args.snapshot_points:
                 total += launch + 2 * args.selection_trials * cell["score_trial"]
             views = args.view_bank[ipc] / units["view_bank"][str(ipc)]
-            trial = cell["final_bank"] * views + cell["final_train"] * args.final_iterations / units["final_iterations"]
+            iterations = final_iterations_of(args, backbone) / cell["final_iterations"]
+            trial = cell["final_bank"] * views + cell["final_train"] * iterations
             fixed = launch + (cell["final_fixed"] - units["launch"][backbone]) * samples
             total += len(args.seeds) * (fixed + args.trials * trial) + (len(args.seeds) - 1) * steps * cell["sfm_step"]
     return total, missing
@@ -708,11 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--others", default="",
                         help="Evaluation-only networks by key (prepared and evaluated on, not distilled with).")
     parser.add_argument("--ipcs", default="1,10", help="Images per class to run, e.g. 1,10.")
-    parser.add_argument("--seeds", default="0,1,2,3,4",
+    parser.add_argument("--seeds", default="0,1,2,3",
                         help="Distillation seeds (run seed): the start is chosen on the first; every seed distils "
-                        "SFM and LGM and is evaluated on test (issue 32: at least 3). Five seeds of 3 trials cost "
-                        "about what three of 5 do, and the t interval over 5 per-seed differences is half as wide "
-                        "(t 2.78 / sqrt 5 against 4.30 / sqrt 3 standard deviations).")
+                        "SFM and LGM and is evaluated on test (issue 32: at least 3). Four seeds of 2 trials cost "
+                        "about what three of 3 do, and the t interval over 4 per-seed differences is a third "
+                        "narrower (t 3.18 / sqrt 4 against 4.30 / sqrt 3 standard deviations).")
     parser.add_argument("--inits", default=",".join(INITS), help="SFM starts (distill.init) to run and choose from.")
     parser.add_argument("--max-samples", type=int, default=5000, help="data.max_samples_per_split.")
     parser.add_argument("--steps-ipc1", default="recipe",
@@ -730,13 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Snapshots along each first-seed distillation run, scored on validation for the "
                         "time-to-quality table and plots (0: none, no time-to-quality).")
     parser.add_argument("--selection-trials", type=int, default=2, help="Trials of each start's validation score.")
-    parser.add_argument("--trials", type=int, default=3, help="Probe trials per seed of the final test evaluation.")
+    parser.add_argument("--trials", type=int, default=2, help="Probe trials per seed of the final test evaluation.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the in-process launcher (default 1; the accelerate launcher's runs "
                         "use torch's own default).")
-    parser.add_argument("--final-iterations", type=int, default=150,
-                        help="evaluate.iterations (= max_iterations: a fixed schedule) of the final test evaluation "
-                        "(the recipes' 300 for selection).")
+    parser.add_argument("--final-iterations", default="recipe",
+                        help="evaluate.iterations (= max_iterations: a fixed schedule) of the final test evaluation, "
+                        "or 'recipe': each network's recipe's (the start selection always uses the recipe's).")
     parser.add_argument("--view-bank-ipc1", type=int, default=64,
                         help="evaluate.view_bank of the ipc 1 runs: augmented views per train image, forwarded once "
                         "per trial and shared by its trainings (0: fresh views every step, the paper's protocol; "
@@ -769,6 +778,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ipc, option in args.steps.items():
         if option != "recipe" and not re.fullmatch(r"\d+,\d+", option):
             raise SystemExit(f"error: --steps-ipc{ipc} {option!r}: give STEPS,EVERY (e.g. 300,40) or 'recipe'.")
+    if args.final_iterations != "recipe" and not args.final_iterations.isdigit():
+        raise SystemExit(f"error: --final-iterations {args.final_iterations!r}: give a number of steps or 'recipe'.")
     unknown = [ipc for ipc in args.ipcs if ipc not in args.steps]
     if unknown:
         raise SystemExit(f"error: --ipcs: no schedule for ipc {unknown[0]}; the bench runs ipc 1 and 10.")

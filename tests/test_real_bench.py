@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 # real_bench puts benchmarks/ on sys.path itself, for its own imports (real_data, harness).
@@ -238,6 +239,11 @@ def test_a_cell_without_lgm_says_so_in_its_differences(tmp_path):
     launch = FakeLauncher()
     real_bench.run_backbone(args, launch, "mobilenet_v2", 10, summary)
     assert not any(value(argv, "--distill.method") == "lgm" for argv in launch.argvs)
+    # --final-iterations recipe (the default): the recipe's probe schedule, fixed.
+    recipe = yaml.safe_load(real_bench.recipe("mobilenet_v2").read_text())
+    final = launch.argvs[-1]
+    assert value(final, "--evaluate.iterations") == value(final, "--evaluate.max_iterations") == str(
+        recipe["evaluate"]["iterations"])
     text = real_bench.final_tables(args, summary)
     assert "| SFM − LGM | not run |" in text and "| SFM − Centroids | +5.0 | [+5.0, +5.0] |" in text
     assert "| LGM |" not in text
