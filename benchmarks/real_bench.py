@@ -500,10 +500,12 @@ def cell_tables(backbone: str, ipc: int, rows: dict, goldens: dict, networks: li
         seeds = sorted({seed for per_seed in values.values() for seed in per_seed})
         trials = max(len(trials) for per_seed in values.values() for trials in per_seed.values())
         where = "the distillation network" if network == backbone else "cross-network, Table 4"
+        then = (f"before: the README's table at {README_BEFORE_COMMIT} (one seed, 5 trials, CI anchored on real class "
+                "means through the evaluation network)" if network in before
+                else f"not in the README's table at {README_BEFORE_COMMIT}")
         text += (f"#### {backbone}, ipc {ipc} → evaluated on {network} ({where})\n\n"
                  f"Test accuracy %, mean ± std over {len(seeds)} distillation seed(s) x {trials} probe trial(s); "
-                 f"before: the README's table at {README_BEFORE_COMMIT} (one seed, 5 trials, CI anchored on real "
-                 "class means through the evaluation network).\n\n")
+                 f"{then}.\n\n")
         table = []
         for label in labels:
             summary = pooled({seed: list(per_trial.values()) for seed, per_trial in values[label].items()})
