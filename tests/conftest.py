@@ -10,6 +10,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    # Inductor's cache does not key its generated kernels by this setting: a run under `default` after one under the
+    # machine's own capability reused vectorised C++ and failed to compile it (CppCompileError: 'at::vec' has not been
+    # declared). One cache per capability lets the suite run under each on one machine.
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"))
 
 import io  # noqa: E402
 import json  # noqa: E402
