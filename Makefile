@@ -9,7 +9,7 @@ LAUNCH := $(PYTHON) -m sfm_hf.launch --num_processes 1 --num_machines 1 --mixed_
 # Every install takes its versions from the lock, so two fresh installs of one commit compute the same numbers.
 LOCK := constraints.txt
 
-.PHONY: install lock demo test docs bench-real clean
+.PHONY: install lock demo-backbone demo test docs bench-real clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 # releases on purpose); commit constraints.txt with the numbers it moves.
 lock:
 	python3 tools/lock.py
+
+# Re-make the demo's pre-trained tiny ViT (src/sfm_hf/assets/tiny-vit) after changing its pre-training, on pinned
+# kernels; commit the folder with the demo numbers it moves.
+demo-backbone: install
+	$(PYTHON) tools/demo_backbone.py
 
 demo: install
 	HF_HUB_OFFLINE=1 $(LAUNCH) recipes/distill.py

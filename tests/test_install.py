@@ -53,6 +53,8 @@ def test_wheel_installed_elsewhere_runs_every_stage_and_exports(tmp_path, digits
         names = archive.namelist()
         entry_points = next(archive.read(name).decode() for name in names if name.endswith("entry_points.txt"))
     assert {f"sfm_hf/model_cards/{card}.md.j2" for card in ("dataset_card", "model_card", "statistics_card")} <= set(names)
+    assert {f"sfm_hf/assets/tiny-vit/{name}" for name in ("config.json", "model.safetensors",
+                                                          "preprocessor_config.json", "manifest.json")} <= set(names)
     assert "sfm-hf = sfm_hf.cli:main" in entry_points
 
     site = tmp_path / "site"
