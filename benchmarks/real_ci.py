@@ -8,7 +8,9 @@ and 10. Per distillation network and ipc:
 2. Stage III on ``validation`` (never ``test``) through both networks: the same network and the other one as eval
    backbone (Table 4's cross cells), modes vanilla, ci and fused, once per projector variant: ``evaluate.projector``
    sgd or ridge (penalty chosen by ``ridge_choice`` folds or validation), ``evaluate.projector_anchors`` 0 (the
-   paper's Eq. 10 alone) or 1 (real class-mean anchors).
+   paper's Eq. 10 alone) or 1 (class-mean anchors: real ones through the other network). The fused weight, the
+   ridge penalty's validation choice and those anchors read real train features through the evaluation network, so
+   every run sets ``evaluate.real_eval_data`` and its rows carry that label.
 
 The variants differ only in the projector options, so they are evaluated in this process on one load of Stage III's
 inputs (feature caches, golden classifier, synthetic set), and each trial's view bank is forwarded once and shared by
@@ -84,8 +86,9 @@ def evaluate_variants(args, backbone: str, ipc: int, run: Path, variants: list[s
         model_folder(args, backbone), "--eval_backbones", ",".join([model_folder(args, backbone), *others]),
         "--data.max_samples_per_split", str(args.max_samples), "--output_dir", str(run), "--stages", "evaluate",
         "--eval_split", "validation", "--ipc", str(ipc), "--evaluate.train_sets", "sfm",
-        "--evaluate.modes", "vanilla,ci,fused", "--evaluate.full_dataset", "false", "--evaluate.trials",
-        str(args.trials), "--evaluate.view_bank", str(args.view_bank[ipc]), "--evaluate.curve_points", "0",
+        "--evaluate.modes", "vanilla,ci,fused", "--evaluate.real_eval_data", "true", "--evaluate.full_dataset",
+        "false", "--evaluate.trials", str(args.trials), "--evaluate.view_bank", str(args.view_bank[ipc]),
+        "--evaluate.curve_points", "0",
         *args.overrides,
     ])
     shared = args.runs / backbone / "ipc1" / "evaluation" / "features"
