@@ -68,7 +68,9 @@ def test_every_registered_method_and_mode_names_code_that_exists_and_is_a_valid_
         parse_config(["--config", str(write_recipe(tmp_path)), "--distill.method", method.name])
     for mode in EVALUATION_MODES.values():
         assert callable(mode.train_function()), mode.name
-        parse_config(["--config", str(write_recipe(tmp_path)), "--evaluate.modes", mode.name])
+        # fused reads real train features through the eval backbones, so it is a valid choice only with the switch.
+        parse_config(["--config", str(write_recipe(tmp_path)), "--evaluate.modes", mode.name,
+                      "--evaluate.real_eval_data", "true"])
 
 
 def test_saved_config_loads_back_identically(tmp_path):
