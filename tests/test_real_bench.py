@@ -195,8 +195,11 @@ def test_every_seed_distils_sfm_and_lgm_and_evaluates_every_set_in_both_modes_on
         assert value(argv, "--evaluate.modes") == value(argv, "--evaluate.baseline_modes") == "vanilla,ci"
         assert value(argv, "--eval_backbones").split(",") == [str(tmp_path / "assets" / "mobilenet_v2-32px"),
                                                               str(tmp_path / "assets" / "efficientnet_lite0-32px")]
-        # No real data through an evaluation network: no anchors, and a fixed schedule (no plateau check decides).
-        assert value(argv, "--evaluate.projector_anchors") == "0"
+        # No real data through an evaluation network: Stage III's defaults (real_eval_data off, protocol fixed)
+        # are neither overridden here nor in the recipe.
+        assert "--evaluate.real_eval_data" not in argv and "--evaluate.protocol" not in argv
+        recipe_evaluate = real_bench.recipe_config("mobilenet_v2")["evaluate"]
+        assert not recipe_evaluate.get("real_eval_data", False) and recipe_evaluate["protocol"] == "fixed"
         assert value(argv, "--evaluate.iterations") == value(argv, "--evaluate.max_iterations") == "40"
         lgm = runs / ("ipc1-lgm-noise" if seed == "0" else f"ipc1-lgm-noise-seed{seed}")
         assert value(argv, "--evaluate.extra_synthetic") == str(lgm)
