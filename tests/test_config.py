@@ -43,6 +43,7 @@ def test_unknown_key_names_known_keys(tmp_path):
         (["--distill.method", "dm"], "distill.method"),
         (["--distill.compile", "maybe"], "true or false"),
         (["--data.crop_ratio", "1.5"], "crop_ratio"),
+        (["--distill.mean_spread_weight", "-0.5"], "`distill.mean_spread_weight` must be >= 0"),
     ],
 )
 def test_bad_values_are_clear(tmp_path, argv, message):

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..augment import augment
+from ..augment import AugmentConfig, augment
 from ..backbones import FrozenBackbone
 from ..config import EvaluateOptions
 from ..probe import accuracy
@@ -39,6 +39,8 @@ class TrialSetup:
     # evaluate.projector_anchors > 0: per class, phi_e's mean real TRAIN feature [C, D_e] and phi_d's class mean
     # from Stage I [C, D_d] (the same images): pairs the projector fit adds to its views.
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The flip and crop of its fresh views (a view bank holds its own): the run's `augment` section.
+    augmentation: AugmentConfig = TRAIN_AUGMENTATION
     # This trial's trained models by recorded mode (trainers.TrainedModel), shared by the trial's trainings on one
     # eval backbone so that a mode combining others (fused) reuses them instead of training them again.
     trained: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +106,7 @@ class AugmentedFeatures:
             distill_features = None if distill_bank is None else distill_bank[view, chosen]
             return eval_bank[view, chosen], distill_features, setup.labels[chosen]
         with torch.no_grad():
-            views = augment(setup.images[chosen], self.view_size, TRAIN_AUGMENTATION, seed=setup.seed,
+            views = augment(setup.images[chosen], self.view_size, setup.augmentation, seed=setup.seed,
                             step=self.step_offset + step, image_ids=chosen)
             eval_features = setup.eval_backbone(views)
             distill_features = None
