@@ -1,6 +1,7 @@
 """The `augment` section (flip, crop scale) reaches Stage II's and Stage III's views, and bad values are clear."""
 
 import importlib
+import json
 import shutil
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from conftest import tiny_config
 from sfm_hf.augment import AugmentConfig
 from sfm_hf.config import Config, ConfigError, parse_config
+from sfm_hf.errors import UserError
 from sfm_hf.runner import run_stages
 
 
@@ -52,6 +54,23 @@ def test_stage_two_views_follow_the_augment_section(method, statistics_run, digi
     run_stages(config, accelerator)
     assert_chosen(seen)
     assert len(seen) == (2 if method == "sfm" else 2 * (1 + 1))  # lgm: one synthetic round and the real batch
+
+
+def test_other_views_refuse_the_checkpoint_and_are_recorded(statistics_run, digits_dir, demo_backbone, tmp_path,
+                                                            accelerator):
+    """Images distilled on other views are other images: a resume with another flip or crop is refused."""
+    shutil.copytree(statistics_run, tmp_path / "run")
+    config = tiny_config(digits_dir, demo_backbone, tmp_path / "run", iterations=10, checkpoint_every=5)
+    config.stages = ["distill"]
+    run_stages(config, accelerator)
+    recorded = json.loads((tmp_path / "run" / "synthetic" / "synthetic.json").read_text())
+    assert recorded["augment"] == {"flip": True, "crop_scale": [0.08, 1.0]}
+    for key, value in (("flip", False), ("crop_scale", [0.5, 0.9])):
+        changed = tiny_config(digits_dir, demo_backbone, tmp_path / "run", iterations=10, checkpoint_every=5)
+        changed.stages = ["distill"]
+        setattr(changed.augment, key, value)
+        with pytest.raises(UserError, match=f"different settings or inputs \\(augment.{key}\\)"):
+            run_stages(changed, accelerator)
 
 
 @pytest.mark.parametrize("view_bank", [0, 3])
