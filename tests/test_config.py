@@ -43,6 +43,13 @@ def test_unknown_key_names_known_keys(tmp_path):
         (["--distill.method", "dm"], "distill.method"),
         (["--distill.compile", "maybe"], "true or false"),
         (["--data.crop_ratio", "1.5"], "crop_ratio"),
+        (["--distill.mean_spread_weight", "-0.5"], "`distill.mean_spread_weight` must be >= 0"),
+        (["--augment.crop_scale", "[0.5]"], "`augment.crop_scale` must be two fractions"),
+        (["--augment.crop_scale", "[0.9, 0.5]"], "`augment.crop_scale` must be two fractions"),
+        (["--augment.crop_scale", "[0, 1]"], "`augment.crop_scale` must be two fractions"),
+        (["--augment.crop_scale", "[0.5, 1.2]"], "`augment.crop_scale` must be two fractions"),
+        (["--augment.flip", "sometimes"], "`augment.flip` expects true or false"),
+        (["--augment.mirror", "false"], "Unknown key `augment.mirror`"),
     ],
 )
 def test_bad_values_are_clear(tmp_path, argv, message):

@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from sfm_hf.objectives import (
+    centre_flow_loss,
     class_centres,
     decoupled_centre_loss,
     flow_cosine,
     lgm_loss,
     linear_head_gradient,
+    mean_spread_loss,
     non_target_centres,
     random_linear_head,
     sfm_loss,
@@ -187,3 +189,48 @@ def test_random_linear_head_is_seeded_gaussian():
     torch.testing.assert_close(weight, again)
     assert weight.shape == (100, 200) and bool((bias == 0).all())
     assert float(weight.std()) == pytest.approx(0.01, rel=0.05)
+
+
+def test_sfm_loss_is_the_cosine_of_the_centred_class_means():
+    """With the class-mean non-target flow, F^s_c = -C/(C-1) (m_c - mean(m)) and F*_c likewise: Eq. 9 is
+    1 - cos(centred synthetic centres, centred real means), blind to where the centres sit and to their scale."""
+    means, flow = _real_statistics()
+    centres = torch.randn(C, D, generator=_generator(8), dtype=torch.float64)
+    loss = centre_flow_loss(centres, means, flow)
+    centred = F.cosine_similarity((centres - centres.mean(0)).flatten(), (means - means.mean(0)).double().flatten(),
+                                  dim=0)
+    torch.testing.assert_close(loss, 1 - centred)
+    offset = torch.randn(D, generator=_generator(9), dtype=torch.float64) * 100
+    torch.testing.assert_close(centre_flow_loss(3.7 * centres + offset, means, flow), loss)
+
+
+def test_the_mean_spread_term_sees_what_the_cosine_cannot():
+    """Zero at the real means; an offset or a scale of every centre (invisible to Eq. 9) raises it by exactly
+    C ||b||^2 / S and (s - 1)^2, S the real class spread."""
+    means, _ = _real_statistics()
+    means = means.double()
+    spread = (means - means.mean(0)).square().sum()
+    assert float(mean_spread_loss(means, means)) == pytest.approx(0.0, abs=1e-12)
+    offset = torch.randn(D, generator=_generator(9), dtype=torch.float64)
+    torch.testing.assert_close(mean_spread_loss(means + offset, means), C * offset.square().sum() / spread)
+    torch.testing.assert_close(mean_spread_loss(means.mean(0) + 2.5 * (means - means.mean(0)), means),
+                               torch.tensor(1.5**2, dtype=torch.float64))
+    # The direction of the centred centres is left to the cosine: a rotation within the class plane costs nothing.
+    swapped = means.mean(0) + (means - means.mean(0))[torch.roll(torch.arange(C), 1)]
+    assert float(mean_spread_loss(swapped, means)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sfm_step_loss_adds_the_weighted_mean_spread_term(monkeypatch):
+    """distill.mean_spread_weight 0 is Eq. 9 alone; lambda adds lambda x mean_spread_loss of the same centres."""
+    from types import SimpleNamespace
+
+    from sfm_hf.distill import losses
+
+    means, flow = _real_statistics()
+    centres = torch.randn(C, D, generator=_generator(10)) + 3.0
+    monkeypatch.setattr(losses, "synthetic_centres", lambda context, images, step: centres)
+    for weight in (0.0, 0.7):
+        context = SimpleNamespace(target_means=means, target_flow=flow,
+                                  config=SimpleNamespace(distill=SimpleNamespace(mean_spread_weight=weight)))
+        expected = centre_flow_loss(centres, means, flow) + weight * mean_spread_loss(centres, means)
+        torch.testing.assert_close(losses.sfm_step_loss(context, None, 0), expected)

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .config import AugmentOptions
 
 __all__ = [
     "AugmentConfig",
@@ -45,6 +49,9 @@ _STREAM_CROP = 2
 _STREAM_NOISE_GATE = 3
 _STREAM_NOISE = 4
 
+# The share of views flipped when flipping is on: torchvision's RandomHorizontalFlip, the authors' recipe.
+FLIP_P = 0.5
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -60,7 +67,7 @@ class AugmentConfig:
         noise_mean: mean of the noise (the older LGM code used 0.5, current code 0.0).
     """
 
-    flip_p: float = 0.5
+    flip_p: float = FLIP_P
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     noise_std: float = 0.2
@@ -78,6 +85,12 @@ class AugmentConfig:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(low, high)}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+
+    @classmethod
+    def from_options(cls, options: AugmentOptions, **noise: float) -> AugmentConfig:
+        """The flip and crop of a run's ``augment`` section, with ``noise`` (``noise_p`` etc.) as given."""
+        low, high = options.crop_scale
+        return cls(flip_p=FLIP_P if options.flip else 0.0, crop_scale=(low, high), **noise)
 
 
 def _hash32(x: Tensor | int) -> Tensor | int:

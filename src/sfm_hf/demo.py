@@ -274,6 +274,8 @@ def demo_config(root: str | Path = "outputs/demo-assets", output_dir: str = "out
     config.distill.lr = 0.01
     config.distill.pyramid_every = 150
     config.distill.checkpoint_every = 500
+    # A mirrored digit is another symbol (or none): no flipped views, as in the digit recipes.
+    config.augment.flip = False
     # Export ends the demo by printing the three Hub-layout folders and two lines that load each.
     config.stages = ["statistics", "distill", "evaluate", "export"]
     # Stage III, Table 2 style. Fewer trials than the paper's 5 keep the demo short (the evaluate stage says so);

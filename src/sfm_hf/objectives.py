@@ -106,6 +106,29 @@ def centre_flow_loss(centres: torch.Tensor, target_means: torch.Tensor, target_f
     return 1 - flow_cosine(target_flow, _synthetic_non_target(centres) - centres)
 
 
+def mean_spread_loss(centres: torch.Tensor, target_means: torch.Tensor) -> torch.Tensor:
+    """Where the synthetic class centres sit and how far apart they are: what :func:`centre_flow_loss` cannot see.
+
+    With the class-mean non-target centres, F^s_c = nu^s_c - m_c = -C/(C-1) (m_c - mean(m)) and F*_c likewise, so
+    Eq. 9 is 1 - cos(m - mean(m), mu* - mean(mu*)) over the flattened centred centres: m -> s m + b (any s > 0,
+    b in R^D) leaves it unchanged. This term measures exactly those two degrees of freedom against the real
+    class means mu*, relative to their spread S = ||mu* - mean(mu*)||_F^2:
+
+        C ||mean(m) - mean(mu*)||^2 / S  +  (||m - mean(m)||_F / sqrt(S) - 1)^2
+
+    (the overall mean's offset, in units of the class spread, and the spread's ratio); the direction of the
+    centred centres stays the cosine's alone. Zero for m = mu* and for any m = mu* + (a pattern with zero
+    overall mean whose spread keeps S).
+    """
+    dtype = _compute_dtype(centres, target_means)
+    centres, target_means = centres.to(dtype), target_means.to(dtype)
+    target_mean, mean = target_means.mean(0), centres.mean(0)
+    spread = (target_means - target_mean).square().sum()
+    offset = centres.shape[0] * (mean - target_mean).square().sum() / spread
+    ratio = ((centres - mean).square().sum() / spread).sqrt()
+    return offset + (ratio - 1).square()
+
+
 def decoupled_centre_loss(centres: torch.Tensor, target_means: torch.Tensor, target_flow: torch.Tensor,
                           alpha: float) -> torch.Tensor:
     """The Tab. 3 ablations as the authors implement them: alpha MSE(mu*, m) + (1 - alpha) MSE(nu*, nu^s).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .evaluation_options import EvaluateOptions
 from .hub_options import HubOptions
-from .options import ConfigError, DataOptions, DistillOptions, GoldenOptions, StatisticsOptions
+from .options import AugmentOptions, ConfigError, DataOptions, DistillOptions, GoldenOptions, StatisticsOptions
 from .parsing import (
     config_from_dict, help_text, iter_options, iter_sections, load_recipe, option_default, option_type, parse_config,
     parse_overrides,
@@ -25,7 +25,7 @@ from .parsing import (
 from .run import STAGES, Config
 
 __all__ = [
-    "STAGES", "Config", "ConfigError", "DataOptions", "DistillOptions", "EvaluateOptions", "GoldenOptions",
-    "HubOptions", "StatisticsOptions", "config_from_dict", "help_text", "iter_options", "iter_sections", "load_recipe",
-    "option_default", "option_type", "parse_config", "parse_overrides",
+    "STAGES", "AugmentOptions", "Config", "ConfigError", "DataOptions", "DistillOptions", "EvaluateOptions",
+    "GoldenOptions", "HubOptions", "StatisticsOptions", "config_from_dict", "help_text", "iter_options",
+    "iter_sections", "load_recipe", "option_default", "option_type", "parse_config", "parse_overrides",
 ]

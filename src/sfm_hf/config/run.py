@@ -15,7 +15,8 @@ from ..registry import DISTILL_METHODS
 from .evaluation_options import EvaluateOptions
 from .hub_options import HubOptions
 from .options import (
-    REAL_STARTS, ConfigError, DataOptions, DistillOptions, GoldenOptions, StatisticsOptions, check_choice, option,
+    REAL_STARTS, AugmentOptions, ConfigError, DataOptions, DistillOptions, GoldenOptions, StatisticsOptions,
+    check_choice, option,
 )
 
 
@@ -62,6 +63,9 @@ class Config:
     data: DataOptions = option(help="Reading real images.", factory=DataOptions)
     statistics: StatisticsOptions = option(help="Stage I: class statistics.", factory=StatisticsOptions)
     golden: GoldenOptions = option(help="Stage I: the golden classifier.", factory=GoldenOptions)
+    augment: AugmentOptions = option(
+        help="The differentiable augmentation of Stage II's and Stage III's views.", factory=AugmentOptions
+    )
     distill: DistillOptions = option(help="Stage II: distillation.", factory=DistillOptions)
     evaluate: EvaluateOptions = option(help="Stage III: evaluation.", factory=EvaluateOptions)
     statistics_from: str | list[str] | None = option(
@@ -113,7 +117,7 @@ class Config:
         if self.ipc < 1:
             raise ConfigError(f"`ipc` must be >= 1, got {self.ipc}.")
         check_choice("progress", self.progress, ("auto", "bar", "lines", "off"))
-        for section in (self.data, self.statistics, self.golden, self.distill, self.evaluate, self.hub):
+        for section in (self.data, self.statistics, self.golden, self.augment, self.distill, self.evaluate, self.hub):
             section.validate()
         self._check_synthetic_sets_reachable()
 

@@ -26,6 +26,8 @@ def checkpoint_fingerprint(config: Config, statistics: list[Statistics], world_s
     set records each member's digest by backbone, so that a change in any of them is seen.
     """
     options = {f"distill.{key}": value for key, value in asdict(config.distill).items()}
+    # Other views make other images: a resume must keep Stage II's flip and crop.
+    options.update({f"augment.{key}": value for key, value in asdict(config.augment).items()})
     for free in ("iterations", "checkpoint_every", "preview_every", "log_every", "snapshot_every", "compile",
                  "checkpoint_chunk"):
         options.pop(f"distill.{free}")

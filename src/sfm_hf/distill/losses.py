@@ -15,7 +15,9 @@ from ..backbones import FrozenBackbone
 from ..config import Config, DistillOptions
 from ..data import BalancedRealStream, as_float
 from ..errors import UserError
-from ..objectives import centre_flow_loss, decoupled_centre_loss, flow_cosine, linear_head_gradient, random_linear_head
+from ..objectives import (
+    centre_flow_loss, decoupled_centre_loss, flow_cosine, linear_head_gradient, mean_spread_loss, random_linear_head,
+)
 from ..registry import DISTILL_METHODS
 from ..statistics import Statistics, open_config_split
 
@@ -135,8 +137,14 @@ def synthetic_centres(context: DistillContext, images: torch.Tensor, step: int) 
 
 
 def sfm_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
-    """SFM (Eq. 9): 1 - cos between the statistical flow and the flow of the synthetic class centres."""
-    return centre_flow_loss(synthetic_centres(context, images, step), context.target_means, context.target_flow)
+    """SFM (Eq. 9): 1 - cos between the statistical flow and the flow of the synthetic class centres, plus
+    ``distill.mean_spread_weight`` x :func:`~sfm_hf.objectives.mean_spread_loss` (Eq. 9 alone at 0)."""
+    centres = synthetic_centres(context, images, step)
+    loss = centre_flow_loss(centres, context.target_means, context.target_flow)
+    weight = context.config.distill.mean_spread_weight
+    if weight:
+        loss = loss + weight * mean_spread_loss(centres, context.target_means)
+    return loss
 
 
 def decoupled_step_loss(context: DistillContext, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -224,7 +232,8 @@ def build_context(
         target_means=statistics.class_means.to(device),
         target_flow=statistics.flow(config.statistics.non_target).to(device),
         share=share,
-        augment_config=AugmentConfig(noise_std=options.noise_std, noise_p=options.noise_p, noise_mean=options.noise_mean),
+        augment_config=AugmentConfig.from_options(
+            config.augment, noise_std=options.noise_std, noise_p=options.noise_p, noise_mean=options.noise_mean),
         world_size=world_size,
     )
     if DISTILL_METHODS[options.method].reads_real_images:

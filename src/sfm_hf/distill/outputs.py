@@ -151,6 +151,7 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "dataset": config.dataset,
         "resolution": config.distill.syn_res,
         "distill": asdict(config.distill),
+        "augment": asdict(config.augment),
         "seconds": round(seconds, 3),
         "peak_memory_mib": peak_memory,
         "final_loss": None if not math.isfinite(final_loss) else final_loss,

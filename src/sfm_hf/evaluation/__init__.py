@@ -77,7 +77,7 @@ from ..statistics import Statistics
 from .errors import EvaluationError, ProjectorMismatchError
 from .features import FeatureSet, split_features, EvalBackbone
 from .projectors import save_projector, load_golden, load_projector, score_projector
-from .views import trial_bank
+from .views import training_augmentation, trial_bank
 from .training import TrialSetup, TrainingProgress
 from .trainers import train_trial
 from .train_sets import SyntheticSet, load_synthetic, synthetic_sets, TrainSet, build_train_sets
@@ -265,6 +265,7 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
     progress = track(share, desc="Stage III", unit="model", mode=config.progress, enabled=shown)
     served = [inputs.distill_backbone, *(model.backbone for model in inputs.backbones.values())]
     bank_widths = sum({id(backbone): backbone.feature_dim for backbone in served}.values())
+    augmentation = training_augmentation(config.augment)
     for job in progress:
         label = f"{job.train_set} {job.mode} -> {short_name(job.eval_backbone)} #{job.trial}"
         progress.set_postfix_str(label)
@@ -284,15 +285,19 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
         if bank_of != (job.train_set, job.trial):
             bank_of, bank = (job.train_set, job.trial), trial_bank(
                 options, images, seed, bank_widths, progress_mode=config.progress, shown=shown,
-                announce=shown and job.trial == 0, train_set=job.train_set)
+                announce=shown and job.trial == 0, train_set=job.train_set, augmentation=augmentation)
         if trained_of != (job.train_set, job.trial, job.eval_backbone):
             trained_of, trained = (job.train_set, job.trial, job.eval_backbone), {}
         setup = TrialSetup(images, labels.to(device), model.backbone, inputs.distill_backbone,
                            inputs.golden, eval_features, eval_labels, options, seed, *validation,
                            view_bank=bank,
                            progress=TrainingProgress(clock, label, config.progress, shown),
+<<<<<<< HEAD
                            anchors=on_device.anchors(model), real_anchors=on_device.real_anchors(model),
                            trained=trained)
+=======
+                           anchors=on_device.anchors(model), trained=trained, augmentation=augmentation)
+>>>>>>> h32-distill
         outcome = train_trial(setup, job.mode)
         clock.finish_unit()
         if job.train_set == inputs.own_method and parse_mode(job.mode)[0].bundles_projector and job.trial == 0:

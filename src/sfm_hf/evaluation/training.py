@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..augment import augment
+from ..augment import AugmentConfig, augment
 from ..backbones import FrozenBackbone
 from ..config import EvaluateOptions
 from ..probe import accuracy
@@ -43,6 +43,8 @@ class TrialSetup:
     anchors: tuple[torch.Tensor, torch.Tensor] | None = None
     # The anchors' phi_e side is the mean of real TRAIN features through the eval backbone (real_eval_data).
     real_anchors: bool = False
+    # The flip and crop of its fresh views (a view bank holds its own): the run's `augment` section.
+    augmentation: AugmentConfig = TRAIN_AUGMENTATION
     # This trial's trained models by recorded mode (trainers.TrainedModel), shared by the trial's trainings on one
     # eval backbone so that a mode combining others (fused) reuses them instead of training them again.
     trained: dict[str, Any] = field(default_factory=dict)
@@ -108,7 +110,7 @@ class AugmentedFeatures:
             distill_features = None if distill_bank is None else distill_bank[view, chosen]
             return eval_bank[view, chosen], distill_features, setup.labels[chosen]
         with torch.no_grad():
-            views = augment(setup.images[chosen], self.view_size, TRAIN_AUGMENTATION, seed=setup.seed,
+            views = augment(setup.images[chosen], self.view_size, setup.augmentation, seed=setup.seed,
                             step=self.step_offset + step, image_ids=chosen)
             eval_features = setup.eval_backbone(views)
             distill_features = None

@@ -8,15 +8,20 @@ from accelerate.logging import get_logger
 
 from ..augment import AugmentConfig, augment
 from ..backbones import FrozenBackbone
-from ..config import EvaluateOptions
+from ..config import AugmentOptions, EvaluateOptions
 from ..progress import progress as track
 from ..names import short_name
 
 logger = get_logger(__name__)
 
 
-# LGM's evaluation views: flip + random-resized-crop, no noise.
-TRAIN_AUGMENTATION = AugmentConfig(noise_p=0.0)
+def training_augmentation(options: AugmentOptions) -> AugmentConfig:
+    """Stage III's training views (LGM's evaluation views): the run's flip and crop (``augment``), no noise."""
+    return AugmentConfig.from_options(options, noise_p=0.0)
+
+
+# The views of the default `augment` options.
+TRAIN_AUGMENTATION = training_augmentation(AugmentOptions())
 
 
 class ViewBank:
@@ -29,8 +34,9 @@ class ViewBank:
     """
 
     def __init__(self, images: torch.Tensor, views: int, seed: int, chunk: int, progress_mode: str = "off",
-                 progress_enabled: bool = False) -> None:
+                 progress_enabled: bool = False, augmentation: AugmentConfig = TRAIN_AUGMENTATION) -> None:
         self.images, self.views, self.seed, self.chunk = images, views, seed, chunk
+        self.augmentation = augmentation
         self.progress_mode, self.progress_enabled = progress_mode, progress_enabled
         self._features: dict[tuple[int, int], torch.Tensor] = {}
         # Whichever training asks first pays for the forwards; kept apart so its own seconds stay comparable.
@@ -47,7 +53,7 @@ class ViewBank:
             per_view = []
             for view in track(range(self.views), desc=f"Stage III: view bank through {short_name(backbone.name)}",
                               unit="view", mode=self.progress_mode, enabled=self.progress_enabled, leave=False):
-                parts = [backbone(augment(part, view_size, TRAIN_AUGMENTATION, seed=self.seed, step=view,
+                parts = [backbone(augment(part, view_size, self.augmentation, seed=self.seed, step=view,
                                           index_offset=start))
                          for start, part in zip(starts, self.images.split(self.chunk))]
                 per_view.append(torch.cat(parts))
@@ -64,7 +70,8 @@ def bank_views(wanted: int, images: int, feature_widths: int, max_mib: float) ->
 
 
 def trial_bank(options: EvaluateOptions, images: torch.Tensor, seed: int, feature_widths: int, *,
-               progress_mode: str, shown: bool, announce: bool, train_set: str) -> ViewBank | None:
+               progress_mode: str, shown: bool, announce: bool, train_set: str,
+               augmentation: AugmentConfig = TRAIN_AUGMENTATION) -> ViewBank | None:
     """The view bank of one trial (``evaluate.view_bank``), cut to what fits ``evaluate.view_bank_max_mib``;
     ``announce`` logs a cut. None: fresh views every step."""
     if not options.view_bank:
@@ -75,4 +82,4 @@ def trial_bank(options: EvaluateOptions, images: torch.Tensor, seed: int, featur
         logger.info(f"Stage III: {train_set}: {options.view_bank} views of {len(images)} images through backbones of "
                     f"{feature_widths} summed features exceed evaluate.view_bank_max_mib="
                     f"{options.view_bank_max_mib:g}: {outcome}.")
-    return ViewBank(images, views, seed, options.batch_size, progress_mode, shown) if views else None
+    return ViewBank(images, views, seed, options.batch_size, progress_mode, shown, augmentation) if views else None
