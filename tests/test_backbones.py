@@ -67,7 +67,8 @@ def test_processor_crop_size_wins_over_the_position_embedding_grid(tmp_path):
 
 def test_demo_backbone_weights_do_not_depend_on_the_thread_count(tmp_path):
     """Before pre-training ran on one thread, 20 steps on 2 threads already gave other weights than on 1, and the
-    demo (1 thread under its launcher) and the tests (2) used different backbones with different orderings."""
+    demo (1 thread under its launcher) and the tests (2) used different backbones with different orderings. Both now
+    use the committed backbone; its regeneration and the benchmarks' second backbone still pre-train here."""
     from safetensors.torch import load_file
 
     from sfm_hf.demo import build_tiny_vit

@@ -159,3 +159,80 @@ def test_a_transformers_older_than_subconfigspec_makes_the_check_unpack_its_whee
     monkeypatch.setattr(gpu_check.importlib.metadata, "version",
                         lambda name: installed if name == "transformers" else "0")
     assert gpu_check.lacks_packages() is lacking
+
+
+# The DINOv2 cell and the cost comparison (issue 33).
+
+DINO_TINY = replace(gpu_check.CELLS["dinov2_vits14"], image_size=28, syn_res=32, samples_per_split=50, sfm_steps=3,
+                    pyramid_every=2, lgm_steps=2, trials=1, eval_iterations=5, view_bank=2)
+
+
+def test_the_dinov2_cell_runs_the_papers_schedule_from_weights_that_travel_in_float16(tmp_path, digits_dir,
+                                                                                      tiny_backbone, capsys):
+    paper = gpu_check.CELLS["dinov2_vits14"]
+    assert (paper.image_size, paper.syn_res, paper.sfm_steps, paper.pyramid_every, paper.sfm_init) == (
+        224, 256, 5000, 200, "noise")
+    assets, wheels = tmp_path / "assets", tmp_path / "wheels"
+    assets.mkdir()
+    wheels.mkdir()
+    (assets / "mnist").symlink_to(digits_dir)
+    for name, version in gpu_check.WHEEL_PINS:
+        write_wheel(wheels / f"{name}-{version}-py3-none-any.whl", name, version)
+    exact = Path(tiny_backbone("dinov2"))
+    carried = DINO_TINY.carried_folder(assets)
+    difference = gpu_check.carry_fp16(exact, carried, 28)
+    assert 0 < difference < 1e-2
+    assert json.loads((carried / gpu_check.CARRY_RECORD).read_text())["max_abs_feature_difference_28px"] == difference
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(carried / "model.safetensors")).values()} == {torch.float16}
+    # Before the device writes the float32 folder, the float16 one is what the inputs need.
+    assert gpu_check.main(["--dry-run", "--cell", "dinov2_vits14", *arguments(tmp_path, assets, wheels)],
+                          cell=DINO_TINY) == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0][1:] for line in commands] == ["stage1", "lgm-bf16", "sfm-bf16"]  # no compile run
+    assert all(" --config recipes/real_mnist_dinov2_vits14.yaml " in line for line in commands)
+    assert "--distill.init noise" in commands[2] and "--distill.syn_res 32" in commands[2]
+    restored = gpu_check.materialise_fp32(carried, DINO_TINY.backbone_folder(assets))
+    from sfm_hf.backbones import load_backbone
+
+    backbone = load_backbone(str(restored))
+    assert next(backbone.parameters()).dtype == torch.float32 and backbone.image_size == 28
+
+
+def test_a_reference_recorded_before_a_cell_field_existed_still_compares():
+    figures = {"Stage I images/s": 1.0}
+    reference = {"cell": {key: value for key, value in gpu_check.asdict(TINY).items()
+                          if key not in ("backbone", "syn_res", "sfm_init", "precisions", "carry_fp16",
+                                         "compile_check")},
+                 "device": "cpu", "date": "then", "runs_measured": [], "load_average": [0, 0, 0],
+                 "figures": {"Stage I images/s": 7.5}}
+    reference = json.loads(json.dumps(reference))
+    assert "| Stage I images/s | 7.5 | 1.0 |" in gpu_check.comparison_table(figures, reference, TINY)
+    dino = gpu_check.comparison_table(figures, reference, DINO_TINY)
+    assert "7.5" not in dino and "measured with other settings" in dino
+
+
+def test_the_cost_comparison_at_tiny_size_on_cpu(tmp_path, capsys):
+    out_json = tmp_path / "cost.json"
+    assert gpu_check.main(["--cost", "--tiny", "--device", "cpu", "--runs", str(tmp_path / "runs"),
+                           "--json-out", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["cost_cell"] == gpu_check.asdict(gpu_check.TINY_COST)
+    figures = result["figures"]
+    for method in ("SFM", "LGM"):
+        assert figures[f"{method} s/step"] > 0 and figures[f"{method} peak MiB"] > 0
+        assert figures[f"{method} 5000 steps (min)"] == pytest.approx(figures[f"{method} s/step"] * 5000 / 60, rel=0.01)
+    assert figures["LGM / SFM time"] == pytest.approx(figures["LGM s/step"] / figures["SFM s/step"], rel=0.01)
+    assert "none of its figures is a GPU figure" in capsys.readouterr().out
+
+
+def test_an_lgm_that_does_not_fit_is_reported_with_its_checkpointed_rerun():
+    sfm = {"median_s": 0.2, "projected_5000_steps_min": 16.7, "memory": {"peak_mib": 16000.0}}
+    compared = {"results": {"sfm": sfm, "lgm": {"error": "CUDA out of memory. Tried to allocate 20.00 GiB"}}}
+    chunked = {"results": {"lgm": {"median_s": 1.0, "projected_5000_steps_min": 83.3, "memory": {"peak_mib": 60000.0}}}}
+    figures = gpu_check.cost_figures(compared, chunked, 100)
+    assert figures["LGM error"].startswith("CUDA out of memory")
+    assert figures["LGM, checkpoint_chunk 100 s/step"] == 1.0 and figures["LGM, checkpoint_chunk 100 peak MiB"] == 60000.0
+    assert figures["LGM / SFM time"] == 5.0

@@ -53,6 +53,8 @@ def test_wheel_installed_elsewhere_runs_every_stage_and_exports(tmp_path, digits
         names = archive.namelist()
         entry_points = next(archive.read(name).decode() for name in names if name.endswith("entry_points.txt"))
     assert {f"sfm_hf/model_cards/{card}.md.j2" for card in ("dataset_card", "model_card", "statistics_card")} <= set(names)
+    assert {f"sfm_hf/assets/tiny-vit/{name}" for name in ("config.json", "model.safetensors",
+                                                          "preprocessor_config.json", "manifest.json")} <= set(names)
     assert "sfm-hf = sfm_hf.cli:main" in entry_points
 
     site = tmp_path / "site"
@@ -106,11 +108,14 @@ def test_the_lock_pins_every_dependency_and_make_install_uses_it():
     locked = {name(package): version for package, version in pins.items()}
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    options = setup["options"]["install_requires"] + setup["options.extras_require"]["test"]
+    makefile = (REPO / "Makefile").read_text()
+    # The extras `make install` installs (test, docs): each of their packages must be locked too.
+    (extras,) = re.findall(r"-e '\.\[([\w,]+)\]'", makefile)
+    options = setup["options"]["install_requires"] + "".join(
+        "\n" + setup["options.extras_require"][extra] for extra in extras.split(","))
     required = {name(line) for line in options.splitlines() if line.strip()}
     assert required - set(locked) == set()
     assert "sfm-hf" not in locked  # the project itself installs editable from the checkout
-    makefile = (REPO / "Makefile").read_text()
     for package, version in re.findall(r"\b(torch|torchvision)==([\w.+]+)", makefile):
         assert locked[package] == version
     install = makefile.split("$(STAMP):", 1)[1].split("\n\n", 1)[0]

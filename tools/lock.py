@@ -54,7 +54,7 @@ def main() -> None:
         pip_version = subprocess.run([str(python), "-m", "pip", "--version"], check=True, capture_output=True,
                                      text=True).stdout.split()[1]
         print("resolving the install (a minute or two) ...", flush=True)
-        packages = resolve(python, [*torch_pins(), f"{REPO}[test]"])
+        packages = resolve(python, [*torch_pins(), f"{REPO}[test,docs]"])
     implementation = sys.implementation.name
     header = [
         "# The versions `make install` and CI install (`pip install -c constraints.txt`); setup.cfg keeps ranges",

@@ -1,13 +1,24 @@
-"""The offline demo: real handwritten digits shipped with scikit-learn and a tiny ViT built from a config.
+"""The offline demo: real handwritten digits shipped with scikit-learn and a tiny pre-trained ViT.
 
 Both are written to local folders and then read back through the same public paths a Hub
 dataset id and a Hub model id take (``datasets.load_dataset`` and ``AutoModel``), so the
 demo exercises the real loading code with no network.
+
+The tiny ViT ships with the package (``assets/tiny-vit``, made by ``tools/demo_backbone.py``): pre-trained on each
+machine, its hundreds of Adam steps grew another CPU's last-bit kernel differences (vector instruction set, BLAS
+code path) into other weights and moved the demo's golden classifier by 4 pt between machines.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import inspect
+import io
 import json
+import shutil
+import textwrap
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +29,19 @@ from .config import Config
 
 DIGITS_IMAGE_SIZE = 32
 DEMO_BACKBONE_SIZE = 28
-ASSET_VERSION = 2
+ASSET_VERSION = 3
+
+# The committed demo backbone and what it was made from: its manifest records these settings, the fingerprint of the
+# code that pre-trains it and each file's sha256, and tests/test_demo.py fails when either side moves alone.
+DEMO_BACKBONE = Path(__file__).parent / "assets" / "tiny-vit"
+MANIFEST = "manifest.json"
+DEMO_BACKBONE_SETTINGS = {"seed": 0, "hidden_size": 64, "image_size": DEMO_BACKBONE_SIZE, "pretrain_steps": 500}
+# The regeneration pre-trains on the baseline x86-64 code paths (ATen's scalar kernels, MKL's SSE2 branch without
+# approximate reciprocals, oneDNN up to SSE4.1, one thread), so that regenerating the same recipe on another x86-64
+# machine with the locked torch gives the same bytes instead of a diff; about 6x slower than the machine's own kernels.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                  "OMP_NUM_THREADS": "1"}
+REGENERATE = "regenerate it with `make demo-backbone` (tools/demo_backbone.py) and commit the folder"
 
 
 def build_digits_dataset(folder: Path, image_size: int = DIGITS_IMAGE_SIZE, test_fraction: float = 0.25) -> Path:
@@ -118,7 +141,8 @@ def pretrain_on_glyphs(model, *, steps: int = 500, seed: int = 0) -> None:
 def build_tiny_vit(folder: Path, *, seed: int = 0, hidden_size: int = 64, image_size: int = DEMO_BACKBONE_SIZE,
                    pretrain_steps: int = 500) -> Path:
     """A 2-layer DINOv2-family encoder from a config with a fixed seed, pre-trained for a few seconds
-    on procedural glyphs, saved like a Hub checkpoint."""
+    on procedural glyphs, saved like a Hub checkpoint. The demo and the tests use the committed one
+    (:data:`DEMO_BACKBONE`); the benchmarks build a second one with other settings."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     from .modeling_sfm import IMAGENET_MEAN, IMAGENET_STD
@@ -136,8 +160,8 @@ def build_tiny_vit(folder: Path, *, seed: int = 0, hidden_size: int = 64, image_
     if pretrain_steps:
         # Hundreds of Adam steps amplify the last-bit differences between thread counts (a CPU op splits its sums
         # by thread) into other weights, and with them another golden accuracy and other Stage III orderings:
-        # one thread makes the backbone a function of the seed alone, the same under `make demo` (whose launcher
-        # sets OMP_NUM_THREADS=1), the tests (2 threads) and any machine's core count.
+        # one thread makes the backbone the same on any core count (the kernels' instruction set still moves it,
+        # hence the committed demo backbone).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -154,14 +178,89 @@ def build_tiny_vit(folder: Path, *, seed: int = 0, hidden_size: int = 64, image_
     return folder
 
 
+def demo_backbone_recipe() -> dict:
+    """What the committed demo backbone is a function of: its settings, the kernels it was pre-trained on, the
+    normalization, and a fingerprint of the code that builds and pre-trains it (comments and docstrings excluded)."""
+    from .modeling_sfm import IMAGENET_MEAN, IMAGENET_STD
+
+    code = hashlib.sha256()
+    for function in (glyph_images, pretrain_on_glyphs, build_tiny_vit):
+        code.update(_code_tokens(textwrap.dedent(inspect.getsource(function))).encode())
+    return {**DEMO_BACKBONE_SETTINGS, "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+            "kernels": PINNED_KERNELS, "code_sha256": code.hexdigest()}
+
+
+def _code_tokens(source: str) -> str:
+    """A function's code without its docstring, comments and layout: the tokens' text run together (the same on
+    every Python version, unlike an AST dump, whose fields change between releases)."""
+    docstring = ast.parse(source).body[0].body[0]
+    lines = range(docstring.lineno, docstring.end_lineno + 1) if (
+        isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)) else range(0)
+    layout = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT}
+    return "".join(token.string for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                   if token.type not in layout and token.start[0] not in lines)
+
+
+def write_demo_backbone(folder: Path) -> None:
+    """Pre-train the demo backbone into ``folder`` (replaced whole, only once complete) with its manifest. Run it in
+    a process started under :data:`PINNED_KERNELS` (the libraries read them once, at their first call)."""
+    import os
+    import platform
+
+    from .utils import file_digest, library_versions
+
+    building = folder.with_name(f".{folder.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    build_tiny_vit(building, **DEMO_BACKBONE_SETTINGS)
+    files = {path.name: file_digest(path) for path in sorted(building.iterdir())}
+    manifest = {"recipe": demo_backbone_recipe(), "files": files,
+                "made_with": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+                              "kernels": {name: os.environ.get(name) for name in PINNED_KERNELS},
+                              "versions": library_versions()}}
+    (building / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    building.rename(folder)
+
+
+def demo_backbone_problems(folder: Path = DEMO_BACKBONE) -> list[str]:
+    """Why ``folder`` is not what the demo backbone's regeneration last wrote for today's recipe (empty: it is)."""
+    from .utils import file_digest
+
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path} is missing: {REGENERATE}"]
+    manifest = json.loads(manifest_path.read_text())
+    problems = []
+    if manifest["recipe"] != demo_backbone_recipe():
+        problems.append(f"the recipe in {manifest_path} is not today's (demo.py's settings or pre-training code "
+                        f"changed): {REGENERATE}")
+    present = {path.name for path in folder.iterdir()} - {MANIFEST}
+    for name in sorted(present | set(manifest["files"])):
+        if name not in present or name not in manifest["files"]:
+            problems.append(f"{folder / name} is {'missing' if name not in present else 'not in the manifest'}: "
+                            f"{REGENERATE}")
+        elif file_digest(folder / name) != manifest["files"][name]:
+            problems.append(f"{folder / name} changed since its regeneration: {REGENERATE}")
+    return problems
+
+
+def copy_demo_backbone(folder: Path) -> Path:
+    """The committed demo backbone copied to ``folder`` (a local checkpoint like any other)."""
+    shutil.copytree(DEMO_BACKBONE, folder, dirs_exist_ok=True)
+    return folder
+
+
 def prepare_demo_assets(root: Path) -> tuple[Path, Path]:
-    """Build (once) the digits dataset and the tiny backbone under ``root``; returns their folders."""
+    """Build (once) the digits dataset and copy the committed tiny backbone under ``root``; returns their folders.
+    A regenerated backbone replaces the copy on the next run."""
     dataset_dir, backbone_dir = root / "digits", root / "tiny-vit"
     stamp = root / "assets.json"
-    if not (stamp.is_file() and json.loads(stamp.read_text()).get("version") == ASSET_VERSION):
+    wanted = {"version": ASSET_VERSION, "backbone": json.loads((DEMO_BACKBONE / MANIFEST).read_text())["files"]}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
         build_digits_dataset(dataset_dir)
-        build_tiny_vit(backbone_dir)
-        stamp.write_text(json.dumps({"version": ASSET_VERSION}))
+        shutil.rmtree(backbone_dir, ignore_errors=True)
+        copy_demo_backbone(backbone_dir)
+        stamp.write_text(json.dumps(wanted))
     return dataset_dir, backbone_dir
 
 

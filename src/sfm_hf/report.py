@@ -59,7 +59,8 @@ def row_label(record: Record) -> str:
     return f"{base} [{mode}]"
 
 
-def _row_key(record: Record) -> tuple[int, str, int]:
+def row_key(record: Record) -> tuple[int, str, int]:
+    """Where a record's row sits in Table 2/4: the train set's place, then the mode's."""
     train_set = record["train_set"]
     position = BASE_ORDER.index(train_set) if train_set in BASE_ORDER else len(BASE_ORDER) - 1
     mode = record["mode"]
@@ -110,7 +111,7 @@ def same_model_table(records: list[Record]) -> str | None:
     if not chosen:
         return None
     columns = _unique(r["distill_backbone"] for r in chosen)
-    return _grid(chosen, columns, lambda r: r["distill_backbone"], row_label, _row_key)
+    return _grid(chosen, columns, lambda r: r["distill_backbone"], row_label, row_key)
 
 
 def cross_model_tables(records: list[Record]) -> list[tuple[str, str]]:
@@ -121,7 +122,7 @@ def cross_model_tables(records: list[Record]) -> list[tuple[str, str]]:
                   and r["mode"] != "golden"]
         columns = _unique(r["eval_backbone"] for r in chosen)
         if len(columns) > 1:
-            tables.append((distill, _grid(chosen, columns, lambda r: r["eval_backbone"], row_label, _row_key)))
+            tables.append((distill, _grid(chosen, columns, lambda r: r["eval_backbone"], row_label, row_key)))
     return tables
 
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 from .evaluation_options import EvaluateOptions
 from .hub_options import HubOptions
 from .options import ConfigError, DataOptions, DistillOptions, GoldenOptions, StatisticsOptions
-from .parsing import config_from_dict, help_text, iter_options, load_recipe, option_type, parse_config, parse_overrides
+from .parsing import (
+    config_from_dict, help_text, iter_options, iter_sections, load_recipe, option_default, option_type, parse_config,
+    parse_overrides,
+)
 from .run import STAGES, Config
 
 __all__ = [
     "STAGES", "Config", "ConfigError", "DataOptions", "DistillOptions", "EvaluateOptions", "GoldenOptions",
-    "HubOptions", "StatisticsOptions", "config_from_dict", "help_text", "iter_options", "load_recipe", "option_type",
-    "parse_config", "parse_overrides",
+    "HubOptions", "StatisticsOptions", "config_from_dict", "help_text", "iter_options", "iter_sections", "load_recipe",
+    "option_default", "option_type", "parse_config", "parse_overrides",
 ]

@@ -68,10 +68,10 @@ class EvaluateOptions:
         "each of its trainings (every mode, every plateau cycle, the ridge solve) uses at step s each image's view "
         "s mod N, the very view fresh views would give it at step s: identical to view_bank 0 for the first N "
         "steps, after which views recur. A linear probe then costs N x images forwards per trial instead of batch x "
-        "steps per training (benchmarks/README.md, Stage III cost: 161-172 s vs 3729 s, every row within 1 pt of "
-        "fresh views). Fewer views are cheaper but stop a long SGD CI projector earlier (64: SFM+CI 91.0 vs 93.5 %). "
-        "0: the paper's protocol, fresh augmented views through the backbones every step (slow: minutes per "
-        "training on a CPU). Holds N x images x feature_dim float32 per backbone, capped by view_bank_max_mib. A "
+        "steps per training (docs/performance.md, Stage III at default settings: 161-172 s vs 3729 s, every row "
+        "within 1 pt of fresh views). Fewer views are cheaper but stop a long SGD CI projector earlier (64: SFM+CI "
+        "91.0 vs 93.5 %). 0: the paper's protocol, fresh augmented views through the backbones every step (slow: "
+        "minutes per training on a CPU). Holds N x images x feature_dim float32 per backbone, capped by view_bank_max_mib. A "
         "record's `seconds` then leaves the banked forwards out; `view_bank_seconds` gives them, on the row whose "
         "training asked first.",
     )

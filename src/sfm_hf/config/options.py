@@ -129,7 +129,7 @@ class DistillOptions:
         "otherwise (streamed Hub data, statistics_from). Real starts are decoded exactly at step 0. auto is the "
         "default because centroids beat noise and random on validation for both ImageNet CNNs at ipc 1 and 10 in "
         "the real-data benchmark, and nearest, centroids_noise and noise with the paper's 5000 steps where those "
-        "were tried (benchmarks/README.md, Time to quality).",
+        "were tried (docs/studies.md, The start of the synthetic images).",
     )
     init_noise: float = option(
         0.5, "centroids_noise: weight w of the noise in (1 - w) * centroid image + w * uniform noise, in [0, 1]."

@@ -167,6 +167,20 @@ def iter_options(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[
             yield f"{prefix}{name}", f
 
 
+def iter_sections(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Every section (a field holding options) as (dotted key, field), outer before inner."""
+    hints = typing.get_type_hints(cls)
+    for name, f in _fields(cls).items():
+        if _is_section(hints[name]):
+            yield f"{prefix}{name}", f
+            yield from iter_sections(hints[name], f"{prefix}{name}.")
+
+
+def option_default(f: dataclasses.Field) -> Any:
+    """An option's default as a fresh config holds it (a factory's list, not the factory)."""
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def config_from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     config = base if base is not None else Config()
     for key, value in values.items():
@@ -202,8 +216,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def help_text() -> str:
     lines = ["Options (YAML keys of a recipe, or --key value on the command line):"]
     for key, f in iter_options():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{key} (default: {default!r})\n      {f.metadata.get('help', '')}")
+        lines.append(f"  --{key} (default: {option_default(f)!r})\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
