@@ -407,3 +407,15 @@ def test_the_demo_notice_names_what_the_command_line_replaced():
         "No --config given: the embedded demo recipe's settings with the dataset and backbone given.")
     assert demo_notice({"dataset": "d"}) == (
         "No --config given: the embedded demo recipe's settings with the dataset given (and the demo's tiny ViT).")
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line(monkeypatch, capsys):
+    """Ctrl-C before run()'s own handler is in place (importing torch and transformers takes seconds)."""
+    from sfm_hf import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "show_progress_logs", interrupted)
+    assert cli.main(["--dataset", "some/data", "--backbone", "some/model"]) == 130
+    assert capsys.readouterr().err == "stopped: interrupted before any stage started.\n"

@@ -25,6 +25,7 @@ ALIASES = {"--report_to": "--trackers"}
 INTERRUPTED = 130
 # Exit status when the reader of stdout went away (`sfm-hf --help | head -1`), as for a process ended by SIGPIPE.
 BROKEN_PIPE = 141
+NOTHING_STARTED = "interrupted before any stage started."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing more can reach the reader; point stdout at /dev/null so that the flush at exit stays quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C while the libraries load (seconds on a busy machine); run() reports one during the stages.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"stopped: {NOTHING_STARTED}", file=sys.stderr)
+        return INTERRUPTED
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -100,7 +106,7 @@ def run(argv: list[str]) -> int:
         return INTERRUPTED
     except KeyboardInterrupt:
         if state.is_local_main_process:
-            print("stopped: interrupted before any stage started.", file=sys.stderr)
+            print(f"stopped: {NOTHING_STARTED}", file=sys.stderr)
         return INTERRUPTED
     except OSError as error:
         if error.errno not in DISK_FULL_ERRNOS:

@@ -143,8 +143,10 @@ class RunFacts:
     def recipe(self) -> dict[str, Any]:
         """The config that made the synthetic images, as Stage II recorded it in synthetic.json (settings resolved),
         never this export's command line; images made before Stage II recorded it: this run's config, which the
-        runner checked against the settings the images were made with."""
-        return self.synthetic.get("config") or self.config.to_dict()
+        runner checked against the settings the images were made with. The `hub` section is this export's: where
+        and how the set is published does not shape the images."""
+        current = self.config.to_dict()
+        return {**(self.synthetic.get("config") or current), "hub": current["hub"]}
 
     @property
     def class_names(self) -> list[str]:
