@@ -182,7 +182,7 @@ def test_changed_inputs_refuse_the_checkpoint_and_keep_config_yaml(statistics_ru
     saved = (output / "config.yaml").read_text()
     images = (output / "synthetic" / "images.safetensors").read_bytes()
     for override, changed in ((["--seed", "5"], "seed"), (["--dataset", str(tmp_path)], "dataset"),
-                              (["--train_split", "test"], "train_split")):
+                              (["--train_split", "test", "--eval_split", "train"], "train_split")):
         status, error = run_entry_point(distill_config(digits_dir, demo_backbone, output), capsys, *override)
         assert status == 2 and "different settings or inputs" in error and changed in error
         assert (output / "config.yaml").read_text() == saved
@@ -524,8 +524,9 @@ def test_joint_members_statistics_are_checked_per_member(joint_statistics_run, j
     assert status == 2 and f"{narrow}/statistics.safetensors" in error and "run the 'statistics' stage" in error
     assert (output / "config.yaml").read_text() == saved
     shutil.copytree(wide, narrow)
-    message = (f"Backbone '{joint_backbones[1]}' gives 32-d features but the statistics in {narrow} are 64-d: they "
-               "come from another backbone")
+    # The statistics record the backbone they were made with: refused before the features' width is compared.
+    message = (f"The statistics in {narrow} were made with different settings or inputs than this run's (backbone "
+               f"'{joint_backbones[0]}' there, '{joint_backbones[1]}' here)")
     with pytest.raises(UserError, match=re.escape(message)):
         run_stages(joint_config(digits_dir, joint_backbones, output), accelerator)
     assert not (output / "synthetic").exists()

@@ -11,6 +11,7 @@ is made of differentiable torch ops, because Stage II back-propagates into the p
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, describe_error
 from .names import OPEN_CLIP_PREFIXES
 
 class BackboneError(UserError):
@@ -156,6 +157,12 @@ def _config_image_size(config) -> int | None:
 def _load_transformers(name: str, dtype: torch.dtype | None, attn_implementation: str | None) -> FrozenBackbone:
     from transformers import AutoConfig
 
+    if Path(name).is_file():
+        # transformers would read a config.json given directly and then torch.load it as the weights.
+        raise BackboneError(
+            f"Backbone {name!r} is a file: give the folder that holds the model (config.json and model.safetensors) "
+            "or a Hub model id."
+        )
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -171,7 +178,22 @@ def _load_transformers(name: str, dtype: torch.dtype | None, attn_implementation
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = load_encoder(config, name, **kwargs)
+    try:
+        model = load_encoder(config, name, **kwargs)
+    except Exception as error:  # noqa: BLE001 -- missing, truncated, foreign or unsafe (pickled) weights: many types
+        # torch's own message on a pickle suggests weights_only=False, which would run whatever the pickle holds.
+        reason = (f"{error.__class__.__name__}: a pickle holding objects other than tensors, which is never loaded: it "
+                  "could run code") if isinstance(error, pickle.UnpicklingError) else describe_error(error)
+        raise BackboneError(
+            f"Cannot load the weights of backbone {name!r} ({reason}): the model needs "
+            "complete weights (model.safetensors, or a pytorch_model.bin holding tensors only); download or save the "
+            "model again."
+        ) from None
+    if getattr(model, "main_input_name", "pixel_values") != "pixel_values":
+        raise BackboneError(
+            f"Backbone {name!r} ({config.model_type}) is not a vision encoder: its model reads "
+            f"{model.main_input_name!r}, not images. Give an image model (DINOv2, ViT, CLIP, SigLIP, a timm model, ...)."
+        )
     processor = _processor_config(name)
     mean, std = _processor_stats(processor) or _timm_stats(config) or (family.mean, family.std)
     image_size = _processor_image_size(processor) or _timm_image_size(config) or _config_image_size(config)

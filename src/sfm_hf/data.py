@@ -195,6 +195,8 @@ def open_split(
             f"Split {split!r} of {name!r} has {len(class_names)} class(es) {class_names} in column {label_column!r}: "
             "the statistical flow needs at least two classes."
         )
+    if Path(name).is_dir():
+        _check_no_empty_class_folder(Path(name), split)
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return SplitSource(
         dataset=dataset,
@@ -217,6 +219,26 @@ def _check_class_folders(root: Path, split: str) -> None:
         raise DatasetError(
             f"Split folder {str(split_dir)!r} has {len(classes)} class folder(s) {classes}: the statistical flow needs "
             "at least two classes (one sub-folder of images per class)."
+        )
+
+
+def _check_no_empty_class_folder(root: Path, split: str) -> None:
+    """The imagefolder loader takes its classes from the images it finds, so a class folder without any image
+    would vanish from the classes without a word (and from every split where it is equally empty)."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        return
+    empty = sorted(
+        folder.name for folder in split_dir.iterdir()
+        if folder.is_dir() and not folder.name.startswith(".")
+        # A folder of data files belongs to a Hub-layout dataset, not to an image folder.
+        and not any(path.suffix.lower() in IMAGE_SUFFIXES | DATA_FILE_SUFFIXES and path.is_file()
+                    for path in folder.rglob("*"))
+    )
+    if empty:
+        raise DatasetError(
+            f"Class folder(s) {empty[:20]} in {str(split_dir)!r} hold no image ({', '.join(sorted(IMAGE_SUFFIXES))}), "
+            "so those classes would be left out: add their images, or remove the folder(s)."
         )
 
 

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from .config import Config, GoldenOptions
 from .errors import UserError
@@ -52,7 +51,7 @@ from .statistics import (
     save_golden_classifier,
     train_golden_classifier,
 )
-from .utils import file_digest, save_tensors_atomically, write_text_atomically
+from .utils import file_digest, load_tensors, read_json, save_tensors_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +85,19 @@ class Shard:
                 f"{folder} holds no Stage I statistics (statistics.safetensors + statistics.json): give the "
                 "`statistics/` folder of each shard's run."
             )
-        tensors = load_file(tensor_path)
+        remedy = "re-run the 'statistics' stage of that shard"
+        tensors = load_tensors(tensor_path, "a statistics file", remedy, keys=("class_counts",), error_type=MergeError)
         if "class_sums" not in tensors:
             raise MergeError(
                 f"{tensor_path} has no float64 `class_sums` (only means, which do not merge exactly): re-run the "
                 "'statistics' stage of that shard with this version of sfm-hf."
             )
-        metadata = json.loads(json_path.read_text())
+        metadata = read_json(json_path, "the statistics record of a shard", remedy, error_type=MergeError)
         golden_path = folder / GOLDEN_JSON
-        golden = json.loads(golden_path.read_text()) if golden_path.is_file() else None
+        golden = read_json(golden_path, "a golden classifier record", remedy, error_type=MergeError) \
+            if golden_path.is_file() else None
+        if not isinstance(metadata.get("class_names"), list):
+            raise MergeError(f"{json_path} names no class_names: it is not a statistics record; {remedy}.")
         return cls(folder, tensors["class_sums"], tensors["class_counts"], metadata.pop("class_names"), metadata, golden)
 
     @property

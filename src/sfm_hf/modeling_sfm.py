@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, ImageClassificationPipeline, PreTrainedModel, image_utils
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
@@ -156,4 +156,51 @@ class SFMForImageClassification(PreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-__all__ = ["SFMForImageClassification"]
+# High-bit-depth greyscale modes, which PIL's convert("RGB") (the stock pipeline's loader) clips at 255.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def eight_bit_image(image):
+    """A 16-bit, 32-bit integer or float greyscale image scaled to 8 bits ("L") as Stage I scales it
+    (``sfm_hf.data``): 16-bit modes span 0..65535; for "I" and "F" the range is read off the values (floats in
+    [0, 1] times 255, values up to 255 kept, larger ones taken as 16-bit). Anything else is returned as it is; a
+    path is opened here, since the pipeline's own loader converts (and clips) on opening.
+    """
+    if isinstance(image, str):
+        try:
+            image = image_utils.PIL.Image.open(image)
+        except (OSError, ValueError):  # a URL or base64 text: the pipeline's loader reads it
+            return image
+    if getattr(image, "mode", None) not in WIDE_MODES:
+        return image
+    # PIL is reached through transformers (its vision extra), so that this file imports only torch and transformers.
+    values = torch.frombuffer(bytearray(image.convert("F").tobytes()), dtype=torch.float32).double()
+    top = float(values.max()) if values.numel() else 0.0
+    if image.mode.startswith("I;16") or top > 255:
+        values = values / 257.0
+    elif image.mode == "F" and top <= 1.0:
+        values = values * 255.0
+    pixels = values.round().clamp(0, 255).to(torch.uint8)
+    return image_utils.PIL.Image.frombytes("L", image.size, bytes(pixels.numpy()))
+
+
+class SFMImageClassificationPipeline(ImageClassificationPipeline):
+    """``pipeline("image-classification")`` of the bundle: the stock one, except that high-bit-depth images are
+    scaled to 8 bits like Stage I's real images (the stock loader clips a 16-bit PNG to black and white)."""
+
+    def preprocess(self, image, timeout=None):
+        return super().preprocess(eight_bit_image(image), timeout=timeout)
+
+
+# What the bundle's config.json declares so that pipeline("image-classification", trust_remote_code=True) builds
+# SFMImageClassificationPipeline from this file.
+CUSTOM_PIPELINES = {
+    "image-classification": {
+        "impl": "modeling_sfm.SFMImageClassificationPipeline",
+        "pt": ["AutoModelForImageClassification"],
+        "type": "image",
+    }
+}
+
+
+__all__ = ["SFMForImageClassification", "SFMImageClassificationPipeline"]

@@ -20,7 +20,8 @@ from typing import Callable
 from accelerate.logging import get_logger
 
 from .config import Config
-from .hub import check_sources
+from .errors import RunInterrupted
+from .hub import check_sources, statistics_dir
 from .layout import (
     CHECKPOINTS_DIR, EVALUATION_DIR, FEATURES_DIR, IMAGES_FILE, MODEL_DIR, STATISTICS_DIR, STATISTICS_TENSORS,
     SYNTHETIC_DIR, RunLayout,
@@ -42,6 +43,8 @@ DEPENDENT_OUTPUTS = {
 }
 # Feature caches are keyed by what they were computed from, so they stay valid.
 KEPT_INSIDE_DEPENDENTS = (FEATURES_DIR,)
+# Every dataset has at least two classes (sfm_hf.data refuses fewer): the bound on Stage II's images before Stage I.
+MIN_CLASSES = 2
 
 
 def stage_functions(config: Config) -> dict[str, Callable]:
@@ -64,22 +67,32 @@ def run_folders(config: Config) -> list[Path]:
     return [Path(config.output_dir), *members]
 
 
-def check_inputs(config: Config, world_size: int) -> None:
+def check_inputs(config: Config, accelerator) -> None:
     """Refuse, before anything is written, a run whose existing inputs cannot serve the stages.
 
-    Only the inputs of stages that this run does not produce itself are checked: the statistics
-    and the distillation checkpoint when 'statistics' is not among the stages.
+    Only the inputs of stages that this run does not produce itself are checked: the statistics (made from this
+    run's dataset, split, backbone and preprocessing, with enough images per class) when 'statistics' is not among
+    the stages, then the distillation checkpoint, or when 'distill' is not among them either, the synthetic images
+    that evaluate and export read (made with this run's settings). Synthetic images that could not fit in memory
+    are refused first, before Stage I.
     """
-    if "statistics" in config.stages or not {"distill", "evaluate", "export"} & set(config.stages):
-        return
-    from .distill.inputs import check_resumable, load_statistics
-    from .statistics import check_ipc_fits
+    from .distill.inputs import check_memory, check_resumable, check_synthetic_current, load_statistics
+    from .statistics import check_ipc_fits, check_statistics_inputs
 
+    stages = set(config.stages)
+    if "distill" in stages and "statistics" in stages:
+        check_memory(config, MIN_CLASSES, accelerator.device, accelerator.num_processes, at_least=True)
+    if "statistics" in stages or not {"distill", "evaluate", "export"} & stages:
+        return
     for member in config.members():
         statistics = load_statistics(member)
+        check_statistics_inputs(member, statistics, statistics_dir(member))
         check_ipc_fits(member, statistics.class_counts, statistics.class_names)
-    if "distill" in config.stages:
-        check_resumable(config, world_size)
+    if "distill" in stages:
+        check_memory(config, statistics.num_classes, accelerator.device, accelerator.num_processes)
+        check_resumable(config, accelerator.num_processes)
+    elif "export" in stages or ("evaluate" in stages and config.distill.method in config.evaluate.synthetic_train_sets):
+        check_synthetic_current(config)
 
 
 def _digest_or_none(path: Path) -> str | None:
@@ -131,7 +144,7 @@ def run_stages(config: Config, accelerator) -> dict[str, float]:
         try:
             if isinstance(config.statistics_from, list) and {"distill", "evaluate", "export"} & set(config.stages):
                 merge_for_run(config)
-            check_inputs(config, accelerator.num_processes)
+            check_inputs(config, accelerator)
             config.save(RunLayout(output_dir).config_file)
         except BaseException:
             lock.release()
@@ -144,6 +157,23 @@ def run_stages(config: Config, accelerator) -> dict[str, float]:
         lock.release()
 
 
+def interrupted_message(config: Config, stage: str, finished: list[str]) -> str:
+    """What an interrupted run kept and the command line that goes on from the interrupted stage."""
+    from .distill.checkpoints import checkpoint_step
+
+    kept = [f"the outputs of {', '.join(finished)}"] if finished else []
+    step = checkpoint_step(RunLayout(config.output_dir).checkpoint(0)) if stage == "distill" else None
+    if step is not None:
+        kept.append(f"Stage II's checkpoint of step {step} in {RunLayout(config.output_dir).checkpoints_dir}")
+    elif stage == "distill":
+        kept.append(f"no Stage II checkpoint yet (one every distill.checkpoint_every = {config.distill.checkpoint_every} "
+                    "steps)")
+    remaining = config.stages[config.stages.index(stage):]
+    resumes = " (distillation resumes from its checkpoint)" if step is not None else ""
+    return (f"interrupted during stage '{stage}'. Kept: {'; '.join(kept) or 'nothing new'}. To go on, run the same "
+            f"command with --stages {','.join(remaining)}{resumes}.")
+
+
 def _run_in_order(config: Config, accelerator, available: dict[str, Callable], set_seed) -> dict[str, float]:
     output_dir = Path(config.output_dir)
     if accelerator.log_with:  # `trackers` fills only once init_trackers has run
@@ -154,7 +184,10 @@ def _run_in_order(config: Config, accelerator, available: dict[str, Callable], s
         outputs = stage_outputs(config, stage) if accelerator.is_main_process else []
         before = [_digest_or_none(output) for output in outputs]
         start = time.perf_counter()
-        available[stage](config, accelerator)
+        try:
+            available[stage](config, accelerator)
+        except KeyboardInterrupt:
+            raise RunInterrupted(interrupted_message(config, stage, list(timings))) from None
         timings[stage] = time.perf_counter() - start
         if [_digest_or_none(output) for output in outputs] != before:
             # A joint set and its evaluations on every member were built on all members' statistics.

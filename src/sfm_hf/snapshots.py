@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from .errors import StageInputError
-from .utils import save_tensors_atomically, write_text_atomically
+from .utils import load_tensors, save_tensors_atomically, write_text_atomically
 
 SNAPSHOTS_DIR = "snapshots"
 INDEX_FILE = "index.json"
@@ -36,8 +34,14 @@ class Snapshot:
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float [N, 3, R, R], labels long [N])."""
-        tensors = load_file(str(self.path))
-        return tensors["images"].float(), tensors["labels"].long()
+        return read_images(self.path)
+
+
+def read_images(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images float [N, 3, R, R], labels long [N]) of a file of Stage II: images.safetensors or a snapshot."""
+    tensors = load_tensors(path, "a file of synthetic images", "delete it and run the 'distill' stage again",
+                           keys=("images", "labels"))
+    return tensors["images"].float(), tensors["labels"].long()
 
 
 def snapshots_dir(synthetic_dir: Path) -> Path:

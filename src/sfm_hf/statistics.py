@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from accelerate.logging import get_logger
 
 from .backbones import FrozenBackbone, load_backbone
@@ -31,7 +30,9 @@ from .data import DatasetError, SplitSource, as_float, image_batches, open_split
 from .objectives import statistical_flow
 from .probe import accuracy, fit_reference_probe
 from .progress import progress as track
-from .utils import file_digest, gather_lists, save_tensors_atomically, write_text_atomically
+from .utils import (
+    file_digest, gather_lists, load_tensors, save_tensors_atomically, unreadable_file, write_text_atomically,
+)
 
 logger = get_logger(__name__)
 
@@ -88,13 +89,7 @@ class Statistics:
                 f"No statistics in {directory}: run the 'statistics' stage first (or point at a statistics folder)."
             )
         recompute = "delete it and run the 'statistics' stage again (or point `statistics_from` at a complete folder)"
-        try:
-            tensors = load_file(tensor_path)
-        except Exception as error:  # noqa: BLE001 -- safetensors raises several types for a damaged file
-            raise StatisticsFileError(
-                f"{tensor_path} cannot be read ({error.__class__.__name__}: {error}): it is truncated or not a "
-                f"statistics file; {recompute}."
-            ) from None
+        tensors = load_tensors(tensor_path, "a statistics file", recompute, error_type=StatisticsFileError)
         try:
             metadata = json.loads(json_path.read_text())
             class_names = list(metadata.pop("class_names"))
@@ -258,16 +253,23 @@ def stream_features(
     return tally.reduce(accelerator, start)
 
 
+def _recompute_cache(cache_dir: Path) -> str:
+    return f"delete {cache_dir} and run the 'statistics' stage again"
+
+
 def cached_row_indices(cache_dir: Path, prefix: str) -> torch.Tensor | None:
     """The row numbers of a split's cached features (-1 where it was streamed), or None without a cache;
     reads the index tensors only, not the features."""
-    shards = sorted(cache_dir.glob(f"{prefix}-rank*-*.safetensors"))
+    shards = feature_shards(cache_dir, prefix)
     if not shards:
         return None
     parts = []
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as handle:
-            parts.append(handle.get_tensor("indices"))
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                parts.append(handle.get_tensor("indices"))
+        except Exception as error:  # noqa: BLE001 -- safetensors raises several types for a damaged file
+            raise unreadable_file(shard, "a feature-cache shard", _recompute_cache(cache_dir), error) from None
     return torch.cat(parts)
 
 
@@ -279,7 +281,8 @@ def load_feature_cache(cache_dir: Path, prefix: str) -> tuple[torch.Tensor, torc
     shards = feature_shards(cache_dir, prefix)
     if not shards:
         raise StageInputError(f"No cached {prefix} features in {cache_dir}: run the 'statistics' stage first.")
-    parts = [load_file(shard) for shard in shards]
+    parts = [load_tensors(shard, "a feature-cache shard", _recompute_cache(cache_dir),
+                          keys=("features", "labels", "indices")) for shard in shards]
     features = torch.cat([part["features"] for part in parts])
     labels = torch.cat([part["labels"] for part in parts])
     indices = torch.cat([part["indices"] for part in parts])
@@ -317,6 +320,45 @@ def check_same_classes(train: SplitSource, evaluation: SplitSource) -> None:
         f"Splits {train.split!r} ({train.num_classes} classes) and {evaluation.split!r} ({evaluation.num_classes}) "
         f"of {train.name!r} have different classes ({detail}): evaluate on a split with the same classes."
     )
+
+
+def _same_source(recorded: Any, given: Any) -> bool:
+    """Equal values, or two spellings of one local folder (relative / absolute, trailing slash)."""
+    if recorded == given:
+        return True
+    if not (isinstance(recorded, str) and isinstance(given, str) and recorded and given):
+        return False
+    first, second = (Path(name.removeprefix("local-dir:")).expanduser() for name in (recorded, given))
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def check_statistics_inputs(config: Config, statistics: Statistics, directory: Path) -> None:
+    """Refuse this run's own statistics when Stage I made them from other inputs than ``config`` names: another
+    dataset, train split or backbone, or other preprocessing. Later stages read them against the dataset and
+    backbone the config names (Stage I's row numbers pick the start and baseline images), so a mismatch would
+    silently build on the wrong images. Statistics from ``statistics_from`` are inputs in their own right."""
+    if config.statistics_from:
+        return
+    recorded = {**statistics.metadata, "backbone": (statistics.metadata.get("backbone") or {}).get("name")}
+    # statistics.json key -> (the option it records, its value in this run).
+    given = {
+        "dataset": ("dataset", config.dataset),
+        "dataset_config": ("dataset_config", config.dataset_config),
+        "split": ("train_split", config.train_split),
+        "backbone": ("backbone", config.backbone),
+        "max_samples_per_split": ("data.max_samples_per_split", config.data.max_samples_per_split),
+        "crop_ratio": ("data.crop_ratio", config.data.crop_ratio),
+        "normalization": ("data.normalization", config.data.normalization),
+    }
+    changed = [(option, recorded[key], value) for key, (option, value) in given.items()
+               if key in recorded and not _same_source(recorded[key], value)]
+    if changed:
+        details = "; ".join(f"{option} {there!r} there, {here!r} here" for option, there, here in changed)
+        raise StageInputError(
+            f"The statistics in {directory} were made with different settings or inputs than this run's ({details}): "
+            "add 'statistics' to --stages to make them from this run's inputs, or use the output_dir of a run made "
+            "with them."
+        )
 
 
 def check_ipc_fits(config: Config, class_counts: torch.Tensor, class_names: list[str]) -> None:
@@ -474,8 +516,14 @@ def golden_classifier_file(directory: str | Path) -> Path:
     return path
 
 
+def load_golden_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """``weight`` [C, D] and ``bias`` [C] of a statistics folder's golden classifier, with a clear error when damaged."""
+    return load_tensors(golden_classifier_file(directory), "a golden classifier",
+                        "delete it and run the 'statistics' stage again", keys=("weight", "bias"))
+
+
 def load_golden_classifier(directory: str | Path) -> torch.nn.Linear:
-    tensors = load_file(golden_classifier_file(directory))
+    tensors = load_golden_tensors(directory)
     head = torch.nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0])
     head.load_state_dict(tensors)
     return head.eval()

@@ -3,17 +3,20 @@ of the libraries a run used."""
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from .errors import StageInputError, UserError, describe_error
 from .layout import LOCK_FILE
 
 
@@ -56,14 +59,49 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     A crash never leaves half a file, and the name carries the pid so that two processes writing
     the same file never write into each other's temporary (the suffix is kept for writers that
-    pick the format from it).
+    pick the format from it). A write that fails on a full disk is a :class:`DiskFullError` naming ``path``.
     """
     temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield temporary
         temporary.replace(path)
+    except Exception as error:  # noqa: BLE001 -- every writer (torch, safetensors, PIL, text) says "disk full" its own way
+        # Judged before the temporary goes: its bytes are part of what filled the disk.
+        if is_disk_full(error, path.parent):
+            raise DiskFullError(disk_full_message(path)) from None
+        raise
     finally:
         temporary.unlink(missing_ok=True)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Less free space than this after a failed write means the disk filled up (torch.save says only "file write failed").
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class DiskFullError(UserError):
+    """The disk (or quota) holding the outputs filled up while a file was written."""
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, means that no space was left."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def disk_full_message(path: Path | str | None) -> str:
+    where = f" while writing {path}" if path else ""
+    return (
+        f"No space left on the device{where}: free some space (or set `output_dir` to a folder on a disk with room) "
+        "and run the same command again. Every file already written is complete: each is written to a temporary "
+        "name and renamed only once whole."
+    )
 
 
 def save_tensors_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -74,6 +112,60 @@ def save_tensors_atomically(tensors: dict[str, torch.Tensor], path: Path, metada
 def write_text_atomically(path: Path, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def unreadable_file(path: Path, what: str, remedy: str, error: BaseException,
+                    error_type: type[UserError] = StageInputError) -> UserError:
+    """The one-line error for a file that exists but cannot be read: truncated, empty or of another kind."""
+    return error_type(f"{path} cannot be read ({describe_error(error)}): it is truncated or not {what}; {remedy}.")
+
+
+def load_tensors(path: Path, what: str, remedy: str, *, keys: tuple[str, ...] = (),
+                 error_type: type[UserError] = StageInputError) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path`` (``what`` it should be, e.g. "a feature-cache shard").
+
+    A damaged file, or one without the tensors ``keys``, is a one-line ``error_type`` naming the file and
+    ``remedy`` (what to do), never a SafetensorError traceback from deep inside a stage.
+    """
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 -- safetensors raises several types for a damaged file
+        raise unreadable_file(path, what, remedy, error, error_type) from None
+    missing = [key for key in keys if key not in tensors]
+    if missing:
+        raise error_type(f"{path} lacks the tensor(s) {missing}: it is not {what}; {remedy}.")
+    return tensors
+
+
+def read_json(path: Path, what: str, remedy: str, *, error_type: type[UserError] = StageInputError) -> Any:
+    """The JSON value in ``path`` (``what`` it should be); a damaged file is a one-line ``error_type`` with ``remedy``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise unreadable_file(path, what, remedy, error, error_type) from None
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device``: free GPU memory, or on the host the smaller of MemAvailable
+    and what the cgroup (container) limit leaves; None where neither is known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    limits = []
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        limits.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 def file_digest(path: Path) -> str:

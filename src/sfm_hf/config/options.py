@@ -51,6 +51,12 @@ class DataOptions:
 
     def validate(self) -> None:
         check_at_least_one("data", self, ("batch_size",))
+        if self.num_workers < 0:
+            raise ConfigError(f"`data.num_workers` must be >= 0 (0 decodes in the main process), got {self.num_workers}.")
+        if self.max_samples_per_split is not None and self.max_samples_per_split < 1:
+            raise ConfigError(
+                f"`data.max_samples_per_split` must be >= 1 (or null to read everything), got {self.max_samples_per_split}."
+            )
         check_choice("data.normalization", self.normalization, NORMALIZATIONS)
         if not 0 < self.crop_ratio <= 1:
             raise ConfigError(f"`data.crop_ratio` must be in (0, 1], got {self.crop_ratio}.")

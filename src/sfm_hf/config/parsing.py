@@ -192,10 +192,25 @@ def load_recipe(path: str | Path, base: Config | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Recipe {str(path)!r} does not exist.")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Recipe {str(path)!r} is not UTF-8 text (byte {error.start}): save it as UTF-8.") from None
+    except OSError as error:
+        raise ConfigError(f"Recipe {str(path)!r} cannot be read ({error.strerror or error}).") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Recipe {str(path)!r} is not valid YAML: {_yaml_problem(error)}.") from None
     if not isinstance(values, dict):
         raise ConfigError(f"Recipe {str(path)!r} must be a YAML mapping of keys, got {type(values).__name__}.")
     return config_from_dict(values, base)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """'line 2, column 9: flow sequence ... expected ...' from PyYAML's multi-line message."""
+    mark = getattr(error, "problem_mark", None)
+    problem = ", ".join(part for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part)
+    problem = problem or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def help_text() -> str:

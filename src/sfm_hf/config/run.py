@@ -21,6 +21,8 @@ from .options import (
 
 
 STAGES = ("statistics", "distill", "evaluate", "export")
+# Every seed of a run reaches numpy's global generator (accelerate's set_seed), which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -116,10 +118,28 @@ class Config:
             )
         if self.ipc < 1:
             raise ConfigError(f"`ipc` must be >= 1, got {self.ipc}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"`seed` must be an integer from 0 to 2**32 - 1 = {MAX_SEED} (numpy's seed range), got {self.seed}.")
+        if self.eval_split == self.train_split:
+            raise ConfigError(
+                f"`eval_split` and `train_split` are both {self.train_split!r}: accuracy on the images the statistics, "
+                "the golden classifier and the baselines were made from says nothing about new images. Give a held-out "
+                "split as `eval_split` (e.g. test or validation)."
+            )
+        self._validate_trackers()
         check_choice("progress", self.progress, ("auto", "bar", "lines", "off"))
         for section in (self.data, self.statistics, self.golden, self.augment, self.distill, self.evaluate, self.hub):
             section.validate()
         self._check_synthetic_sets_reachable()
+
+    def _validate_trackers(self) -> None:
+        if not self.trackers:
+            return
+        from accelerate.utils import LoggerType
+
+        unknown = [name for name in self.trackers if name not in LoggerType.list()]
+        if unknown:
+            raise ConfigError(f"Unknown tracker(s) {unknown} in `trackers`; accelerate knows {LoggerType.list()}.")
 
     def _validate_backbone_list(self) -> None:
         if len(self.backbone) == 1:

@@ -13,6 +13,7 @@ Modules, in the order a run uses them: ``inputs`` (statistics, start images, res
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from accelerate.logging import get_logger
@@ -20,7 +21,7 @@ from accelerate.logging import get_logger
 from ..config import Config
 from ..layout import RunLayout
 from .checkpoints import synthetic_inputs
-from .inputs import distill_targets, is_up_to_date, resolve_settings
+from .inputs import DistillTarget, check_memory, distill_targets, is_up_to_date, resolve_settings
 from .loop import final_images, optimise, prepare_run
 from .outputs import reset_peak_memory, write_outputs
 
@@ -37,6 +38,9 @@ def run_distill(config: Config, accelerator) -> Path:
         if accelerator.is_main_process:
             logger.info(f"Stage II: {folder} already holds the images of these inputs and settings; nothing to do.")
         return folder
+    check_memory(config, targets[0].statistics.num_classes, accelerator.device, accelerator.num_processes)
+    if accelerator.is_main_process:
+        warn_if_below_input_size(config, targets)
     reset_peak_memory(accelerator.device)
     run = prepare_run(config, accelerator, targets, inputs)
     seconds = optimise(run, accelerator)
@@ -45,3 +49,18 @@ def run_distill(config: Config, accelerator) -> Path:
         write_outputs(run, accelerator, final, seconds, folder)
     accelerator.wait_for_everyone()
     return folder
+
+
+def warn_if_below_input_size(config: Config, targets: list[DistillTarget]) -> None:
+    """A synthetic side below a backbone's input size is upsampled into every view: legal, but the images then hold
+    far less detail than the real images their statistics came from (a 1- or 3-px set is a few colours)."""
+    side = config.distill.syn_res
+    for target in targets:
+        size = target.backbone.image_size
+        if side < size:
+            auto = replace(config.distill, syn_res="auto").resolution(size, config.data.crop_ratio)
+            logger.warning(
+                f"distill.syn_res {side} is below the {size}-px input of backbone {target.config.backbone!r}: every "
+                f"view is upsampled from at most {side}x{side} pixels, so the images hold far less detail than the "
+                f"real ones it sees (auto gives {auto})."
+            )

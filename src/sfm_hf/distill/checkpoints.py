@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, describe_error
 from ..statistics import Statistics
 from ..utils import atomic_path
 
@@ -91,6 +91,23 @@ def save_checkpoint(path: Path, images, optimizer, step: int, fingerprint: dict,
         torch.save(state, temporary)
 
 
+def changed_settings(recorded: dict, expected: dict, unresolved: tuple[str, ...] = ()) -> list[str]:
+    """The keys (settings and inputs) whose recorded value is not the expected one, ``unresolved`` ones not compared."""
+    return sorted(
+        key for key in set(recorded) | set(expected) if key not in unresolved and recorded.get(key) != expected.get(key)
+    )
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at, or None when there is none (or it cannot be read)."""
+    if not path.is_file():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # noqa: BLE001 -- only asked to report what was kept; read_checkpoint says what is wrong
+        return None
+
+
 CHECKPOINT_KEYS = ("step", "levels", "optimizer", "fingerprint", "rng", "loss", "seconds")
 
 
@@ -108,17 +125,13 @@ def read_checkpoint(path: Path, fingerprint: dict, unresolved: tuple[str, ...] =
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- truncated, empty, garbage or unsafe: all mean "not ours"
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise CheckpointError(
-            f"Checkpoint {path} cannot be read ({error.__class__.__name__}{': ' + reason if reason else ''}): it is "
-            f"truncated, empty or not a checkpoint of this version of sfm-hf. {start_over}."
+            f"Checkpoint {path} cannot be read ({describe_error(error)}): it is truncated, empty or not a checkpoint "
+            f"of this version of sfm-hf. {start_over}."
         ) from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise CheckpointError(f"Checkpoint {path} is not a checkpoint of this version of sfm-hf. {start_over}.")
-    changed = sorted(
-        key for key in set(state["fingerprint"]) | set(fingerprint)
-        if key not in unresolved and state["fingerprint"].get(key) != fingerprint.get(key)
-    )
+    changed = changed_settings(state["fingerprint"], fingerprint, unresolved)
     if changed:
         raise CheckpointError(
             f"The checkpoint in {path.parent} belongs to a run with different settings or inputs "

@@ -14,7 +14,8 @@ from ..config import Config
 from ..errors import StageInputError, UserError
 from ..layout import FEATURES_DIR, IMAGES_FILE, STATISTICS_TENSORS, SYNTHETIC_JSON, RunLayout
 from ..statistics import Statistics, cached_row_indices, load_feature_cache, open_config_split
-from .checkpoints import checkpoint_fingerprint, read_checkpoint
+from ..utils import available_memory, read_json
+from .checkpoints import changed_settings, checkpoint_fingerprint, read_checkpoint, synthetic_inputs
 
 
 @dataclass
@@ -75,19 +76,85 @@ def is_up_to_date(folder: Path, inputs: dict) -> bool:
     return metadata.get("inputs") == inputs and (folder / IMAGES_FILE).is_file()
 
 
+def _settings_before_start(config: Config) -> tuple[Config, list[Statistics], tuple[str, ...]]:
+    """``config`` with init resolved, every member's statistics, and the settings only a started distillation
+    resolves (syn_res auto needs the backbone; run_distill compares it then)."""
+    statistics = [load_statistics(member) for member in config.members()]
+    config = replace(config, distill=replace(config.distill, init=resolve_init(config.members()[0])))
+    unresolved = ("distill.syn_res",) if config.distill.syn_res == "auto" else ()
+    return config, statistics, unresolved
+
+
 def check_resumable(config: Config, world_size: int) -> None:
     """Raise before anything is written when the existing checkpoint cannot be resumed by this run.
 
     Only meaningful when the statistics already exist (the 'statistics' stage is not part of this
     run; if it is, it invalidates the checkpoints itself when it changes the statistics).
     """
-    statistics = [load_statistics(member) for member in config.members()]
-    config = replace(config, distill=replace(config.distill, init=resolve_init(config.members()[0])))
+    config, statistics, unresolved = _settings_before_start(config)
     fingerprint = checkpoint_fingerprint(config, statistics, world_size)
-    # syn_res auto is resolved from the backbone only when distillation starts; run_distill checks it then.
-    unresolved = ("distill.syn_res",) if config.distill.syn_res == "auto" else ()
     for rank in range(world_size):
         read_checkpoint(RunLayout(config.output_dir).checkpoint(rank), fingerprint, unresolved=unresolved)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_synthetic_current(config: Config) -> None:
+    """Raise before anything is written when this run's synthetic/ holds images made from other inputs or settings
+    than this run names: a stage that reads them without remaking them (evaluate, export) would describe them by
+    the wrong settings (and export would publish those as the recipe of the set)."""
+    folder = RunLayout(config.output_dir).synthetic_dir
+    if not (folder / SYNTHETIC_JSON).is_file():
+        return  # the stage that needs the images says to run 'distill'
+    record = read_json(folder / SYNTHETIC_JSON, "a record of synthetic images",
+                       f"delete {folder} and run the 'distill' stage again")
+    recorded = record.get("inputs") if isinstance(record, dict) else None
+    config, statistics, unresolved = _settings_before_start(config)
+    expected = synthetic_inputs(config, statistics)
+    recorded = recorded if isinstance(recorded, dict) else {}
+    changed = changed_settings(recorded, expected, unresolved)
+    if changed:
+        details = "; ".join(f"{key} {_shown(recorded.get(key))} there, {_shown(expected.get(key))} here"
+                            for key in changed)
+        raise StageInputError(
+            f"{folder} holds images made with different settings or inputs than this run's ({details}): run the "
+            "'distill' stage with these settings (add it to --stages), or give the settings the images were made with."
+        )
+
+
+# Peak bytes of Stage II per float32 value of this process's synthetic images (3 x side^2 each), rounded up from the
+# growth of the CPU peak memory (ru_maxrss) of 10 pyramid images from 256 to 1024 and 2048 px: x7.3-8.3 of the image
+# bytes from noise, x10.6-10.7 from real start images. It holds the pyramid's levels, their gradients and Adam's two
+# moments, the start offset, the decoded images and what autograd keeps of the decoding.
+STAGE_II_BYTES_PER_VALUE = 4 * 12
+
+
+def check_memory(config: Config, num_classes: int, device: torch.device, world_size: int = 1, *,
+                 at_least: bool = False) -> None:
+    """Refuse, before anything is allocated, synthetic images that cannot fit in the memory of ``device``;
+    ``at_least``: ``num_classes`` is a lower bound (the classes are not known yet)."""
+    side = config.distill.syn_res
+    if side == "auto":
+        return  # the backbone's input size, rounded up: never the problem
+    images = -(-num_classes // world_size) * config.ipc
+    needed = images * 3 * side * side * STAGE_II_BYTES_PER_VALUE
+    available = available_memory(device)
+    if available is None or needed <= available:
+        return
+    count = f"at least {images}" if at_least else str(images)
+    raise UserError(
+        f"`distill.syn_res` {side} needs about {_binary_size(needed)} for {count} synthetic images of {side}x{side} px "
+        f"per process ({STAGE_II_BYTES_PER_VALUE // 4} float32 copies of each: the pyramid, its gradients, Adam's "
+        f"moments, the decoded images), but {device.type.upper()} memory has {_binary_size(available)} available: "
+        "lower `distill.syn_res` (auto: the power of two above the backbone's input size) or `ipc`."
+    )
+
+
+def _binary_size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:,.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:,.1f} MiB"
 
 
 def resolve_init(config: Config) -> str:

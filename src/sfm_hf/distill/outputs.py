@@ -161,6 +161,8 @@ def write_synthetic(folder: Path, images, labels, statistics: Statistics, config
         "versions": library_versions(),
         # What these images were made from: a later run compares it to decide whether they are current.
         "inputs": inputs,
+        # The whole config that made them (settings resolved): what export publishes as the recipe of the set.
+        "config": config.to_dict(),
     }
     write_text_atomically(folder / SYNTHETIC_JSON, json.dumps(metadata, indent=2))
     save_preview(images, labels, statistics.class_names, folder / PREVIEW_FILE)

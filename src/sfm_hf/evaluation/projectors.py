@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import nn
 
 from ..backbones import load_backbone
 from ..config import Config
 from .. import hub
 from ..probe import accuracy
-from ..utils import save_tensors_atomically
+from ..utils import load_tensors, save_tensors_atomically
 from ..statistics import Statistics, load_golden_classifier
 from .errors import EvaluationError, ProjectorMismatchError
 from .features import split_features
@@ -31,7 +30,8 @@ def load_projector(path: str | Path, *, eval_dim: int, distill_dim: int) -> nn.L
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"No projector at {path}.")
-    tensors = load_file(str(path))
+    tensors = load_tensors(path, "a projector", "run the 'evaluate' stage again", keys=("weight", "bias"),
+                           error_type=EvaluationError)
     weight, bias = tensors["weight"], tensors["bias"]
     source = f"trained for {load_projector_metadata(path).get('eval_backbone', 'an unknown eval backbone')}"
     if weight.shape[1] != eval_dim:

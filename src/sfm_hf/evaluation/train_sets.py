@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
 
 from ..backbones import FrozenBackbone
 from ..baselines import centroid_positions, fetch_rows, neighbor_positions, random_positions, require_row_indices
 from ..config import Config
 from ..errors import StageInputError
 from ..registry import DISTILL_METHODS, EVALUATION_MODES
+from ..snapshots import read_images
 from ..utils import share_from_main
 from ..layout import FEATURES_DIR, IMAGES_FILE, SYNTHETIC_DIR, SYNTHETIC_JSON, RunLayout
 from ..statistics import Statistics, load_feature_cache, open_config_split
@@ -40,9 +40,9 @@ class SyntheticSet:
 
 def load_synthetic(folder: Path) -> SyntheticSet:
     """A Stage II output folder (``images.safetensors`` + ``synthetic.json``)."""
-    tensors = load_file(str(folder / IMAGES_FILE))
+    images, labels = read_images(folder / IMAGES_FILE)
     metadata = json.loads((folder / SYNTHETIC_JSON).read_text())
-    return SyntheticSet(metadata["method"], tensors["images"].float(), tensors["labels"].long(), metadata, folder)
+    return SyntheticSet(metadata["method"], images, labels, metadata, folder)
 
 
 def _synthetic_folder(path: Path) -> Path | None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from ..config import Config
 from ..layout import (
@@ -18,6 +17,7 @@ from ..layout import (
 )
 from ..names import is_hub_id, public_name, slug
 from ..report import reads_real_eval_data, same_network_ci
+from ..snapshots import read_images
 from .cards import make_card, size_category
 from .facts import ExportError, RepoNames, RunFacts, public_config_yaml
 
@@ -101,7 +101,7 @@ def write_variant(folder: Path, images: torch.Tensor, labels: torch.Tensor, clas
     if (source / PREVIEW_FILE).is_file():
         shutil.copy2(source / PREVIEW_FILE, folder / PREVIEW_FILE)
     (folder / RESULTS_FILE).write_text(facts.redact(json.dumps(results, indent=2)))
-    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
+    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.recipe, facts.redact))
     return folder
 
 
@@ -229,8 +229,7 @@ def dataset_card(variants: list[DatasetVariant], facts: RunFacts, names: RepoNam
 def export_dataset(facts: RunFacts, names: RepoNames, license_name: str | None) -> Path:
     """synthetic/: this run's config under data/<config>/, included runs' configs, and the card."""
     folder = RunLayout(facts.output_dir).synthetic_dir
-    tensors = load_file(folder / IMAGES_FILE)
-    images, labels = tensors["images"], tensors["labels"]
+    images, labels = read_images(folder / IMAGES_FILE)
     variants_root = folder / VARIANTS_DIR
     write_variant(variants_root / names.dataset_config, images, labels, facts.class_names, folder,
                   facts.variant_results(), facts)

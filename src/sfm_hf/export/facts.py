@@ -72,13 +72,27 @@ def bundle_backbone(config: Config) -> str:
     return config.hub.eval_backbone or config.evaluation_backbones[0]
 
 
+def _as_list(value: Any) -> list[str]:
+    return list(value) if isinstance(value, list) else [value or ""]
+
+
+def named_sources(values: dict[str, Any]) -> list[str]:
+    """Every input and output a config (as ``Config.to_dict`` gives it) names by path or id."""
+    hub, evaluate = values.get("hub") or {}, values.get("evaluate") or {}
+    return [
+        *_as_list(values.get("dataset")), *_as_list(values.get("backbone")), *(values.get("eval_backbones") or []),
+        *_as_list(hub.get("eval_backbone")), *_as_list(values.get("statistics_from")), *_as_list(values.get("output_dir")),
+        *(evaluate.get("extra_synthetic") or []), *(hub.get("include_runs") or []),
+    ]
+
+
 class PathRedactor:
     """Replaces the run's local input and output paths by their public names in text that will be published."""
 
-    def __init__(self, config: Config, *extra: str):
-        names = [config.dataset, *config.backbones, *config.eval_backbones, config.hub.eval_backbone or "",
-                 config.statistics_from or "", config.output_dir, *config.evaluate.extra_synthetic,
-                 *config.hub.include_runs, *extra]
+    def __init__(self, *configs: dict[str, Any], extra: tuple[str, ...] = ()):
+        """``configs``: this run's config and the one that made its images (``Config.to_dict`` form); ``extra``:
+        further names."""
+        names = [name for values in configs for name in named_sources(values)] + list(extra)
         replacements = {}
         for name in names:
             local = name.removeprefix("local-dir:")
@@ -96,15 +110,16 @@ class PathRedactor:
         return text
 
 
-def public_config_yaml(config: Config, redact: PathRedactor) -> str:
-    """The resolved config of the run as published beside every repo: enough to reproduce it from the Hub.
+def public_config_yaml(recipe: dict[str, Any], redact: PathRedactor) -> str:
+    """The config that made the run's images (:attr:`RunFacts.recipe`) as published beside every repo: enough to
+    reproduce it from the Hub.
 
     The config holds no credentials (the token lives with huggingface_hub); local paths become base names.
     """
     import yaml
 
     header = "# The sfm-hf config that made this repo (local paths shortened to their folder names).\n"
-    return header + redact(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return header + redact(yaml.safe_dump(recipe, sort_keys=False))
 
 
 @dataclass
@@ -123,6 +138,15 @@ class RunFacts:
     @property
     def source_dataset(self) -> str:
         return self.config.dataset or self.statistics.get("dataset") or ""
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The config that made the synthetic images, as Stage II recorded it in synthetic.json (settings resolved),
+        never this export's command line; images made before Stage II recorded it: this run's config, which the
+        runner checked against the settings the images were made with. The `hub` section is this export's: where
+        and how the set is published does not shape the images."""
+        current = self.config.to_dict()
+        return {**(self.synthetic.get("config") or current), "hub": current["hub"]}
 
     @property
     def class_names(self) -> list[str]:
@@ -168,15 +192,16 @@ def gather_facts(config: Config) -> RunFacts:
         raise StageInputError(f"Stage 'export' needs {stats_dir}/{STATISTICS_JSON}: run the 'statistics' stage first.")
     golden_json = stats_dir / GOLDEN_JSON
     statistics = json.loads((stats_dir / STATISTICS_JSON).read_text())
+    synthetic = json.loads(synthetic_json.read_text())
     return RunFacts(
         config=config,
         output_dir=output_dir,
         statistics_dir=stats_dir,
         statistics=statistics,
         golden=json.loads(golden_json.read_text()) if golden_json.is_file() else None,
-        synthetic=json.loads(synthetic_json.read_text()),
+        synthetic=synthetic,
         results=read_results(output_dir),
-        redact=PathRedactor(config, statistics.get("dataset") or ""),
+        redact=PathRedactor(config.to_dict(), synthetic.get("config") or {}, extra=(statistics.get("dataset") or "",)),
     )
 
 

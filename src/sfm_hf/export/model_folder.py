@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from ..backbones import FrozenBackbone, load_backbone
 from ..layout import CARD_FILE, CONFIG_FILE, VARIANTS_DIR, RunLayout
 from ..names import OPEN_CLIP_PREFIXES, is_hub_id, public_name, slug
 from ..registry import bundle_projector_mode
-from ..statistics import golden_classifier_file
+from ..statistics import load_golden_tensors
+from ..utils import load_tensors
 from .cards import PAPER, make_card
 from .dataset_folder import DatasetVariant, read_variant
 from .facts import ExportError, RepoNames, RunFacts, bundle_backbone, public_config_yaml
@@ -56,7 +56,7 @@ def choose_projector(facts: RunFacts, eval_name: str, distill_dim: int) -> Proje
         path = facts.output_dir / record["projector"]
         if not path.is_file():
             raise ExportError(f"results.json names the projector {path}, which does not exist: run 'evaluate' again.")
-        tensors = load_file(path)
+        tensors = load_tensors(path, "a projector", "run the 'evaluate' stage again", keys=("weight", "bias"))
         return Projector(tensors["weight"], tensors["bias"], "trained", record.get("projector_accuracy"),
                          f"Stage III trained this projector (mode {mode}, `{record['projector']}`) and scored it",
                          float(record.get("projector_anchors") or 0.0), list(record.get("real_eval_data") or []),
@@ -126,7 +126,7 @@ def build_bundle(facts: RunFacts, eval_name: str, backbone: FrozenBackbone, proj
                  golden: dict[str, torch.Tensor]):
     """The in-memory SFMForImageClassification holding phi_e, P and the golden classifier."""
     from ..configuration_sfm import SFMConfig
-    from ..modeling_sfm import SFMForImageClassification
+    from ..modeling_sfm import CUSTOM_PIPELINES, SFMForImageClassification
 
     vision_config = backbone.model.config
     # The loader records where it read the backbone from (a local path, perhaps); the bundle says it in backbone_id.
@@ -144,6 +144,7 @@ def build_bundle(facts: RunFacts, eval_name: str, backbone: FrozenBackbone, proj
         id2label=dict(enumerate(class_names)),
         label2id={name: index for index, name in enumerate(class_names)},
     )
+    config.custom_pipelines = CUSTOM_PIPELINES
     model = SFMForImageClassification(config)
     # After post_init (inside the constructor), which would re-initialise anything loaded earlier.
     model.vision_model.load_state_dict(backbone.model.state_dict())
@@ -161,7 +162,7 @@ def bundle_parts(facts: RunFacts) -> tuple[str, FrozenBackbone, Projector, dict[
             f"The evaluation backbone {eval_name!r} is an open_clip model, which the transformers bundle cannot "
             "hold: set `hub.eval_backbone` to a transformers backbone, or drop 'model' from `hub.folders`."
         )
-    golden = load_file(golden_classifier_file(facts.statistics_dir))
+    golden = load_golden_tensors(facts.statistics_dir)
     distill_dim = golden["weight"].shape[1]
     projector = choose_projector(facts, eval_name, distill_dim)
     backbone = load_backbone(eval_name, device="cpu", normalization=config.data.normalization)
@@ -227,7 +228,7 @@ def export_model(facts: RunFacts, names: RepoNames, license_name: str | None, da
     bundle = BundleFacts.measure(model, eval_name, backbone, projector, variant, processor_source,
                                  facts.config.data.crop_ratio)
     model_card(facts, names, license_name, bundle).save(folder / CARD_FILE)
-    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
+    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.recipe, facts.redact))
     return folder
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..layout import (
     CARD_FILE, CONFIG_FILE, FEATURES_DIR, GOLDEN_JSON, GOLDEN_TENSORS, STATISTICS_JSON, STATISTICS_TENSORS,
 )
 from ..names import is_hub_id, public_name
+from ..statistics import load_golden_tensors
+from ..utils import load_tensors
 from .cards import PAPER, make_card
 from .facts import RepoNames, RunFacts, public_config_yaml
 
@@ -22,8 +23,9 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
     if facts.config.statistics_from:
         return None
     folder = facts.statistics_dir
-    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.config, facts.redact))
-    tensors = load_file(folder / STATISTICS_TENSORS)
+    (folder / CONFIG_FILE).write_text(public_config_yaml(facts.recipe, facts.redact))
+    tensors = load_tensors(folder / STATISTICS_TENSORS, "a statistics file",
+                           "delete it and run the 'statistics' stage again", keys=("class_means",))
     files = sorted(
         (path.relative_to(folder).as_posix(), path.stat().st_size)
         for path in folder.iterdir() if path.is_file() and not path.name.endswith(".tmp") and path.name != CARD_FILE
@@ -32,7 +34,7 @@ def export_statistics(facts: RunFacts, names: RepoNames, license_name: str | Non
     contents = {
         STATISTICS_TENSORS: _describe_tensors(tensors),
         STATISTICS_JSON: "class names, backbone, dataset, image counts, preprocessing",
-        GOLDEN_TENSORS: _describe_tensors(load_file(golden_path)) if golden_path.is_file() else "",
+        GOLDEN_TENSORS: _describe_tensors(load_golden_tensors(folder)) if golden_path.is_file() else "",
         GOLDEN_JSON: "how the golden classifier was trained, its accuracy",
         CONFIG_FILE: "the sfm-hf config of the run",
     }
