@@ -336,7 +336,7 @@ def paired_difference(first: dict[int, dict[int, float]], second: dict[int, dict
     Each seed's trials are paired on their probe seed and averaged into one difference per distillation seed; the
     interval is Student's t over those per-seed differences (seeds − 1 degrees of freedom). The seed, not the trial,
     is the unit: a seed's trials share its distilled images, so a t over all seed x trial pairs would count the
-    distillation's own variation once per trial and give too narrow an interval exactly where issue 32 asks
+    distillation's own variation once per trial and give too narrow an interval exactly where the question is
     whether another seed would move the lead. ``low``/``high`` are None with one seed; None without a shared pair.
     """
     from scipy.stats import t
