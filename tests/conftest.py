@@ -187,6 +187,11 @@ def statistics_run(tmp_path_factory, digits_dir, demo_backbone):
     return output
 
 
+# Stage II settings of `distilled_run`: a later stage on a copy of it must be configured alike (the run refuses
+# images made with other settings).
+DISTILLED_RUN_SETTINGS = {"iterations": 120, "pyramid_every": 20, "lr": 0.02}
+
+
 @pytest.fixture(scope="module")
 def distilled_run(statistics_run, digits_dir, demo_backbone, tmp_path_factory):
     """Stages I and II on the digits (a short SFM run); tests copy it before writing into it."""
@@ -196,7 +201,7 @@ def distilled_run(statistics_run, digits_dir, demo_backbone, tmp_path_factory):
 
     output = tmp_path_factory.mktemp("evaluate") / "distilled"
     shutil.copytree(statistics_run, output)
-    config = tiny_config(digits_dir, demo_backbone, output, iterations=120, pyramid_every=20, lr=0.02)
+    config = tiny_config(digits_dir, demo_backbone, output, **DISTILLED_RUN_SETTINGS)
     config.stages = ["distill"]
     run_stages(config, Accelerator(cpu=True))
     return output

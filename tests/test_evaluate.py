@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config
+from conftest import DISTILLED_RUN_SETTINGS, tiny_config
 from sfm_hf.augment import augment
 from sfm_hf.backbones import load_backbone
 from sfm_hf.config import ConfigError, EvaluateOptions
@@ -42,7 +42,7 @@ def evaluate_config(run, digits_dir, demo_backbone, tmp_path, name="run", **opti
     output = tmp_path / name
     if not output.exists():
         shutil.copytree(run, output)
-    config = tiny_config(digits_dir, demo_backbone, output)
+    config = tiny_config(digits_dir, demo_backbone, output, **DISTILLED_RUN_SETTINGS)
     config.stages = ["evaluate"]
     config.evaluate.trials = 2
     config.evaluate.iterations = 100

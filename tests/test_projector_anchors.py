@@ -161,7 +161,7 @@ def test_fused_reuses_the_trials_vanilla_and_ci_and_chooses_its_weight_on_valida
 
 def test_a_run_records_the_anchors_the_ridge_choice_and_the_fused_rows(distilled_run_for_fused, digits_dir,
                                                                          demo_backbone, accelerator):
-    config = tiny_config(digits_dir, demo_backbone, distilled_run_for_fused)
+    config = tiny_config(digits_dir, demo_backbone, distilled_run_for_fused, **FUSED_RUN_SETTINGS)
     config.stages = ["evaluate"]
     options = config.evaluate
     options.train_sets, options.modes, options.trials = ["sfm"], ["fused", "ci", "vanilla"], 2
@@ -188,11 +188,16 @@ def test_a_run_records_the_anchors_the_ridge_choice_and_the_fused_rows(distilled
     assert "| SFM+CI |" not in table and "| SFM (real eval-net data) |" in table
 
 
+# Stage II settings of `distilled_run_for_fused`, which its evaluation must repeat (images made with other
+# settings are refused).
+FUSED_RUN_SETTINGS = {"iterations": 20, "pyramid_every": 10, "lr": 0.02}
+
+
 @pytest.fixture
 def distilled_run_for_fused(statistics_run, digits_dir, demo_backbone, tmp_path, accelerator):
     output = tmp_path / "run"
     shutil.copytree(statistics_run, output)
-    config = tiny_config(digits_dir, demo_backbone, output, iterations=20, pyramid_every=10, lr=0.02)
+    config = tiny_config(digits_dir, demo_backbone, output, **FUSED_RUN_SETTINGS)
     config.stages = ["distill"]
     run_stages(config, accelerator)
     return output

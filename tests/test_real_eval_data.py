@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import sfm_hf.evaluation as evaluation
-from conftest import tiny_config
+from conftest import DISTILLED_RUN_SETTINGS, tiny_config
 from sfm_hf.evaluation.time_to_quality import curve_label, flat_label, markdown
 from sfm_hf.report import REAL_DATA_NOTE, SAME_NETWORK_NOTE, cell, paper_tables, row_label
 from sfm_hf.runner import run_stages
@@ -23,7 +23,7 @@ def cross_config(distilled_run, digits_dir, demo_backbone, other, tmp_path, **op
     """Stage III of the distilled set on the distillation backbone and another one, with every train set."""
     output = tmp_path / "run"
     shutil.copytree(distilled_run, output)
-    config = tiny_config(digits_dir, demo_backbone, output)
+    config = tiny_config(digits_dir, demo_backbone, output, **DISTILLED_RUN_SETTINGS)
     config.stages = ["evaluate"]
     config.eval_backbones = [demo_backbone, other]
     options = {"train_sets": ["random", "centroids", "neighbors", "sfm"], "trials": 1, "iterations": 20,
