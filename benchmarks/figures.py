@@ -81,6 +81,23 @@ def same_backbone_records(records: list[dict]) -> list[dict]:
             and record.get("mean") is not None]
 
 
+def pooled_over_seeds(records: list[dict]) -> list[dict]:
+    """One record per row from the final runs of several distillation seeds: their trials pooled (mean and
+    population std over seeds x trials, as the bench's tables)."""
+    pooled: dict[tuple, dict] = {}
+    for record in records:
+        key = (record["train_set"], record["mode"], record.get("eval_backbone"), record.get("distill_backbone"))
+        if key in pooled:
+            pooled[key]["per_trial"] = pooled[key]["per_trial"] + list(record["per_trial"])
+        else:
+            pooled[key] = {**record, "per_trial": list(record["per_trial"])}
+    for record in pooled.values():
+        values = record["per_trial"]
+        record["mean"] = sum(values) / len(values)
+        record["std"] = (sum((value - record["mean"]) ** 2 for value in values) / len(values)) ** 0.5
+    return list(pooled.values())
+
+
 def accuracy_bars(cells: list[tuple[str, list[dict]]], path: Path, title: str) -> Path:
     """Grouped horizontal bars: one group per row of the table, one bar per cell, mean ± std (%)."""
     plt = pyplot()
@@ -219,10 +236,10 @@ def real_figures(runs: Path, out: Path) -> list[Path]:
                 written.append(plot_curves(timed["curves"], flat, out / f"real-time-to-quality-{cell}.png",
                                            f"MNIST, {network}, {ipc_key.replace('ipc', 'ipc ')}: validation accuracy "
                                            "against seconds of distillation"))
-            final = runs / network / f"{ipc_key}-final"
-            if (final / "results.json").is_file():
+            finals = [Path(run) for run in entry.get("final", {}).values()]
+            if finals and all((run / "results.json").is_file() for run in finals):
                 cells.append((f"{network}, {ipc_key.replace('ipc', 'ipc ')}",
-                              same_backbone_records(load_records([final]))))
+                              same_backbone_records(pooled_over_seeds(load_records(finals)))))
     if cells:
         written.append(accuracy_bars(cells, out / "real-accuracy.png",
                                      "MNIST test split, distilled and evaluated on the same network: accuracy (%)"))

@@ -43,8 +43,8 @@ Cost: every launch writes ``launch.json`` (wall and CPU seconds); at the end the
 costs (a launch's fixed part, a distillation step, a validation score, a final run's trial and feature passes: CPU
 seconds of one thread, ``--launcher inprocess --threads 1`` measures them) and writes ``<runs>/costs.json``. At the
 start it prices the matrix it is asked for from ``--costs`` (``benchmarks/real_bench_costs.json``, a smoke run's
-costs.json) and prints the estimate: the default matrix (2 CNNs x ipc 1, 10 x 4 seeds x 2 trials, the recipes' probe
-schedule) at 1.7 h of one quiet core with 300-step probes, 2.4 h with 1000.
+costs.json) and prints the estimate: the default matrix (2 CNNs x ipc 1, 10 x 3 seeds x 2 trials, the recipes'
+1000-step probes) at 1.9 h of one quiet core, 2.3 h with four seeds.
 
 The tables go to ``<runs>/summary.md`` (and are printed): per cell and evaluation network every set x {vanilla,
 CI} as mean ± population std over seeds x trials beside the README's table at f7ee5c0 (``README_BEFORE``), the

@@ -81,15 +81,24 @@ def test_bench_real_layout_gives_a_picture_per_cell_and_the_table_as_bars(scored
         shutil.copytree(scored_run, runs / network / f"ipc1-{start}")
         selection[start] = {"method": "sfm", "init": start, "validation_mean": curve["points"][-1]["mean"],
                             "time_to_quality": dict(curve, init=start)}
-    shutil.copytree(scored_run, runs / network / "ipc1-final")
+    for seed in (0, 1):
+        shutil.copytree(scored_run, runs / network / f"ipc1-seed{seed}")
     records = json.loads((scored_run / "results.json").read_text())
     flat = [record for record in records if record["train_set"] == "centroids"]
     summary = {network: {"ipc1": {"selection": selection, "chosen_init": "centroids",
                                   "time_to_quality": real_bench.time_to_quality(selection, "centroids", flat),
-                                  "final": [str(runs / network / "ipc1-final")]}}}
+                                  "final": {str(seed): str(runs / network / f"ipc1-seed{seed}") for seed in (0, 1)}}}}
     (runs / "summary.json").write_text(json.dumps(summary))
     written = figures.real_figures(runs, tmp_path / "out")
     check_pictures(written, ["real-synthetic-tiny-ipc1.png", "real-time-to-quality-tiny-ipc1.png", "real-accuracy.png"])
+
+
+def test_the_final_runs_of_every_seed_are_pooled_into_one_bar():
+    records = [{"train_set": "sfm", "mode": "vanilla", "eval_backbone": "a", "distill_backbone": "a",
+                "per_trial": trials, "mean": sum(trials) / 2, "std": 0.0} for trials in ([0.5, 0.7], [0.6, 0.6])]
+    (pooled,) = figures.pooled_over_seeds(records)
+    assert pooled["per_trial"] == [0.5, 0.7, 0.6, 0.6] and pooled["mean"] == pytest.approx(0.6)
+    assert pooled["std"] == pytest.approx((0.02 / 4) ** 0.5)
 
 
 def test_the_command_line_needs_a_run(capsys):
