@@ -747,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--view-bank-ipc1", type=int, default=64,
                         help="evaluate.view_bank of the ipc 1 runs: augmented views per train image, forwarded once "
                         "per trial and shared by its trainings (0: fresh views every step, the paper's protocol; "
-                        "benchmarks/README.md compares them).")
+                        "docs/performance.md compares them).")
     parser.add_argument("--view-bank-ipc10", type=int, default=32,
                         help="evaluate.view_bank of the ipc 10 runs, whose banks hold ten times the images.")
     parser.add_argument("--selection-only", action="store_true",
