@@ -11,7 +11,8 @@ From a single run (``--demo``):
 From ``make bench-real``'s folders (``--real``; its ``summary.json`` names the runs):
   ``real-synthetic-<network>-ipc<k>.png``       every start and LGM of the cell, one row each;
   ``real-accuracy.png``                         Table 2 (test split, same network) for every cell;
-  ``real-time-to-quality-<network>-ipc<k>.png`` each cell's curves against the Centroids row (validation split).
+  ``real-time-to-quality-<network>-ipc<k>.png`` each cell's curves against the Centroids row (validation split);
+  ``--prefix`` replaces ``real`` (another bench's folders beside these in ``--out``).
 Each picture is small (about 100 dpi, 10 classes at most) so it can be committed.
 """
 
@@ -212,7 +213,7 @@ def demo_figures(run: Path, out: Path) -> list[Path]:
     return written
 
 
-def real_figures(runs: Path, out: Path) -> list[Path]:
+def real_figures(runs: Path, out: Path, prefix: str = "real") -> list[Path]:
     summary = json.loads((runs / "summary.json").read_text())
     written, cells = [], []
     for network, per_ipc in summary.items():
@@ -227,13 +228,13 @@ def real_figures(runs: Path, out: Path) -> list[Path]:
                 rows.append((f"{method.upper()} from {init}{chosen}", images, labels))
             if rows:
                 any_run = runs / network / f"{ipc_key}-{next(iter(entry['selection']))}"
-                written.append(image_rows(rows, class_names(any_run), out / f"real-synthetic-{cell}.png",
+                written.append(image_rows(rows, class_names(any_run), out / f"{prefix}-synthetic-{cell}.png",
                                           f"{network}, {ipc_key.replace('ipc', 'ipc ')}: final images of each start"))
             if "time_to_quality" in entry:
                 timed = entry["time_to_quality"]
                 flat = [{"train_set": "centroids", "mode": "vanilla", "eval_backbone": curve["eval_backbone"],
                          "mean": timed["centroids"]} for curve in timed["curves"][:1]]
-                written.append(plot_curves(timed["curves"], flat, out / f"real-time-to-quality-{cell}.png",
+                written.append(plot_curves(timed["curves"], flat, out / f"{prefix}-time-to-quality-{cell}.png",
                                            f"MNIST, {network}, {ipc_key.replace('ipc', 'ipc ')}: validation accuracy "
                                            "against seconds of distillation"))
             finals = [Path(run) for run in entry.get("final", {}).values()]
@@ -241,7 +242,7 @@ def real_figures(runs: Path, out: Path) -> list[Path]:
                 cells.append((f"{network}, {ipc_key.replace('ipc', 'ipc ')}",
                               same_backbone_records(pooled_over_seeds(load_records(finals)))))
     if cells:
-        written.append(accuracy_bars(cells, out / "real-accuracy.png",
+        written.append(accuracy_bars(cells, out / f"{prefix}-accuracy.png",
                                      "MNIST test split, distilled and evaluated on the same network: accuracy (%)"))
     return written
 
@@ -251,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", type=Path, help="A run's output_dir (make demo: outputs/demo).")
     parser.add_argument("--real", type=Path, help="make bench-real's run folder (outputs/real), with summary.json.")
     parser.add_argument("--out", type=Path, default=Path("docs/assets"), help="Where the PNGs go.")
+    parser.add_argument("--prefix", default="real",
+                        help="First part of --real's file names, so that two benches' pictures can share --out "
+                        "(make bench-real-dinov2's: real-dinov2).")
     args = parser.parse_args(argv)
     if not (args.demo or args.real):
         parser.error("give --demo RUN, --real RUNS or both")
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         written += demo_figures(args.demo, args.out)
     if args.real:
-        written += real_figures(args.real, args.out)
+        written += real_figures(args.real, args.out, args.prefix)
     for path in written:
         print(f"{path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0

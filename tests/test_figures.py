@@ -91,6 +91,10 @@ def test_bench_real_layout_gives_a_picture_per_cell_and_the_table_as_bars(scored
     (runs / "summary.json").write_text(json.dumps(summary))
     written = figures.real_figures(runs, tmp_path / "out")
     check_pictures(written, ["real-synthetic-tiny-ipc1.png", "real-time-to-quality-tiny-ipc1.png", "real-accuracy.png"])
+    # Another bench's pictures go beside these under its own prefix.
+    written = figures.real_figures(runs, tmp_path / "out", prefix="real-dinov2")
+    check_pictures(written, ["real-dinov2-synthetic-tiny-ipc1.png", "real-dinov2-time-to-quality-tiny-ipc1.png",
+                             "real-dinov2-accuracy.png"])
 
 
 def test_the_final_runs_of_every_seed_are_pooled_into_one_bar():
