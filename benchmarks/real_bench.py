@@ -889,8 +889,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.costs.is_file():
         costs = read_json(args.costs)
         estimate, unpriced = estimate_seconds(args, costs["units"])
-        print(f"bench-real: estimated {estimate / 3600:.2f} h of one quiet CPU core (unit costs from {args.costs}: "
-              f"{costs['measured']})" + (f"; not priced: {', '.join(unpriced)}" if unpriced else ""), flush=True)
+        if unpriced:  # a part of the matrix only: not an estimate of this run
+            estimate = None
+        print("bench-real: " + (f"no estimate: {args.costs} does not price {', '.join(unpriced)}" if unpriced else
+                                f"estimated {estimate / 3600:.2f} h of one quiet CPU core (unit costs from {args.costs}: "
+                                f"{costs['measured']})"), flush=True)
     else:
         print(f"bench-real: no estimate ({args.costs} does not exist)", flush=True)
     prepare_assets(args)
