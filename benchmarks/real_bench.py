@@ -9,14 +9,16 @@ names each one's folder, hence its input size); each is also an evaluation netwo
 
 1. Stage I once per network (``eval_split: validation``), its folder copied into every run below.
 2. The start, on the first seed of ``--seeds``: SFM from every start (``distill.init``: noise, centroids, nearest,
-   centroids_noise, random), each scored on ``validation`` (vanilla probe); the best is chosen, the test split
-   plays no part. At ipc 1 ``nearest`` is the ``centroids`` image and is not run again. The other seeds run the
-   chosen start only: choosing per seed would multiply the cell's cost by the number of starts, and a start is a
-   setting of the method (like its lr), chosen once on validation; the later seeds then measure how much another
-   distillation of that setting moves the result.
+   centroids_noise, random), each scored on ``validation`` (vanilla probe); the best is chosen (or the start
+   ``--final-init`` fixes in advance, e.g. the paper's noise), the test split plays no part. At ipc 1 ``nearest``
+   is the ``centroids`` image and is not run again. The other seeds run the chosen start only: choosing per seed
+   would multiply the cell's cost by the number of starts, and a start is a setting of the method (like its lr),
+   chosen once on validation; the later seeds then measure how much another distillation of that setting moves
+   the result.
 3. LGM (``--lgm-ipcs``; the paper's 10 augmentation rounds, ``--lgm-steps`` from each of ``--lgm-init``) on the
    first seed, scored on validation like the starts; the final tables' LGM (from noise where it ran) is distilled
-   again with every other seed.
+   again with every other seed. ``--ablations`` (TCDD, NCDD: the paper's Table 3) are distilled with every seed
+   on SFM's schedule and start, and evaluated beside LGM.
 4. Time to quality, on the first seed: every run of 2 and 3 snapshots its images ``--snapshot-points`` times and
    scores each snapshot with the run's own validation protocol; Random and Centroids are scored on validation once
    (``ipc<k>-baselines``). Per cell ``<runs>/<network>-ipc<k>/time_to_quality.png`` and a table (seconds to the
@@ -48,9 +50,12 @@ costs.json) and prints the estimate: the default matrix (2 CNNs x ipc 1, 10 x 3 
 
 The tables go to ``<runs>/summary.md`` (and are printed): per cell and evaluation network every set x {vanilla,
 CI} as mean ± population std over seeds x trials beside the README's table at f7ee5c0 (``README_BEFORE``), the
-paired differences SFM − Centroids, SFM − LGM, SFM+CI − Centroids+CI and SFM+CI − LGM+CI with 95 % intervals
+paired differences SFM − Centroids, SFM − LGM, SFM+CI − Centroids+CI and SFM+CI − LGM+CI (and SFM − Random,
+− TCDD, − NCDD where those rows ran) with 95 % intervals
 (``harness.paired_difference``: Student's t over the per-seed means of the trial-paired differences), and which
-leads are real. Seconds per step come from each run's ``synthetic.json``; peak memory (in-process launcher only)
+leads are real. ``--later-seeds-only``, started beside a bench with the same options once its Stage I is
+written, makes the distillations no validation choice waits for from the other end of the list: a second core.
+Seconds per step come from each run's ``synthetic.json``; peak memory (in-process launcher only)
 is the peak RSS of the distill stage above the memory live when it started (``harness.PeakMemory``).
 """
 
@@ -330,7 +335,7 @@ def run_backbone(args, launch: Launcher, backbone: str, ipc: int, summary: dict)
     first = args.seeds[0]
     seeded = ["--seed", str(first)]
     lgm = lgm_plan(args, backbone, ipc, root, [*config, *common])
-    later = later_distillations(args, backbone, ipc, root, [*config, *common], lgm)
+    later = later_distillations(args, root, ipc, [*config, *common, *schedule], lgm)
     if args.later_seeds_only:
         # Beside a full bench on the same --runs: the other end of its list of independent distillations.
         for run, argv in reversed(later):
@@ -412,20 +417,17 @@ def ablation_run(root: Path, ipc: int, method: str, seed: int) -> Path:
     return root / f"ipc{ipc}-{method}-seed{seed}"
 
 
-def later_distillations(args, backbone: str, ipc: int, root: Path, base: list[str], lgm: dict | None) -> list:
+def later_distillations(args, root: Path, ipc: int, sfm: list[str], lgm: dict | None) -> list:
     """The cell's distillations that no choice on validation waits for, as (run folder, argv) in the order the
     bench runs them: LGM's later seeds, the ablations (``--ablations``, every seed), SFM's later seeds (with
-    ``--final-init`` set; the final run of such a seed then finds its images made)."""
-    steps, every = schedule_of(args.steps[ipc], backbone)
-    schedule = ["--ipc", str(ipc), "--distill.iterations", str(steps), "--distill.pyramid_every", str(every)]
+    ``--final-init`` set; the final run of such a seed then finds its images made). ``sfm``: recipe, data and
+    SFM's schedule, as the final runs pass them."""
     start = ["--distill.init", "noise" if args.final_init == "best" else args.final_init]
     later = [(lgm["runs"][seed], argv) for seed, argv in lgm["argv"].items()] if lgm is not None else []
-    later += [(ablation_run(root, ipc, method, seed), [*base, *schedule, *start, "--distill.method", method,
-                                                      "--seed", str(seed)])
+    later += [(ablation_run(root, ipc, method, seed), [*sfm, *start, "--distill.method", method, "--seed", str(seed)])
               for seed in args.seeds for method in args.ablations]
     if args.final_init != "best":
-        later += [(root / f"ipc{ipc}-seed{seed}", [*base, *schedule, *start, "--seed", str(seed)])
-                  for seed in args.seeds[1:]]
+        later += [(root / f"ipc{ipc}-seed{seed}", [*sfm, *start, "--seed", str(seed)]) for seed in args.seeds[1:]]
     return later
 
 
@@ -891,9 +893,11 @@ def main(argv: list[str] | None = None) -> int:
         estimate, unpriced = estimate_seconds(args, costs["units"])
         if unpriced:  # a part of the matrix only: not an estimate of this run
             estimate = None
-        print("bench-real: " + (f"no estimate: {args.costs} does not price {', '.join(unpriced)}" if unpriced else
-                                f"estimated {estimate / 3600:.2f} h of one quiet CPU core (unit costs from {args.costs}: "
-                                f"{costs['measured']})"), flush=True)
+        print("bench-real: " + (
+            f"no estimate: {args.costs} does not price {', '.join(unpriced)}" if unpriced else
+            f"estimated {estimate / 3600:.2f} h of one quiet CPU core (unit costs from {args.costs}: "
+            f"{costs['measured']})"
+        ), flush=True)
     else:
         print(f"bench-real: no estimate ({args.costs} does not exist)", flush=True)
     prepare_assets(args)
