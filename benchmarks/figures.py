@@ -33,6 +33,10 @@ from sfm_hf.report import load_records, row_key, row_label
 from sfm_hf.snapshots import read_snapshots
 from sfm_hf.visualize import pyplot, save_figure
 
+# benchmarks/ (when loaded by path, as the tests do): the bench's own tables pool seeds the same way.
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import pooled  # noqa: E402
+
 MAX_CLASSES = 10
 DPI = 100
 # The outputs of export that the pipeline picture names, in the order the stage writes them.
@@ -85,18 +89,17 @@ def same_backbone_records(records: list[dict]) -> list[dict]:
 def pooled_over_seeds(records: list[dict]) -> list[dict]:
     """One record per row from the final runs of several distillation seeds: their trials pooled (mean and
     population std over seeds x trials, as the bench's tables)."""
-    pooled: dict[tuple, dict] = {}
+    rows: dict[tuple, dict] = {}
     for record in records:
         key = (record["train_set"], record["mode"], record.get("eval_backbone"), record.get("distill_backbone"))
-        if key in pooled:
-            pooled[key]["per_trial"] = pooled[key]["per_trial"] + list(record["per_trial"])
+        if key in rows:
+            rows[key]["per_trial"] = rows[key]["per_trial"] + list(record["per_trial"])
         else:
-            pooled[key] = {**record, "per_trial": list(record["per_trial"])}
-    for record in pooled.values():
-        values = record["per_trial"]
-        record["mean"] = sum(values) / len(values)
-        record["std"] = (sum((value - record["mean"]) ** 2 for value in values) / len(values)) ** 0.5
-    return list(pooled.values())
+            rows[key] = {**record, "per_trial": list(record["per_trial"])}
+    for record in rows.values():
+        summary = pooled({0: record["per_trial"]})
+        record["mean"], record["std"] = summary["mean"], summary["std"]
+    return list(rows.values())
 
 
 def accuracy_bars(cells: list[tuple[str, list[dict]]], path: Path, title: str) -> Path:
